@@ -1,0 +1,235 @@
+"""Typed configuration: one small pydantic model per component, defaults from the papers."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+STAGES = ("teacher", "pairs", "distill", "export", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Model):
+    """The dataset and sample shape; `digits` is sklearn's 8x8 digits, embedded and offline."""
+
+    name: Literal["digits", "none"] = "digits"
+    image_size: int = Field(8, gt=0)
+    channels: int = Field(1, gt=0)
+    num_classes: int = Field(10, ge=0, description="0 for unconditional models")
+
+
+class TeacherConfig(_Model):
+    """Where the teacher comes from: trained here on `digits`, or a local diffusers UNet folder."""
+
+    source: Literal["train", "path"] = "train"
+    path: Optional[str] = Field(None, description="local diffusers folder (UNet2DModel + scheduler) when source=path")
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    num_train_timesteps: int = Field(1000, gt=1)
+    beta_start: float = Field(1e-4, gt=0)
+    beta_end: float = Field(2e-2, gt=0, lt=1)
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
+    train_steps: int = Field(2000, ge=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    class_dropout: float = Field(0.1, ge=0, lt=1, description="label dropout enabling classifier-free guidance")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "TeacherConfig":
+        if self.source == "path" and not self.path:
+            raise ValueError("teacher.path is required when teacher.source is 'path'")
+        return self
+
+
+class PairsConfig(_Model):
+    """Noise-image pairs from the teacher's deterministic ODE solver (DMD §3.3)."""
+
+    n: int = Field(2048, gt=0)
+    shard_size: int = Field(512, gt=0)
+    solver: Literal["ddim", "euler", "heun"] = "ddim"
+    steps: int = Field(50, gt=0)
+    guidance: float = Field(1.0, ge=0)
+    batch_size: int = Field(256, gt=0)
+    seed: int = 0
+
+
+class GANConfig(_Model):
+    """DMD2 GAN head on the fake score's bottleneck features (DMD2 §4.2)."""
+
+    enabled: bool = False
+    weight_generator: float = Field(3e-3, ge=0)
+    weight_discriminator: float = Field(1e-2, ge=0)
+
+
+class DistillConfig(_Model):
+    """DMD / DMD2 training (DMD App. B: AdamW lr, wd 0.01, betas 0.9/0.999, clip 10, lambda_reg 0.25)."""
+
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    reg_batch_size: Optional[int] = Field(None, gt=0, description="regression batch; default = batch_size")
+    lr: float = Field(5e-5, gt=0, description="generator learning rate")
+    lr_fake: Optional[float] = Field(None, gt=0, description="fake score learning rate; default = lr")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(10.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    generator_timesteps: list[int] = Field(default_factory=lambda: [999], min_length=1,
+                                           description="(t*,) for one step; DMD2 4-step: 999,749,499,249")
+    dm_t_min: float = Field(0.02, ge=0, le=1)
+    dm_t_max: float = Field(0.98, ge=0, le=1)
+    dm_weighting: Literal["dmd", "sigma_over_alpha", "sigma3_over_alpha"] = "dmd"
+    dm_weight: float = Field(1.0, ge=0)
+    guidance: float = Field(1.0, ge=0, description="CFG scale of the real score")
+    regression: Literal["lpips", "mse", "pseudo_huber", "none"] = "lpips"
+    lambda_reg: float = Field(0.25, ge=0)
+    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    lpips_weights: Optional[str] = Field(None, description="local torchvision trunk weights (.pth) for LPIPS")
+    lpips_random_trunk: bool = Field(False, description="tests only: random LPIPS trunk, no weights needed")
+    fake_updates_per_generator: int = Field(1, ge=1, description="TTUR ratio (DMD2 uses 5)")
+    gan: GANConfig = Field(default_factory=GANConfig)
+    checkpoint_every: int = Field(250, gt=0)
+    sample_every: int = Field(250, gt=0)
+    log_every: int = Field(10, gt=0)
+    max_consecutive_nonfinite: int = Field(10, gt=0)
+    seed: int = 0
+    bf16: bool = True
+
+    @field_validator("generator_timesteps")
+    @classmethod
+    def _decreasing(cls, v: list[int]) -> list[int]:
+        if any(b >= a for a, b in zip(v, v[1:])) or v[-1] < 0:
+            raise ValueError("must be non-negative and strictly decreasing, e.g. [999, 749, 499, 249]")
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> "DistillConfig":
+        if self.dm_t_min >= self.dm_t_max:
+            raise ValueError("dm_t_min must be below dm_t_max")
+        return self
+
+
+class ExportConfig(_Model):
+    """The exported one-step pipeline."""
+
+    use_ema: bool = True
+    check_atol: float = Field(1e-5, gt=0, description="max |export - trainer| on fixed noise")
+
+
+class EvaluateConfig(_Model):
+    """Evaluation protocol (digits: Fréchet distance in a small digits classifier's features)."""
+
+    n_samples: int = Field(1797, gt=1)
+    teacher_steps: int = Field(50, gt=0)
+    batch_size: int = Field(512, gt=0)
+    classifier_epochs: int = Field(30, gt=0)
+    seed: int = 1234
+
+
+class PipelineConfig(_Model):
+    """Everything one run needs; saved beside its artifacts."""
+
+    name: str = "digits"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _timesteps_in_range(self) -> "PipelineConfig":
+        T = self.teacher.num_train_timesteps
+        if self.distill.generator_timesteps[0] >= T:
+            raise ValueError(f"distill.generator_timesteps must be below teacher.num_train_timesteps ({T})")
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """Short stable hash of the named sections (used to key cached stage outputs)."""
+        blob = json.dumps({s: getattr(self, s).model_dump(mode="json") for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    field = ".".join(str(p) for p in e["loc"]) or "config"
+    got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+    return f"invalid config: {field}: {e['msg']}{got}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse `a.b=value` with a YAML-typed value."""
+    if "=" not in item:
+        raise ConfigError(f"invalid override {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"invalid override {item!r}: empty key")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b=value` overrides to a nested dict (unknown keys are caught by validation)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"invalid override {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped in configs/."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(preset: Optional[str] = None, config: Optional[str | dict] = None,
+                overrides: Optional[list[str]] = None) -> PipelineConfig:
+    """Resolve preset or config file/dict plus overrides into a validated PipelineConfig."""
+    if preset and config is not None:
+        raise ConfigError("give either a preset or a config, not both")
+    if isinstance(config, dict):
+        data = json.loads(json.dumps(config))
+    elif config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = _read_yaml(path)
+    else:
+        name = preset or "digits"
+        path = CONFIG_DIR / f"{name}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+        data = _read_yaml(path)
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_first_error(err)) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data

@@ -1,0 +1,42 @@
+"""DMD2 GAN head: a small classifier on the fake score UNet's bottleneck (mid-block) features."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GANHead(nn.Module):
+    """Conv classifier on mid-block features -> one logit per sample (DMD2 §4.2)."""
+
+    def __init__(self, in_channels: int, hidden: int = 256) -> None:
+        super().__init__()
+        groups = 32 if in_channels % 32 == 0 else 1
+        self.net = nn.Sequential(
+            nn.GroupNorm(groups, in_channels), nn.SiLU(),
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).squeeze(1)
+
+
+class BottleneckFeatures:
+    """Captures the output of `unet.mid_block` on every forward of the fake score network."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        if getattr(unet, "mid_block", None) is None:
+            raise ValueError("the GAN head needs a UNet with a mid_block (diffusers UNet2DModel/UNet2DConditionModel)")
+        self.value: torch.Tensor | None = None
+        unet.mid_block.register_forward_hook(self._hook)
+        self.channels = int(unet.config.block_out_channels[-1])
+
+    def _hook(self, module, args, output) -> None:
+        self.value = output[0] if isinstance(output, tuple) else output
+
+    def take(self) -> torch.Tensor:
+        """Return and clear the last captured features."""
+        if self.value is None:
+            raise RuntimeError("no bottleneck features captured: run the fake score network first")
+        value, self.value = self.value, None
+        return value

@@ -1,0 +1,41 @@
+"""Data streams with exact, serialisable positions: in-memory pairs for the regression loss (DMD §3.3)."""
+from __future__ import annotations
+
+import torch
+
+
+class TensorStream:
+    """Endless shuffled mini-batches over equal-length tensors; epoch e uses permutation seed + e."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int = 0) -> None:
+        lengths = {k: v.shape[0] for k, v in tensors.items()}
+        if not tensors or len(set(lengths.values())) != 1:
+            raise ValueError(f"stream tensors must be non-empty and equally long, got {lengths}")
+        self.tensors = tensors
+        self.n = next(iter(lengths.values()))
+        if batch_size > self.n:
+            raise ValueError(f"batch_size {batch_size} exceeds the {self.n} samples in the stream")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+
+    def next_batch(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The next batch (drop-last within an epoch), moved to `device`."""
+        if self.position + self.batch_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._perm = self._permutation()
+        idx = self._perm[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return {k: v[idx].to(device) for k, v in self.tensors.items()}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+        self._perm = self._permutation()

@@ -1,0 +1,256 @@
+"""DMD / DMD2 trainer step engine: generator, frozen real score, trained fake score, optional GAN head."""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import bytes_to_tensors, files_to_state, state_to_files, tensors_to_bytes
+from .config import DistillConfig
+from .denoisers import with_guidance
+from .gan import BottleneckFeatures, GANHead
+from .generator import Generator
+from .losses import (denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss, lpips_regression,
+                     mse_regression, pseudo_huber_regression)
+from .schedules import NoiseSchedule
+from .streams import TensorStream
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after too many consecutive non-finite steps."""
+
+
+def _trainable_copy(module: Optional[nn.Module], teacher: Callable, role: str) -> nn.Module:
+    if module is not None:
+        return module
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"the teacher is a plain callable: pass `{role}` as an nn.Module to train")
+    out = copy.deepcopy(teacher)
+    out.requires_grad_(True)
+    return out.train()
+
+
+class DMDTrainer:
+    """One call of `train_step()` = one DMD2 iteration: maybe a generator update, always a fake-score update."""
+
+    def __init__(self, cfg: DistillConfig, teacher: Callable, schedule: NoiseSchedule, sample_shape: tuple,
+                 *, num_classes: int = 0, null_cond: Optional[int] = None, pairs: Optional[TensorStream] = None,
+                 real: Optional[TensorStream] = None, lpips_model: Optional[Callable] = None,
+                 generator_init: Optional[nn.Module] = None, fake_init: Optional[nn.Module] = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg, self.schedule, self.device = cfg, schedule, torch.device(device)
+        self.sample_shape, self.num_classes = tuple(sample_shape), num_classes
+        if cfg.regression != "none" and pairs is None:
+            raise ValueError("distill.regression needs a pair stream; set distill.regression=none for DMD2 without it")
+        if cfg.regression == "lpips" and lpips_model is None:
+            raise ValueError("distill.regression=lpips needs an LPIPS model")
+        if cfg.gan.enabled and real is None:
+            raise ValueError("distill.gan.enabled needs a stream of real images")
+        self.pairs, self.real, self.lpips_model = pairs, real, lpips_model
+
+        if isinstance(teacher, nn.Module):
+            teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.mu_real = with_guidance(teacher, cfg.guidance, null_cond)
+        self.G = Generator(_trainable_copy(generator_init, teacher, "generator_init"), schedule,
+                           cfg.generator_timesteps).to(self.device)
+        self.mu_fake = _trainable_copy(fake_init, teacher, "fake_init").to(self.device)
+        self.ema = copy.deepcopy(self.G.denoiser).requires_grad_(False).eval()
+        fake_params = list(self.mu_fake.parameters())
+        self.gan_head, self.features = None, None
+        if cfg.gan.enabled:
+            unet = getattr(self.mu_fake, "unet", self.mu_fake)
+            self.features = BottleneckFeatures(unet)
+            self.gan_head = GANHead(self.features.channels).to(self.device)
+            fake_params += list(self.gan_head.parameters())
+        adam = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.opt_G = torch.optim.AdamW(self.G.parameters(), lr=cfg.lr, **adam)
+        self.opt_fake = torch.optim.AdamW(fake_params, lr=cfg.lr_fake or cfg.lr, **adam)
+        self.rng = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.step = 0
+        self.nonfinite_skipped = 0
+        self.consecutive_nonfinite = 0
+
+    # ---- sampling helpers -------------------------------------------------------------------
+    def _randn(self, n: int) -> torch.Tensor:
+        return torch.randn((n, *self.sample_shape), generator=self.rng, device=self.device)
+
+    def _cond(self, n: int) -> Optional[torch.Tensor]:
+        if not self.num_classes:
+            return None
+        return torch.randint(0, self.num_classes, (n,), generator=self.rng, device=self.device)
+
+    def _randint(self, lo: int, hi: int, n: int) -> torch.Tensor:
+        return torch.randint(lo, hi, (n,), generator=self.rng, device=self.device)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.bf16)
+
+    def _generate(self, z: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """x = G(z) with grad; a multi-step G trains one random step after backward simulation (DMD2 §4.3)."""
+        n_steps = len(self.G.timesteps)
+        k = int(self._randint(0, n_steps, 1).item()) if n_steps > 1 else 0
+        return self.G.backward_simulate(z, cond, k, generator=self.rng)
+
+    def _regression(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.cfg.regression == "lpips":
+            return lpips_regression(x, y, self.lpips_model)
+        if self.cfg.regression == "pseudo_huber":
+            return pseudo_huber_regression(x, y)
+        return mse_regression(x, y)
+
+    def _gan_logits(self, x0: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """Noise x0 at a random t, run the fake score network, classify its bottleneck features."""
+        n = x0.shape[0]
+        t = self._randint(0, self.schedule.T, n)
+        self.mu_fake(self.schedule.add_noise(x0, self._randn(n), t), t, cond)
+        return self.gan_head(self.features.take())
+
+    # ---- one iteration ----------------------------------------------------------------------
+    def _clip_and_step(self, loss: torch.Tensor, params, opt: torch.optim.Optimizer, lr: float) -> Optional[float]:
+        """Backward, clip (norm 10), step; returns the grad norm, or None if anything was non-finite."""
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        if not torch.isfinite(norm):
+            return None
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else lr
+        opt.step()
+        return float(norm)
+
+    def _generator_update(self, z: torch.Tensor, cond: Optional[torch.Tensor], metrics: dict) -> Optional[torch.Tensor]:
+        cfg, B = self.cfg, z.shape[0]
+        self.opt_G.zero_grad(set_to_none=True)
+        T = self.schedule.T
+        t = self._randint(int(cfg.dm_t_min * T), int(cfg.dm_t_max * T), B)
+        eps = self._randn(B)
+        with self._autocast():
+            x = self._generate(z, cond)
+            loss_dm, _ = dm_loss(x.float(), self.mu_real, self.mu_fake, self.schedule, t, eps, cond, cfg.dm_weighting)
+            loss_G = cfg.dm_weight * loss_dm.mean()
+            metrics["loss_dm"] = float(loss_dm.detach().mean())
+            if cfg.regression != "none":
+                batch = self.pairs.next_batch(self.device)
+                x_ref = self.G.step(batch["z"] * self.schedule.init_noise_sigma, 0, batch.get("cond"))
+                loss_reg = self._regression(x_ref.float(), batch["y"].float()).mean()
+                loss_G = loss_G + cfg.lambda_reg * loss_reg
+                metrics["loss_reg"] = float(loss_reg.detach())
+            if cfg.gan.enabled:
+                loss_gan = gan_generator_loss(self._gan_logits(x.float(), cond)).mean()
+                loss_G = loss_G + cfg.gan.weight_generator * loss_gan
+                metrics["loss_gan_G"] = float(loss_gan.detach())
+        metrics["loss_G"] = float(loss_G.detach())
+        norm = self._clip_and_step(loss_G, list(self.G.parameters()), self.opt_G, cfg.lr)
+        if norm is None:
+            return None
+        metrics["grad_norm_G"] = norm
+        self._update_ema()
+        return x.detach().float()
+
+    def _fake_update(self, x: torch.Tensor, cond: Optional[torch.Tensor], metrics: dict) -> bool:
+        cfg, B = self.cfg, x.shape[0]
+        self.opt_fake.zero_grad(set_to_none=True)
+        t = self._randint(0, self.schedule.T, B)
+        x_t = self.schedule.add_noise(x, self._randn(B), t)
+        with self._autocast():
+            pred = self.mu_fake(x_t, t, cond).float()
+            loss_fake = denoising_loss(pred, x, self.schedule.denoising_weight(t, x)).mean()
+            loss = loss_fake
+            if cfg.gan.enabled:
+                real = self.real.next_batch(self.device)
+                loss_d = gan_discriminator_loss(self._gan_logits(real["y"], real.get("cond")),
+                                                self._gan_logits(x, cond)).mean()
+                loss = loss + cfg.gan.weight_discriminator * loss_d
+                metrics["loss_gan_D"] = float(loss_d.detach())
+        metrics["loss_fake"] = float(loss_fake.detach())
+        params = [p for g in self.opt_fake.param_groups for p in g["params"]]
+        norm = self._clip_and_step(loss, params, self.opt_fake, cfg.lr_fake or cfg.lr)
+        if norm is not None:
+            metrics["grad_norm_fake"] = norm
+        return norm is not None
+
+    def train_step(self) -> dict:
+        """One iteration (DMD Alg. 1; DMD2 TTUR: G every `fake_updates_per_generator` iterations)."""
+        metrics: dict = {"step": self.step}
+        B = self.cfg.batch_size
+        z, cond = self._randn(B), self._cond(B)
+        if self.step % self.cfg.fake_updates_per_generator == 0:
+            x = self._generator_update(z, cond, metrics)
+        else:
+            with torch.no_grad(), self._autocast():
+                x = self._generate(z, cond).float()
+        ok = x is not None and self._fake_update(x, cond, metrics)
+        self._account(ok, metrics)
+        self.step += 1
+        return metrics
+
+    def _account(self, ok: bool, metrics: dict) -> None:
+        if ok:
+            self.consecutive_nonfinite = 0
+        else:
+            self.nonfinite_skipped += 1
+            self.consecutive_nonfinite += 1
+            self.opt_G.zero_grad(set_to_none=True)
+            self.opt_fake.zero_grad(set_to_none=True)
+            if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+                raise NonFiniteError(f"{self.consecutive_nonfinite} consecutive non-finite steps at step {self.step}")
+        metrics["skipped"] = not ok
+        metrics["nonfinite_skipped"] = self.nonfinite_skipped
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.ema_decay
+        for p_ema, p in zip(self.ema.parameters(), self.G.denoiser.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - d)
+
+    def ema_generator(self) -> Generator:
+        """The EMA weights as a generator with the same timesteps."""
+        return Generator(self.ema, self.schedule, self.G.timesteps)
+
+    # ---- exact resume -----------------------------------------------------------------------
+    def state_files(self) -> dict[str, bytes]:
+        """Everything needed to resume exactly, as file name -> bytes (safetensors + JSON, no pickle)."""
+        files = {"generator.safetensors": tensors_to_bytes(self.G.denoiser.state_dict()),
+                 "fake.safetensors": tensors_to_bytes(self.mu_fake.state_dict()),
+                 "ema.safetensors": tensors_to_bytes(self.ema.state_dict())}
+        if self.gan_head is not None:
+            files["gan_head.safetensors"] = tensors_to_bytes(self.gan_head.state_dict())
+        files.update(state_to_files(self.opt_G.state_dict(), "optim_generator"))
+        files.update(state_to_files(self.opt_fake.state_dict(), "optim_fake"))
+        rng = {"trainer": self.rng.get_state(), "torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        files["rng.safetensors"] = tensors_to_bytes(rng)
+        state = {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped,
+                 "consecutive_nonfinite": self.consecutive_nonfinite,
+                 "ttur_phase": self.step % self.cfg.fake_updates_per_generator,
+                 "pairs": self.pairs.state_dict() if self.pairs else None,
+                 "real": self.real.state_dict() if self.real else None}
+        files["trainer_state.json"] = json.dumps(state, sort_keys=True, indent=2).encode()
+        return files
+
+    def load_state_files(self, files: dict[str, bytes]) -> None:
+        """Restore from `state_files()` output; continues bit-exactly on the same device."""
+        self.G.denoiser.load_state_dict(bytes_to_tensors(files["generator.safetensors"]))
+        self.mu_fake.load_state_dict(bytes_to_tensors(files["fake.safetensors"]))
+        self.ema.load_state_dict(bytes_to_tensors(files["ema.safetensors"]))
+        if self.gan_head is not None:
+            self.gan_head.load_state_dict(bytes_to_tensors(files["gan_head.safetensors"]))
+        self.opt_G.load_state_dict(files_to_state(files, "optim_generator"))
+        self.opt_fake.load_state_dict(files_to_state(files, "optim_fake"))
+        rng = bytes_to_tensors(files["rng.safetensors"])
+        self.rng.set_state(rng["trainer"])
+        torch.set_rng_state(rng["torch_cpu"])
+        if self.device.type == "cuda" and "torch_cuda" in rng:
+            torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
+        state = json.loads(files["trainer_state.json"])
+        self.step, self.nonfinite_skipped = int(state["step"]), int(state["nonfinite_skipped"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        if self.pairs is not None and state["pairs"]:
+            self.pairs.load_state_dict(state["pairs"])
+        if self.real is not None and state["real"]:
+            self.real.load_state_dict(state["real"])

@@ -1,0 +1,117 @@
+"""Parquet shard manifest: one row per shard with its index range and SHA-256."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+
+import pyarrow as pa
+
+from storage.store import ArtifactStore
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("url", pa.string()),
+        ("n_samples", pa.int64()),
+        ("first_index", pa.int64()),
+        ("last_index", pa.int64()),
+        ("sha256", pa.string()),
+        ("n_bytes", pa.int64()),
+        ("created_at", pa.string()),
+        ("producer_hash", pa.string()),
+    ]
+)
+
+
+class ChecksumError(ValueError):
+    """A shard's bytes do not match the SHA-256 recorded in its manifest."""
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One manifest row: a shard key, its sample index range and its checksum."""
+
+    shard: str
+    url: str
+    n_samples: int
+    first_index: int
+    last_index: int
+    sha256: str
+    n_bytes: int
+    created_at: str
+    producer_hash: str
+
+
+def utc_now() -> str:
+    """Current UTC time as an ISO-8601 string with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def make_record(
+    store: ArtifactStore, key: str, indices: Sequence[int], sha256: str, n_bytes: int, producer_hash: str = ""
+) -> ShardRecord:
+    """Build a ShardRecord from known checksum and size."""
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise ValueError(f"shard {key!r} has no sample indices; refusing an empty record")
+    return ShardRecord(
+        shard=key,
+        url=store.url(key),
+        n_samples=len(idx),
+        first_index=min(idx),
+        last_index=max(idx),
+        sha256=sha256,
+        n_bytes=int(n_bytes),
+        created_at=utc_now(),
+        producer_hash=str(producer_hash),
+    )
+
+
+def shard_record(store: ArtifactStore, key: str, indices: Sequence[int], producer_hash: str = "") -> ShardRecord:
+    """Describe an already written shard, reading it back for SHA-256 and size."""
+    return make_record(store, key, indices, store.sha256(key), store.info(key)["size"], producer_hash)
+
+
+def write_manifest(store: ArtifactStore, key: str, records: Iterable[ShardRecord]) -> None:
+    """Write records as a parquet manifest (atomic, sorted by first_index)."""
+    rows = sorted(records, key=lambda r: (r.first_index, r.shard))
+    seen: set[str] = set()
+    for r in rows:
+        if r.shard in seen:
+            raise ValueError(f"manifest {key!r} lists shard {r.shard!r} twice")
+        seen.add(r.shard)
+    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=MANIFEST_SCHEMA)
+    store.write_table(key, table)
+
+
+def read_manifest(store: ArtifactStore, key: str) -> list[ShardRecord]:
+    """Records of the manifest at `key`, or an empty list when it does not exist."""
+    if not store.exists(key):
+        return []
+    table = store.read_table(key)
+    names = [f.name for f in fields(ShardRecord)]
+    missing = [n for n in names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"manifest {key!r} lacks columns {missing}; was it written by write_manifest?")
+    return [ShardRecord(**{n: row[n] for n in names}) for row in table.select(names).to_pylist()]
+
+
+def verify_shard(store: ArtifactStore, record: ShardRecord) -> None:
+    """Raise ChecksumError naming the shard if its SHA-256 differs from the record."""
+    actual = store.sha256(record.shard)
+    if actual != record.sha256:
+        raise ChecksumError(f"shard {record.shard!r}: sha256 {actual} does not match manifest {record.sha256}")
+
+
+def verify_manifest(store: ArtifactStore, records: Iterable[ShardRecord]) -> None:
+    """Verify every shard; raise one ChecksumError naming all mismatching shards."""
+    errors: list[str] = []
+    for record in records:
+        try:
+            verify_shard(store, record)
+        except ChecksumError as e:
+            errors.append(str(e))
+    if errors:
+        raise ChecksumError(f"{len(errors)} shard(s) failed verification: " + "; ".join(errors))
