@@ -69,7 +69,9 @@ def make_record(
     )
 
 
-def shard_record(store: ArtifactStore, key: str, indices: Sequence[int], producer_hash: str = "") -> ShardRecord:
+def shard_record(
+    store: ArtifactStore, key: str, indices: Sequence[int], producer_hash: str = ""
+) -> ShardRecord:
     """Describe an already written shard, reading it back for SHA-256 and size."""
     return make_record(store, key, indices, store.sha256(key), store.info(key)["size"], producer_hash)
 
@@ -102,7 +104,9 @@ def verify_shard(store: ArtifactStore, record: ShardRecord) -> None:
     """Raise ChecksumError naming the shard if its SHA-256 differs from the record."""
     actual = store.sha256(record.shard)
     if actual != record.sha256:
-        raise ChecksumError(f"shard {record.shard!r}: sha256 {actual} does not match manifest {record.sha256}")
+        raise ChecksumError(
+            f"shard {record.shard!r}: sha256 {actual} does not match manifest {record.sha256}"
+        )
 
 
 def verify_manifest(store: ArtifactStore, records: Iterable[ShardRecord]) -> None:

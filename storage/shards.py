@@ -12,7 +12,7 @@ from typing import IO, Any
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from webdataset import gopen as wds_gopen
+from webdataset.gopen import gopen_schemes  # the module's dict; `wds.gopen` is a function
 
 from storage.manifest import ShardRecord, make_record
 from storage.store import ArtifactStore, open_url
@@ -82,7 +82,7 @@ def encode_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"sample {key}: index {value} does not match __key__")
             continue
         if not _FIELD.match(name):
-            raise ValueError(f"sample {key}: field name {name!r} must be lowercase [a-z0-9_.] like 'noise.npy'")
+            raise ValueError(f"sample {key}: field {name!r} must be lowercase [a-z0-9_.], e.g. 'noise.npy'")
         out[name] = encode_field(name, value, f"sample {key}")
     if len(out) == 1:
         raise ValueError(f"sample {key} has no data fields")
@@ -140,7 +140,7 @@ def register_fsspec_gopen(
     for protocol in protocols:
         if storage_options is not None:
             _GOPEN_OPTIONS[protocol] = dict(storage_options)
-        wds_gopen.gopen_schemes[protocol] = _gopen_fsspec
+        gopen_schemes[protocol] = _gopen_fsspec
 
 
 def decode_field(name: str, value: bytes) -> Any:

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import IO, Any
@@ -22,7 +21,6 @@ TMP_PREFIX = ".dmd-tmp-"
 # Remote writes up to this size are uploaded with one `pipe_file`, larger ones with `put_file`.
 PIPE_LIMIT = 8 * 2**20
 _CHUNK = 2**20
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 def check_key(key: str, what: str = "key") -> str:
@@ -33,7 +31,7 @@ def check_key(key: str, what: str = "key") -> str:
         raise ValueError(f"{what} {key!r} contains a backslash or NUL; use '/' as separator")
     if key.startswith("/"):
         raise ValueError(f"{what} {key!r} is absolute; keys are relative to the store root")
-    if _SCHEME.match(key) or ":" in key:
+    if ":" in key:
         raise ValueError(f"{what} {key!r} contains a URL scheme or ':'; keys are relative POSIX paths")
     for part in key.rstrip("/").split("/"):
         if part in ("", ".", ".."):
@@ -112,9 +110,9 @@ class ArtifactStore:
             raise ValueError(f"ArtifactStore root_url {root_url!r} must be a non-empty URL or path")
         self.storage_options = dict(storage_options)
         self.fs, root = url_to_fs(root_url, **storage_options)
-        self._root = root.rstrip("/") or root
+        self._root = root.rstrip("/")
         self._local = isinstance(self.fs, LocalFileSystem)
-        self.root_url = self.fs.unstrip_protocol(self._root)
+        self.root_url = self.fs.unstrip_protocol(self._root or "/")
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root_url!r})"
@@ -148,11 +146,11 @@ class ArtifactStore:
 
     def ls(self, prefix: str = "") -> list[str]:
         """Sorted keys of all objects under `prefix` (recursive, files only)."""
-        base = self._path(prefix) if prefix else self._root
+        base = self._path(prefix) if prefix else (self._root or "/")
         self._fresh()
         if not self.fs.exists(base):
             return []
-        start = len(self._root.rstrip("/")) + 1
+        start = len(self._root) + 1
         keys = (p[start:] for p in self.fs.find(base, withdirs=False))
         return sorted(k for k in keys if k and not any(s.startswith(TMP_PREFIX) for s in k.split("/")))
 
