@@ -22,15 +22,15 @@ from dmd_core.schedules import NoiseSchedule, VPSchedule, timestep_grid
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
 
-N_MODES, RADIUS, MODE_STD = 8, 2.0, 0.05
+GRID, SPACING, MODE_STD = 3, 2.0, 0.05
 SEED = 0
 N_EVAL = 4096
 
 
-def mode_centers(n: int = N_MODES, radius: float = RADIUS) -> torch.Tensor:
-    """n equal-weight modes evenly spaced on a circle, (n, 2)."""
-    angle = torch.arange(n, dtype=torch.float64) * (2 * math.pi / n)
-    return (radius * torch.stack([angle.cos(), angle.sin()], 1)).float()
+def mode_centers(grid: int = GRID, spacing: float = SPACING) -> torch.Tensor:
+    """grid x grid equal-weight modes on a square lattice centred at 0, (grid^2, 2)."""
+    axis = (torch.arange(grid, dtype=torch.float32) - (grid - 1) / 2) * spacing
+    return torch.cartesian_prod(axis, axis)
 
 
 class GMMDenoiser:
@@ -95,8 +95,7 @@ def blob_generator(schedule: NoiseSchedule, start: torch.Tensor, seed: int) -> M
     last = g.net[-1]
     t_star = torch.tensor([schedule.T - 1])
     with torch.no_grad():
-        last.weight.mul_(0.1)
-        last.bias.copy_(-start / schedule.sigma_t(t_star, start[None])[0])
+                last.bias.copy_(-start / schedule.sigma_t(t_star, start[None])[0])
     return g
 
 
@@ -107,15 +106,16 @@ def mode_masses(x: torch.Tensor, means: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.bincount(k, minlength=means.shape[0]).double() / x.shape[0], d
 
 
-def run_toy(full: bool, seed: int = SEED, steps: int = 1500, batch: int = 256):
+def run_toy(full: bool, seed: int = SEED, steps: int = 1500, batch: int = 256, **overrides):
     """Train the toy; full=True is DM + regression with a learned fake score, False is the real score alone."""
     torch.manual_seed(seed)
     schedule = VPSchedule.linear()
     means = mode_centers()
     teacher = GMMDenoiser(means, MODE_STD, schedule)
-    start = 0.6 * means[0]
+    start = torch.tensor([0.4, 0.2])
     cfg = DistillConfig(steps=steps, batch_size=batch, lr=1e-3, lr_fake=1e-3, weight_decay=0.0, bf16=False,
                         regression="mse" if full else "none", lambda_reg=1.0, seed=seed, warmup_steps=0)
+    cfg = cfg.model_copy(update=overrides)
     pairs = None
     if full:
         z = torch.randn(4096, 2, generator=torch.Generator().manual_seed(seed + 1))
@@ -130,4 +130,4 @@ def run_toy(full: bool, seed: int = SEED, steps: int = 1500, batch: int = 256):
     z = torch.randn(N_EVAL, 2, generator=torch.Generator().manual_seed(seed + 3))
     with torch.no_grad():
         x = trainer.G(z)
-    return x, means
+    return x, means, trainer

@@ -1,0 +1,69 @@
+"""The Prefect flow `dmd`: teacher -> pairs -> distill -> export -> evaluate, each stage idempotent."""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dmd_core.config import STAGES, PipelineConfig, load_config
+from storage.layout import CONFIG, run_store
+from tasks.distill import distill_task
+from tasks.evaluate import evaluate_task
+from tasks.export import export_task
+from tasks.pairs import pairs_shard_task, plan_pairs, record_shards
+from tasks.teacher import teacher_task
+
+Stage = Literal["teacher", "pairs", "distill", "export", "evaluate"]
+
+
+def save_config(root: str, run_name: str, cfg: PipelineConfig) -> None:
+    """Write the resolved config into the run folder (only when it changed, so reruns rewrite nothing)."""
+    store = run_store(root, run_name)
+    data = cfg.model_dump(mode="json")
+    if not store.exists(CONFIG) or store.read_json(CONFIG) != data:
+        store.write_json(CONFIG, data)
+
+
+def pairs_stage(root: str, run_name: str, force: bool) -> int:
+    """Map one task per missing shard; the manifest is rewritten as each shard completes."""
+    todo, records = plan_pairs(root, run_name, force)
+    if not todo:
+        record_shards(root, run_name, records, complete=True)
+        return 0
+    total = len(todo) + len(records)
+    artifact = create_progress_artifact(100.0 * len(records) / total, description="pair shards written")
+    futures = [pairs_shard_task.submit(root, run_name, shard_id) for shard_id in todo]
+    for future in as_completed(futures):
+        records.append(future.result())
+        record_shards(root, run_name, records)
+        update_progress_artifact(artifact, 100.0 * len(records) / total)
+    record_shards(root, run_name, records, complete=True)
+    return len(todo)
+
+
+@flow(name="dmd", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] = None, root: str = "./artifacts",
+        run_name: Optional[str] = None, stages: Optional[list[Stage]] = None, force: bool = False,
+        overrides: Optional[list[str]] = None, evaluate_all_checkpoints: bool = False) -> dict:
+    """Distill a diffusion teacher into a one-step generator; `stages` selects a subset (default all)."""
+    cfg = load_config(preset, config, overrides)
+    run_name = run_name or cfg.name
+    selected = [s for s in STAGES if s in (stages or STAGES)]
+    save_config(root, run_name, cfg)
+    logger = get_run_logger()
+    logger.info("run %s at %s: stages %s", run_name, run_store(root, run_name).root_url, ",".join(selected))
+    out: dict = {"run_name": run_name, "root": run_store(root, run_name).root_url, "stages": selected}
+    if "teacher" in selected:
+        out["teacher"] = teacher_task(root, run_name, force)
+    if "pairs" in selected:
+        out["pairs_shards_written"] = pairs_stage(root, run_name, force)
+    if "distill" in selected:
+        out["distill_steps"] = distill_task(root, run_name, force)
+    if "export" in selected:
+        out["export"] = export_task(root, run_name, force)
+    if "evaluate" in selected:
+        out["evaluate"] = evaluate_task(root, run_name, evaluate_all_checkpoints)
+    return out

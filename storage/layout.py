@@ -1,0 +1,54 @@
+"""Where each stage's artifacts live inside a run folder `<root>/<run_name>/`."""
+from __future__ import annotations
+
+import os
+import re
+
+from storage.store import ArtifactStore
+
+CONFIG = "config.json"
+TEACHER = "teacher"
+PAIRS_MANIFEST = "pairs/manifest.parquet"
+CHECKPOINTS = "distill/checkpoints"
+METRICS = "distill/metrics.parquet"
+EXPORT = "export"
+RESULTS = "eval/results.parquet"
+SUMMARY = "eval/summary.json"
+EVAL_GRID = "eval/grid.png"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def run_store(root: str, run_name: str, **storage_options) -> ArtifactStore:
+    """The store of one run; a plain local path (relative or absolute) becomes a file:// URL."""
+    if not _RUN_NAME.match(run_name or ""):
+        raise ValueError(f"run_name {run_name!r}: use letters, digits, '.', '_' or '-'")
+    if "://" not in root:
+        root = "file://" + os.path.abspath(root)
+    return ArtifactStore(root.rstrip("/") + "/" + run_name, **storage_options)
+
+
+def done_marker(stage: str) -> str:
+    """Key of the marker a stage writes last; its presence means the stage is complete."""
+    return f"{stage}/_complete.json"
+
+
+def shard_key(shard_id: int) -> str:
+    return f"pairs/shard-{shard_id:06d}.tar"
+
+
+def checkpoint_prefix(step: int) -> str:
+    return f"{CHECKPOINTS}/step-{step:08d}"
+
+
+def sample_grid_key(step: int) -> str:
+    return f"distill/samples/step-{step:08d}.png"
+
+
+def checkpoint_steps(store: ArtifactStore) -> list[int]:
+    """Steps of the complete checkpoints (those whose marker was written), ascending."""
+    steps = set()
+    for key in store.ls(CHECKPOINTS):
+        m = re.match(rf"^{CHECKPOINTS}/step-(\d+)/_complete\.json$", key)
+        if m:
+            steps.add(int(m.group(1)))
+    return sorted(steps)
