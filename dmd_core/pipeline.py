@@ -1,7 +1,7 @@
 """A diffusers pipeline for DMD generators: x0 = G(z) at t* (one step) or DMD2's re-noising steps.
 
 Self-contained (imports only torch and diffusers) so it is shipped as `pipeline.py` in every export and
-plain diffusers loads it: `DiffusionPipeline.from_pretrained(path, custom_pipeline=path)`.
+plain diffusers loads it: `DiffusionPipeline.from_pretrained(path, custom_pipeline=path, trust_remote_code=True)`.
 """
 from __future__ import annotations
 

@@ -47,8 +47,10 @@ def load_teacher(store: ArtifactStore, cfg: PipelineConfig, device: torch.device
     """(denoiser D, unet, diffusers scheduler) from the run's teacher folder."""
     from diffusers import DDPMScheduler, UNet2DModel
 
+    # low_cpu_mem_usage=False: accelerate's empty-weights init patches nn.Module globally and is not
+    # thread-safe; shard tasks load the teacher from several threads at once.
     with local_folder(store, TEACHER) as path:
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet")
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     unet = unet.to(device).eval().requires_grad_(False)
     return UNetDenoiser(unet, VPSchedule.from_scheduler(scheduler), cfg.teacher.prediction_type), unet, scheduler

@@ -1,6 +1,8 @@
 """Stage `distill`: the dmd_core trainer fed by the pair shards and fresh noise; checkpoints resume automatically."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Callable, Optional
 
@@ -18,8 +20,22 @@ from storage.layout import METRICS, checkpoint_prefix, checkpoint_steps, sample_
 from tasks.context import device_for, is_done, load_pairs, load_teacher, mark_done, null_class, open_run
 
 
+# Changing only these lets a run continue from its checkpoints (e.g. raise distill.steps to train longer).
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every"}
+METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "loss_gan_D",
+                  "grad_norm_G", "grad_norm_fake", "nonfinite_skipped"]
+
+
 def distill_key(cfg) -> str:
+    """Hash marking the finished stage: every input of the stage."""
     return cfg.section_hash("data", "teacher", "pairs", "distill")
+
+
+def resume_key(cfg) -> str:
+    """Hash stored with each checkpoint: the inputs that must match to resume from it."""
+    blob = json.dumps({"upstream": cfg.section_hash("data", "teacher", "pairs"),
+                       "distill": cfg.distill.model_dump(mode="json", exclude=RESUMABLE_CHANGES)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer:
@@ -75,11 +91,13 @@ def run_distill(root: str, run_name: str, force: bool = False,
                 progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Train to distill.steps, checkpointing every K steps; resumes from the latest checkpoint."""
     store, cfg = open_run(root, run_name)
-    key, d = distill_key(cfg), cfg.distill
-    if not force and is_done(store, "distill", key):
+    key, d = resume_key(cfg), cfg.distill
+    if not force and is_done(store, "distill", distill_key(cfg)):
         return d.steps
     trainer = build_trainer(store, cfg, device_for(cfg))
     start = 0 if force else resume(store, trainer, key)
+    if start > d.steps:
+        raise ValueError(f"distill.steps={d.steps} is below the latest checkpoint (step {start}); use --force")
     rows = []
     if start and store.exists(METRICS):
         rows = [r for r in store.read_table(METRICS).to_pylist() if r["step"] < start]
@@ -96,12 +114,8 @@ def run_distill(root: str, run_name: str, force: bool = False,
             store.write_bytes(sample_grid_key(trainer.step), sample_grid(trainer))
         if progress is not None:
             progress(trainer.step, d.steps)
-    mark_done(store, "distill", key, steps=d.steps, nonfinite_skipped=trainer.nonfinite_skipped)
+    mark_done(store, "distill", distill_key(cfg), steps=d.steps, nonfinite_skipped=trainer.nonfinite_skipped)
     return d.steps
-
-
-METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "loss_gan_D",
-                  "grad_norm_G", "grad_norm_fake", "nonfinite_skipped"]
 
 
 @task(name="distill", cache_policy=NONE, persist_result=False)

@@ -75,7 +75,10 @@ def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
 def record_shards(root: str, run_name: str, records: list[ShardRecord], complete: bool = False) -> None:
     """Rewrite the manifest (atomically) with every shard finished so far; mark the stage done at the end."""
     store, cfg = open_run(root, run_name)
-    write_manifest(store, PAIRS_MANIFEST, sorted(records, key=lambda r: r.first_index))
+    records = sorted(records, key=lambda r: r.first_index)
+    if complete and is_done(store, "pairs", pairs_key(cfg)) and read_manifest(store, PAIRS_MANIFEST) == records:
+        return  # already complete: rewrite nothing
+    write_manifest(store, PAIRS_MANIFEST, records)
     if complete:
         total = sum(r.n_samples for r in records)
         if total != cfg.pairs.n:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# Prefect, torch and the hub write under HOME unless told otherwise: keep every byte of a test run in /tmp.
+_HOME = tempfile.mkdtemp(prefix="dmd-tests-")
+os.environ.setdefault("PREFECT_HOME", os.path.join(_HOME, "prefect"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TORCH_HOME", os.path.join(_HOME, "torch"))
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 # ---------------------------------------------------------------------------
 # S3 / artifact-store fixtures (owner: storage/). Self-contained: a real moto
 # server on 127.0.0.1 and an ArtifactStore per backend (memory, file, s3).
 # ---------------------------------------------------------------------------
-import os
 import uuid
 
 import pytest
@@ -86,3 +97,28 @@ def store(request, store_factory):
 
 
 # --- end of S3 / artifact-store fixtures -----------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Prefect and pipeline fixtures (owner: flows/, tasks/).
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect server for every flow test of the session (its API URL)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect_api, tmp_path_factory):
+    """The whole pipeline on the `digits-tiny` preset, once per session: (root, run_name, flow output)."""
+    from flows.pipeline import dmd
+
+    root = str(tmp_path_factory.mktemp("artifacts"))
+    out = dmd(preset="digits-tiny", root=root, run_name="tiny")
+    return root, "tiny", out

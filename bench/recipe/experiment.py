@@ -140,7 +140,9 @@ def pairs_cached(tcfg: TeacherConfig, teacher, schedule, n: int, seed: int, devi
     if path.is_file():
         return load_file(path)
     pairs = teacher_pairs(teacher, schedule, n, seed, device)
-    save_file(pairs, str(path))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(pairs, str(tmp))
+    tmp.rename(path)
     return pairs
 
 
@@ -204,6 +206,14 @@ def main(argv: list[str]) -> None:
     if device.startswith("cuda"):
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    if spec.get("mode") == "teacher":
+        tcfg = TeacherConfig(**spec.get("teacher", {}))
+        log(tag=spec.get("tag", ""), event="teacher", **teacher_metrics(tcfg, spec.get("t_stars", [999]), device))
+        teacher, schedule = teacher_cached(tcfg, device)
+        for n in spec.get("pairs", []):
+            for s in spec.get("pair_seeds", [0]):
+                pairs_cached(tcfg, teacher, schedule, n, s, device)
+        return
     run(TeacherConfig(**spec.get("teacher", {})), DistillConfig(**spec.get("distill", {})), spec.get("n_pairs", 2048),
         device, spec.get("seed", 0), spec.get("eval_every", 100), spec.get("tag", ""),
         with_teacher=spec.get("with_teacher", True))

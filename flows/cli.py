@@ -1,0 +1,117 @@
+"""The `dmd` command line: run the pipeline, deploy it, sample from an export."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+import yaml
+
+from dmd_core.config import STAGES, ConfigError, load_config, preset_names
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Distribution Matching Distillation of diffusion models into one-step generators.")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit non-zero."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def parse_stages(stages: Optional[str]) -> Optional[list[str]]:
+    if not stages:
+        return None
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STAGES]
+    if unknown or not chosen:
+        fail(f"--stages: unknown stage {', '.join(unknown) or '(none)'}; choose from {','.join(STAGES)}")
+    return chosen
+
+
+@app.command()
+def run(
+    preset: Optional[str] = typer.Option(None, help=f"preset in configs/ ({', '.join(preset_names())}); default digits"),
+    config: Optional[Path] = typer.Option(None, help="YAML config file (instead of a preset)"),
+    root: str = typer.Option("./artifacts", help="artifact root URL: a path, file://, memory://, s3://, gs://"),
+    run_name: Optional[str] = typer.Option(None, help="run folder under the root; default the config's name"),
+    stages: Optional[str] = typer.Option(None, help=f"comma-separated subset of {','.join(STAGES)}; default all"),
+    set_: List[str] = typer.Option([], "--set", help="override a config value, e.g. --set distill.lr=1e-5"),
+    force: bool = typer.Option(False, help="recompute stages even if complete"),
+    all_checkpoints: bool = typer.Option(False, help="evaluate every checkpoint not yet in the results table"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+) -> None:
+    """Run the pipeline (teacher, pairs, distill, export, evaluate) as the Prefect flow `dmd`."""
+    try:
+        cfg = load_config(preset, str(config) if config else None, set_)
+    except ConfigError as err:
+        fail(str(err))
+    chosen = parse_stages(stages)
+    if dry_run:
+        typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+        return
+    from flows.pipeline import dmd
+    from tasks.evaluate import summary_markdown
+
+    try:
+        out = dmd(config=cfg.model_dump(mode="json"), root=root, run_name=run_name, stages=chosen, force=force,
+                  evaluate_all_checkpoints=all_checkpoints)
+    except Exception as err:  # the flow already logged the traceback; say it in one line and exit non-zero
+        fail(f"{type(err).__name__}: {err}", code=1)
+    typer.echo(f"\nrun {out['run_name']} at {out['root']}: stages {','.join(out['stages'])} complete")
+    if "evaluate" in out:
+        typer.echo(summary_markdown(out["evaluate"]))
+
+
+@app.command()
+def deploy(pool: str = typer.Option("dmd", help="process work pool the deployments run on")) -> None:
+    """Register every deployment in prefect.yaml (needs PREFECT_API_URL and the work pool)."""
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"]
+    env = {**os.environ, "DMD_WORK_POOL": pool, "DMD_PROJECT_DIR": str(REPO)}
+    raise typer.Exit(subprocess.call(cmd, cwd=REPO, env=env))
+
+
+@app.command()
+def sample(
+    export: Path = typer.Option(..., help="an exported pipeline folder"),
+    n: int = typer.Option(64, min=1, help="number of samples"),
+    output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="PNG grid to write"),
+    seed: int = typer.Option(0, help="noise seed"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """Sample a grid from an export (classes 0, 1, 2, ... for class-conditional models)."""
+    import torch
+
+    from dmd_core.pipeline import DMDPipeline
+    from storage import ArtifactStore
+    from storage.images import grid_png
+
+    if not (export / "model_index.json").is_file():
+        fail(f"--export: {export / 'model_index.json'} not found (not an exported pipeline folder)")
+    pipe = DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device)
+    classes = pipe.unet.config.num_class_embeds
+    labels = torch.arange(n) % (classes - 1) if classes else None
+    x0 = pipe(batch_size=n, class_labels=labels, generator=torch.Generator(device).manual_seed(seed),
+              output_type="latent").images
+    out = output.resolve()
+    ArtifactStore("file://" + str(out.parent)).write_bytes(out.name, grid_png(x0))
+    typer.echo(f"wrote {n} samples to {out}")
+
+
+@app.command()
+def presets() -> None:
+    """List the presets shipped in configs/."""
+    for name in preset_names():
+        typer.echo(name)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
