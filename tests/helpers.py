@@ -22,3 +22,22 @@ def tiny_unet(num_classes: int = 10, channels: int = 1, size: int = 8, seed: int
 def tiny_teacher(num_classes: int = 10, seed: int = 0) -> UNetDenoiser:
     """A random-init teacher denoiser on the DDPM linear schedule."""
     return UNetDenoiser(tiny_unet(num_classes, seed=seed), VPSchedule.linear(), "epsilon")
+
+
+def make_trainer(stream_cls=None, **overrides):
+    """A DMD2-style trainer on a tiny UNet exercising every piece of state: GAN head, TTUR, 2-step G, EMA."""
+    from dmd_core.config import DistillConfig
+    from dmd_core.streams import TensorStream
+    from dmd_core.trainer import DMDTrainer
+
+    teacher = tiny_teacher()
+    g = torch.Generator().manual_seed(123)
+    n = 48
+    tensors = {"z": torch.randn(n, 1, 8, 8, generator=g), "y": torch.rand(n, 1, 8, 8, generator=g) * 2 - 1,
+               "cond": torch.randint(0, 10, (n,), generator=g)}
+    stream_cls = stream_cls or TensorStream
+    cfg = dict(batch_size=8, regression="mse", lambda_reg=0.5, generator_timesteps=[999, 499],
+               fake_updates_per_generator=2, ema_decay=0.9, lr=1e-3, gan={"enabled": True})
+    cfg.update(overrides)
+    return DMDTrainer(DistillConfig(**cfg), teacher, teacher.schedule, (1, 8, 8), num_classes=10, null_cond=10,
+                      pairs=stream_cls(tensors, 8, seed=1), real=TensorStream(tensors, 8, seed=2))

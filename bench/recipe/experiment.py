@@ -133,13 +133,14 @@ class Evaluator:
         return {"fd": round(fd, 3), "acc": round(float((preds == self.labels).float().mean()), 4)}
 
 
-def pairs_cached(tcfg: TeacherConfig, teacher, schedule, n: int, seed: int, device: str) -> dict:
+def pairs_cached(tcfg: TeacherConfig, teacher, schedule, n: int, seed: int, device: str, steps: int = 50) -> dict:
     from safetensors.torch import load_file, save_file
 
-    path = CACHE / f"pairs-{_key([tcfg.model_dump(mode='json'), n, seed])}.safetensors"
+    key = [tcfg.model_dump(mode='json'), n, seed] + ([steps] if steps != 50 else [])
+    path = CACHE / f"pairs-{_key(key)}.safetensors"
     if path.is_file():
         return load_file(path)
-    pairs = teacher_pairs(teacher, schedule, n, seed, device)
+    pairs = teacher_pairs(teacher, schedule, n, seed, device, steps)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file(pairs, str(tmp))
     tmp.rename(path)
@@ -161,7 +162,8 @@ def teacher_metrics(tcfg: TeacherConfig, t_stars: list[int], device: str, ev: Op
 
 
 def run(teacher_cfg: TeacherConfig, distill_cfg: DistillConfig, n_pairs: int, device: str = "cpu", seed: int = 0,
-        eval_every: int = 100, tag: str = "", ev: Optional[Evaluator] = None, with_teacher: bool = True) -> dict:
+        eval_every: int = 100, tag: str = "", ev: Optional[Evaluator] = None, with_teacher: bool = True,
+        pair_steps: int = 50) -> dict:
     """Teacher (cached) -> pairs -> DMD distillation, evaluating the EMA generator every `eval_every` steps."""
     torch.manual_seed(seed)
     ev = ev or Evaluator()
@@ -170,7 +172,7 @@ def run(teacher_cfg: TeacherConfig, distill_cfg: DistillConfig, n_pairs: int, de
     if with_teacher:
         log(tag=tag, event="teacher", **teacher_metrics(teacher_cfg, [t_star], device, ev))
     t0 = time.time()
-    pairs = pairs_cached(teacher_cfg, teacher, schedule, n_pairs, seed, device)
+    pairs = pairs_cached(teacher_cfg, teacher, schedule, n_pairs, seed, device, pair_steps)
     t_pairs = time.time() - t0
     cfg = distill_cfg.model_copy(update={"seed": seed})
     stream = TensorStream(pairs, cfg.reg_batch_size or cfg.batch_size, seed)
@@ -216,7 +218,7 @@ def main(argv: list[str]) -> None:
         return
     run(TeacherConfig(**spec.get("teacher", {})), DistillConfig(**spec.get("distill", {})), spec.get("n_pairs", 2048),
         device, spec.get("seed", 0), spec.get("eval_every", 100), spec.get("tag", ""),
-        with_teacher=spec.get("with_teacher", True))
+        with_teacher=spec.get("with_teacher", True), pair_steps=spec.get("pair_steps", 50))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,52 @@ def d(**kw) -> dict:
     return {**BASE, **kw}
 
 
+V = d(generator_timesteps=[999], lr=2e-4, lr_fake=2e-4, fake_updates_per_generator=1)
+
+M = {**V, "ema_decay": 0.98, "lambda_reg": 2.0, "guidance": 1.25}
+
 SWEEPS = {
+    "s3": {
+        "teachers": [],
+        "runs": [
+            *[(f"M_p2048_s{s}", T_V1, M, 2048, s) for s in (0, 1, 2, 3)],
+            *[(f"M_p1024_s{s}", T_V1, M, 1024, s) for s in (0, 1, 2)],
+            *[(f"M_p1024_d25_s{s}", T_V1, M, 1024, s, {"pair_steps": 25}) for s in (0, 1)],
+            *[(f"M_lam4_s{s}", T_V1, {**M, "lambda_reg": 4.0}, 1024, s) for s in (0, 1)],
+            *[(f"M_cfg15_s{s}", T_V1, {**M, "guidance": 1.5}, 1024, s) for s in (0, 1)],
+            *[(f"M_b32_s{s}", T_V1, {**M, "batch_size": 32}, 1024, s) for s in (0, 1)],
+            ("M_ema99_s0", T_V1, {**M, "ema_decay": 0.99}, 1024, 0),
+            ("M_nocfg_s0", T_V1, {**M, "guidance": 1.0}, 1024, 0),
+            ("M_noema98_s1", T_V1, {**M, "ema_decay": 0.99}, 1024, 1),
+            ("M_regonly_s0", T_V1, {**M, "dm_weight": 0.0}, 1024, 0),
+        ],
+        "steps": 400, "eval_every": 25,
+    },
+    "s2": {
+        "teachers": [("v1", T_V1, [999], [1024, 2048])],
+        "pair_seeds": [0, 1, 2],
+        "runs": [
+            ("A_s0", T_V1, V, 2048, 0), ("A_s1", T_V1, V, 2048, 1), ("A_s2", T_V1, V, 2048, 2),
+            ("B_lr3", T_V1, {**V, "lr": 3e-4, "lr_fake": 3e-4}, 2048),
+            ("C_ema98_s0", T_V1, {**V, "ema_decay": 0.98}, 2048, 0),
+            ("C_ema98_s1", T_V1, {**V, "ema_decay": 0.98}, 2048, 1),
+            ("D_ema95", T_V1, {**V, "ema_decay": 0.95}, 2048),
+            ("E_lam2", T_V1, {**V, "lambda_reg": 2.0}, 2048),
+            ("F_lam4", T_V1, {**V, "lambda_reg": 4.0}, 2048),
+            ("G_cfg125", T_V1, {**V, "guidance": 1.25}, 2048),
+            ("H_regonly", T_V1, {**V, "dm_weight": 0.0}, 2048),
+            ("I_fake4", T_V1, {**V, "lr_fake": 4e-4}, 2048),
+            ("J_b32", T_V1, {**V, "batch_size": 32}, 2048),
+            ("K_lr1_s1", T_V1, {**V, "lr": 1e-4, "lr_fake": 1e-4}, 2048, 1),
+            ("K_lr1_s2", T_V1, {**V, "lr": 1e-4, "lr_fake": 1e-4}, 2048, 2),
+            ("L_p1024", T_V1, V, 1024),
+            ("M_combo", T_V1, {**V, "ema_decay": 0.98, "lambda_reg": 2.0, "guidance": 1.25}, 2048),
+            ("N_k2", T_V1, {**V, "fake_updates_per_generator": 2}, 2048),
+            ("O_eps", T_EPS1, d(generator_timesteps=[500], lr=5e-5, lr_fake=1e-4, guidance=1.5,
+                                fake_updates_per_generator=1), 2048),
+        ],
+        "steps": 800, "eval_every": 50,
+    },
     "smoke": {
         "teachers": [("v1", {**T_V1, "train_steps": 5}, [999], [128])],
         "runs": [("v_smoke", {**T_V1, "train_steps": 5}, d(generator_timesteps=[999], steps=2), 128)],
@@ -94,7 +139,8 @@ def main(name: str, out: str, budget_s: float) -> None:
     procs = []
     for tag, tcfg, dcfg, n_pairs, *rest in sweep["runs"]:
         seed = rest[0] if rest else 0
-        procs.append(launch({"tag": tag, "teacher": tcfg, "distill": {**dcfg, "steps": sweep["steps"]},
+        extra = rest[1] if len(rest) > 1 else {}
+        procs.append(launch({**extra, "tag": tag, "teacher": tcfg, "distill": {**dcfg, "steps": sweep["steps"]},
                              "n_pairs": n_pairs, "seed": seed, "with_teacher": False, "threads": 1,
                              "eval_every": sweep.get("eval_every", 100)}, logs / f"run_{tag}.log"))
     wait_all(procs, deadline)

@@ -1,0 +1,70 @@
+"""The `dmd` command line as a user runs it (real subprocesses of the installed console script)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DMD = [sys.executable, "-m", "flows.cli"]
+
+
+def dmd(*args, cwd=None):
+    return subprocess.run([*DMD, *args], cwd=cwd or REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}, timeout=300)
+
+
+def test_help_lists_commands_stages_and_options():
+    out = dmd("--help")
+    assert out.returncode == 0
+    for command in ("run", "deploy", "sample", "presets"):
+        assert command in out.stdout
+    run = dmd("run", "--help")
+    assert run.returncode == 0
+    for option in ("--preset", "--config", "--root", "--stages", "--set", "--dry-run", "--force"):
+        assert option in run.stdout
+    assert "teacher,pairs,distill,export,evaluate" in run.stdout.replace("\n", "").replace(" ", "")
+
+
+def test_dry_run_prints_the_resolved_default_config():
+    out = dmd("run", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["name"] == "digits" and resolved["distill"]["lr"] > 0
+    assert set(resolved) >= {"data", "teacher", "pairs", "distill", "export", "evaluate"}
+    override = yaml.safe_load(dmd("run", "--dry-run", "--set", "distill.lr=3e-6").stdout)
+    assert override["distill"]["lr"] == 3e-6
+
+
+def test_bad_config_value_is_one_line_naming_the_field_and_writes_nothing(tmp_path):
+    root = tmp_path / "artifacts"
+    out = dmd("run", "--root", str(root), "--set", "distill.lr=-1")
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and "distill.lr" in out.stderr
+    assert not root.exists()
+    for args, field in ((["--set", "pairs.solver=euler2"], "pairs.solver"),
+                        (["--preset", "nope"], "preset"),
+                        (["--stages", "pairs,bogus"], "--stages"),
+                        (["--set", "distill.generator_timesteps=[5,9]"], "distill.generator_timesteps")):
+        out = dmd("run", "--root", str(root), *args)
+        assert out.returncode != 0 and field in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+    assert not root.exists()
+
+
+def test_config_file_and_sample_command(tiny_run, tmp_path):
+    from storage.layout import EXPORT, run_store
+    from storage.models import local_folder
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: mine\ndistill: {steps: 7}\n")
+    resolved = yaml.safe_load(dmd("run", "--config", str(cfg), "--dry-run").stdout)
+    assert resolved["name"] == "mine" and resolved["distill"]["steps"] == 7
+    root, run, _ = tiny_run
+    with local_folder(run_store(root, run), EXPORT) as path:
+        out = dmd("sample", "--export", path, "--n", "12", "-o", str(tmp_path / "g.png"))
+    assert out.returncode == 0, out.stderr
+    from PIL import Image
+
+    img = Image.open(tmp_path / "g.png")
+    assert img.size == ((8 * 9 + 1) * 4, (2 * 9 + 1) * 4)
