@@ -24,7 +24,7 @@ def dm_gradient(x: torch.Tensor, x_t: torch.Tensor, mu_real: torch.Tensor, mu_fa
     sigma_t^3/alpha_t and scores s = (alpha_t mu - x_t) / sigma_t^2 (DMD Table 2 ablation).
     """
     if weighting == "dmd":
-        w = (x - mu_real).abs().flatten(1).mean(1).reshape(-1, *([1] * (x.ndim - 1)))
+        w = (x - mu_real).abs().flatten(1).mean(1).clamp_min(1e-8).reshape(-1, *([1] * (x.ndim - 1)))
         grad = (mu_fake - mu_real) / w
     elif weighting in ("sigma_over_alpha", "sigma3_over_alpha"):
         s_real = (alpha_t * mu_real - x_t) / sigma_t**2

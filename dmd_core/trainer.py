@@ -203,7 +203,9 @@ class DMDTrainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        d = self.cfg.ema_decay
+        """theta_ema <- d theta_ema + (1 - d) theta, with the warm-up d = min(decay, (1 + n) / (10 + n))."""
+        n = self.step // self.cfg.fake_updates_per_generator
+        d = min(self.cfg.ema_decay, (1 + n) / (10 + n))
         for p_ema, p in zip(self.ema.parameters(), self.G.denoiser.parameters()):
             p_ema.lerp_(p.detach(), 1.0 - d)
 

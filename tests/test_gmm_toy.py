@@ -56,9 +56,9 @@ class GMMDenoiser:
 class MLPDenoiser(nn.Module):
     """Small MLP in v-parameterisation, x0 = alpha_t x_t - sigma_t v(x_t, t), with sinusoidal t/T features."""
 
-    def __init__(self, schedule: NoiseSchedule, hidden: int = 128, n_freq: int = 6) -> None:
+    def __init__(self, schedule: NoiseSchedule, hidden: int = 128, n_freq: int = 6, in_scale: float = 3.0) -> None:
         super().__init__()
-        self.schedule = schedule
+        self.schedule, self.in_scale = schedule, in_scale
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32) / 2)
         self.net = nn.Sequential(nn.Linear(2 + 2 * n_freq, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
@@ -67,7 +67,7 @@ class MLPDenoiser(nn.Module):
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         alpha_t, sigma_t = self.schedule.alpha_t(t, x_t), self.schedule.sigma_t(t, x_t)
         phase = (t.to(x_t.dtype) / self.schedule.T)[:, None] * self.freqs
-        v = self.net(torch.cat([x_t, phase.sin(), phase.cos()], 1))
+        v = self.net(torch.cat([self.in_scale * x_t, phase.sin(), phase.cos()], 1))
         return alpha_t * x_t - sigma_t * v
 
 
