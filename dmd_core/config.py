@@ -157,6 +157,9 @@ class PipelineConfig(_Model):
         T = self.teacher.num_train_timesteps
         if self.distill.generator_timesteps[0] >= T:
             raise ValueError(f"distill.generator_timesteps must be below teacher.num_train_timesteps ({T})")
+        if self.evaluate.teacher_steps == len(self.distill.generator_timesteps):
+            raise ValueError("evaluate.teacher_steps must differ from the number of generator steps "
+                             "(the teacher's own generator-style baseline uses that count)")
         return self
 
     def section_hash(self, *sections: str) -> str:

@@ -42,9 +42,12 @@ class NoiseSchedule:
         """Signal-to-noise ratio alpha_t^2 / sigma_t^2."""
         return (self.alpha_t(t, like) / self.sigma_t(t, like)) ** 2
 
-    def denoising_weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Teacher weighting of the denoising loss (DMD Alg. 3): SNR for VP."""
-        return self.snr(t, like)
+    def denoising_weight(self, t: torch.Tensor, like: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+        """The teacher's own loss weighting in x0 space (DMD Alg. 3): SNR for eps, SNR + 1 for v, 1 for x0."""
+        snr = self.snr(t, like)
+        if prediction_type == "v_prediction":
+            return snr + 1.0
+        return torch.ones_like(snr) if prediction_type == "sample" else snr
 
 
 class VPSchedule(NoiseSchedule):
@@ -82,8 +85,8 @@ class EDMSchedule(NoiseSchedule):
         super().__init__(torch.ones_like(sigmas), sigmas, init_noise_sigma=sigma_max)
         self.sigma_data = sigma_data
 
-    def denoising_weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """EDM weighting SNR + 1/sigma_data^2 (DMD Alg. 3)."""
+    def denoising_weight(self, t: torch.Tensor, like: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+        """EDM weighting SNR + 1/sigma_data^2 (DMD Alg. 3), whatever the network's output parameterisation."""
         return self.snr(t, like) + 1.0 / self.sigma_data**2
 
 

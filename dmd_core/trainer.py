@@ -51,6 +51,8 @@ class DMDTrainer:
             raise ValueError("distill.gan.enabled needs a stream of real images")
         self.pairs, self.real, self.lpips_model = pairs, real, lpips_model
 
+        # The fake score is trained with the teacher's own weighting (its output parameterisation).
+        self.prediction_type = getattr(teacher, "prediction_type", "epsilon")
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.mu_real = with_guidance(teacher, cfg.guidance, null_cond)
@@ -158,7 +160,8 @@ class DMDTrainer:
         x_t = self.schedule.add_noise(x, self._randn(B), t)
         with self._autocast():
             pred = self.mu_fake(x_t, t, cond).float()
-            loss_fake = denoising_loss(pred, x, self.schedule.denoising_weight(t, x)).mean()
+            weight = self.schedule.denoising_weight(t, x, self.prediction_type)
+            loss_fake = denoising_loss(pred, x, weight).mean()
             loss = loss_fake
             if cfg.gan.enabled:
                 real = self.real.next_batch(self.device)

@@ -58,8 +58,9 @@ def run(
     from tasks.evaluate import summary_markdown
 
     try:
-        out = dmd(config=cfg.model_dump(mode="json"), root=root, run_name=run_name, stages=chosen, force=force,
-                  evaluate_all_checkpoints=all_checkpoints)
+        # Pass what the user gave (not the resolved dict): with none, the flow reuses the run's stored config.
+        out = dmd(preset=preset, config=str(config) if config else None, overrides=list(set_) or None, root=root,
+                  run_name=run_name, stages=chosen, force=force, evaluate_all_checkpoints=all_checkpoints)
     except Exception as err:  # the flow already logged the traceback; say it in one line and exit non-zero
         fail(f"{type(err).__name__}: {err}", code=1)
     typer.echo(f"\nrun {out['run_name']} at {out['root']}: stages {','.join(out['stages'])} complete")

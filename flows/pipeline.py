@@ -19,6 +19,17 @@ from tasks.teacher import teacher_task
 Stage = Literal["teacher", "pairs", "distill", "export", "evaluate"]
 
 
+def resolve_config(preset, config, overrides, root: str, run_name: Optional[str]) -> tuple[PipelineConfig, str]:
+    """The given preset/config/overrides; with none given, the config an existing run was made with."""
+    explicit = preset is not None or config is not None or bool(overrides)
+    cfg = load_config(preset, config, overrides)
+    run_name = run_name or cfg.name
+    store = run_store(root, run_name)
+    if not explicit and store.exists(CONFIG):
+        cfg = PipelineConfig.model_validate(store.read_json(CONFIG))
+    return cfg, run_name
+
+
 def save_config(root: str, run_name: str, cfg: PipelineConfig) -> None:
     """Write the resolved config into the run folder (only when it changed, so reruns rewrite nothing)."""
     store = run_store(root, run_name)
@@ -49,8 +60,7 @@ def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] =
         run_name: Optional[str] = None, stages: Optional[list[Stage]] = None, force: bool = False,
         overrides: Optional[list[str]] = None, evaluate_all_checkpoints: bool = False) -> dict:
     """Distill a diffusion teacher into a one-step generator; `stages` selects a subset (default all)."""
-    cfg = load_config(preset, config, overrides)
-    run_name = run_name or cfg.name
+    cfg, run_name = resolve_config(preset, config, overrides, root, run_name)
     selected = [s for s in STAGES if s in (stages or STAGES)]
     save_config(root, run_name, cfg)
     logger = get_run_logger()

@@ -39,6 +39,11 @@ def is_done(store: ArtifactStore, stage: str, key: str) -> bool:
     return store.exists(marker) and store.read_json(marker).get("hash") == key
 
 
+def unmark_done(store: ArtifactStore, stage: str) -> None:
+    """Forget that `stage` completed (before a forced recompute, so an interrupted one is never trusted)."""
+    store.delete(done_marker(stage), missing_ok=True)
+
+
 def mark_done(store: ArtifactStore, stage: str, key: str, **extra) -> None:
     store.write_json(done_marker(stage), {"hash": key, **extra})
 

@@ -11,13 +11,15 @@ from prefect import task
 from prefect.cache_policies import NONE
 from tqdm import tqdm
 
+from dmd_core.digits import load_digits
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
 from storage import ArtifactStore
 from storage.images import grid_png
 from storage.layout import METRICS, checkpoint_prefix, checkpoint_steps, sample_grid_key
-from tasks.context import device_for, is_done, load_pairs, load_teacher, mark_done, null_class, open_run
+from tasks.context import (device_for, is_done, load_pairs, load_teacher, mark_done, null_class, open_run,
+                           unmark_done)
 
 
 # Changing only these lets a run continue from its checkpoints (e.g. raise distill.steps to train longer).
@@ -43,18 +45,32 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
     D, _, _ = load_teacher(store, cfg, device)
     d = cfg.distill
     pairs = real = None
-    if d.regression != "none" or d.gan.enabled:
-        tensors = load_pairs(store)
-        stream = lambda seed: TensorStream(tensors, d.reg_batch_size or d.batch_size, seed)  # noqa: E731
-        pairs = stream(d.seed) if d.regression != "none" else None
-        # The GAN's "real" images are the teacher's ODE outputs (the pairs' y), with their own order.
-        real = stream(d.seed + 1) if d.gan.enabled else None
+    if d.regression != "none":
+        pairs = TensorStream(load_pairs(store), d.reg_batch_size or d.batch_size, d.seed)
+    if d.gan.enabled:
+        real = TensorStream(real_images(store, cfg), d.batch_size, d.seed + 1)
     lpips_model = None
     if d.regression == "lpips":
         lpips_model = build_lpips(d.lpips_net, d.lpips_weights, d.lpips_random_trunk).to(device)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     return DMDTrainer(d, D, D.schedule, shape, num_classes=cfg.data.num_classes, null_cond=null_class(cfg),
                       pairs=pairs, real=real, lpips_model=lpips_model, device=device)
+
+
+def config_checkpoints(store: ArtifactStore, cfg) -> list[int]:
+    """Steps of the complete checkpoints written with this config (resume key), ascending."""
+    key = resume_key(cfg)
+    return [s for s in checkpoint_steps(store)
+            if store.read_json(f"{checkpoint_prefix(s)}/_complete.json").get("hash") == key]
+
+
+def real_images(store: ArtifactStore, cfg) -> dict[str, torch.Tensor]:
+    """Real images for the DMD2 GAN head: the dataset itself for digits, else the teacher's pair outputs."""
+    if cfg.data.name == "digits":
+        images, labels = load_digits()
+        return {"y": images, "cond": labels} if cfg.data.num_classes else {"y": images}
+    pairs = load_pairs(store)
+    return {k: v for k, v in pairs.items() if k != "z"}
 
 
 def save_checkpoint(store: ArtifactStore, trainer: DMDTrainer, key: str) -> str:
@@ -66,12 +82,10 @@ def save_checkpoint(store: ArtifactStore, trainer: DMDTrainer, key: str) -> str:
     return prefix
 
 
-def resume(store: ArtifactStore, trainer: DMDTrainer, key: str) -> int:
+def resume(store: ArtifactStore, trainer: DMDTrainer, trainer_cfg) -> int:
     """Load the latest complete checkpoint written with this config; returns its step (0 if none)."""
-    for step in reversed(checkpoint_steps(store)):
+    for step in reversed(config_checkpoints(store, trainer_cfg)):
         prefix = checkpoint_prefix(step)
-        if store.read_json(f"{prefix}/_complete.json").get("hash") != key:
-            continue
         names = [k.rsplit("/", 1)[1] for k in store.ls(prefix)]
         trainer.load_state_files({n: store.read_bytes(f"{prefix}/{n}") for n in names if n != "_complete.json"})
         return step
@@ -84,7 +98,8 @@ def sample_grid(trainer: DMDTrainer, n: int = 64) -> bytes:
     g = torch.Generator().manual_seed(0)
     z = torch.randn((n, *trainer.sample_shape), generator=g).to(trainer.device)
     cond = torch.arange(n, device=trainer.device) % trainer.num_classes if trainer.num_classes else None
-    return grid_png(trainer.ema_generator()(z, cond, generator=g.manual_seed(1)).float())
+    renoise = torch.Generator(trainer.device).manual_seed(1)
+    return grid_png(trainer.ema_generator()(z, cond, generator=renoise).float())
 
 
 def run_distill(root: str, run_name: str, force: bool = False,
@@ -94,8 +109,9 @@ def run_distill(root: str, run_name: str, force: bool = False,
     key, d = resume_key(cfg), cfg.distill
     if not force and is_done(store, "distill", distill_key(cfg)):
         return d.steps
+    unmark_done(store, "distill")
     trainer = build_trainer(store, cfg, device_for(cfg))
-    start = 0 if force else resume(store, trainer, key)
+    start = 0 if force else resume(store, trainer, cfg)
     if start > d.steps:
         raise ValueError(f"distill.steps={d.steps} is below the latest checkpoint (step {start}); use --force")
     rows = []

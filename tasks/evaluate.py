@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from typing import Callable
 
 import torch
@@ -18,22 +20,23 @@ from dmd_core.samplers import sample
 from dmd_core.schedules import timestep_grid
 from storage import ArtifactStore
 from storage.images import grid_png
-from storage.layout import EVAL_GRID, RESULTS, SUMMARY, checkpoint_prefix, checkpoint_steps
+from storage.layout import EVAL_GRID, RESULTS, SUMMARY, checkpoint_prefix
 from tasks.context import device_for, load_teacher, null_class, open_run
+from tasks.distill import config_checkpoints, resume_key
 
-KEY_COLUMNS = ("run", "checkpoint_step", "model", "steps", "metric")
+KEY_COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "metric")
 COLUMNS = (*KEY_COLUMNS, "value", "n_samples", "time")
-CLASSIFIER = "eval/classifier.safetensors"
 
 
 def classifier(store: ArtifactStore, cfg, images: torch.Tensor, labels: torch.Tensor) -> DigitsClassifier:
     """The digits feature classifier, trained once on all real digits and cached in the run."""
+    key = f"eval/classifier-e{cfg.evaluate.classifier_epochs}-s{cfg.evaluate.seed}.safetensors"
     model = DigitsClassifier(int(labels.max()) + 1)
-    if store.exists(CLASSIFIER):
-        model.load_state_dict(bytes_to_tensors(store.read_bytes(CLASSIFIER)))
+    if store.exists(key):
+        model.load_state_dict(bytes_to_tensors(store.read_bytes(key)))
         return model.eval().requires_grad_(False)
     model = train_classifier(images, labels, cfg.evaluate.classifier_epochs, cfg.evaluate.seed)
-    store.write_bytes(CLASSIFIER, tensors_to_bytes(model.state_dict()))
+    store.write_bytes(key, tensors_to_bytes(model.state_dict()))
     return model
 
 
@@ -56,10 +59,22 @@ def _batched(fn: Callable, z: torch.Tensor, labels: torch.Tensor, batch: int, de
                       for zb, lb in zip(z.split(batch), labels.split(batch))])
 
 
-def _rows(run: str, step: int, model: str, steps: int, scores: dict, n: int) -> list[dict]:
+def _rows(run: str, config_hash: str, step: int, model: str, steps: int, scores: dict, n: int) -> list[dict]:
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    return [{"run": run, "checkpoint_step": step, "model": model, "steps": steps, "metric": k, "value": v,
-             "n_samples": n, "time": now} for k, v in scores.items()]
+    return [{"run": run, "config_hash": config_hash, "checkpoint_step": step, "model": model, "steps": steps,
+             "metric": k, "value": v, "n_samples": n, "time": now} for k, v in scores.items()]
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def result_hashes(cfg) -> dict[str, str]:
+    """Config hash of each kind of row: a row is reused only while everything it depends on is unchanged."""
+    teacher = cfg.section_hash("data", "teacher", "pairs", "evaluate")
+    return {"real": cfg.section_hash("data", "evaluate"), "teacher": teacher,
+            "teacher-G0": _hash(teacher, cfg.distill.generator_timesteps),
+            "student": _hash(resume_key(cfg), cfg.section_hash("evaluate"), cfg.export.use_ema)}
 
 
 def _student(store, cfg, step: int, device) -> Generator:
@@ -74,61 +89,63 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
     store, cfg = open_run(root, run_name)
     if cfg.data.name != "digits":
         raise ValueError(f"evaluate supports data.name=digits (classifier features); got {cfg.data.name!r}")
-    device, e = device_for(cfg), cfg.evaluate
+    device, e, hashes = device_for(cfg), cfg.evaluate, result_hashes(cfg)
     images, labels = load_digits()
     n = min(e.n_samples, images.shape[0])
     model = classifier(store, cfg, images, labels)
     score = Scorer(model, images)
     rows = store.read_table(RESULTS).to_pylist() if store.exists(RESULTS) else []
-    have = {tuple(r[c] for c in KEY_COLUMNS) for r in rows}
-    new: list[dict] = []
+    have = {tuple(r.get(c) for c in KEY_COLUMNS) for r in rows}
     g = torch.Generator().manual_seed(e.seed)
     z = torch.randn((n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), generator=g)
     y = labels[torch.randperm(images.shape[0], generator=g)[:n]]
+    renoise = lambda: torch.Generator(device).manual_seed(1)  # noqa: E731
+    n_gen = len(cfg.distill.generator_timesteps)
 
-    def missing(step: int, model_name: str, steps: int) -> bool:
-        return (run_name, step, model_name, steps, "fd") not in have
+    def needed(kind: str, step: int, model_name: str, steps: int) -> bool:
+        return (run_name, hashes[kind], step, model_name, steps, "fd") not in have
 
-    if missing(-1, "real", 0):
+    new: list[dict] = []
+    if needed("real", -1, "real", 0):
         half = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(e.seed))
         a, b = half[: images.shape[0] // 2], half[images.shape[0] // 2:]
         fa, fb = (features_and_predictions(model, images[idx])[0] for idx in (a, b))
         fd = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
-        new += _rows(run_name, -1, "real", 0, {"fd": fd, "accuracy": score(images, labels)["accuracy"]}, len(a))
+        new += _rows(run_name, hashes["real"], -1, "real", 0,
+                     {"fd": fd, "accuracy": score(images, labels)["accuracy"]}, len(a))
     D, _, _ = load_teacher(store, cfg, device)
     teacher = with_guidance(D, cfg.pairs.guidance, null_class(cfg))
-    n_gen = len(cfg.distill.generator_timesteps)
-    if missing(-1, "teacher", e.teacher_steps):
+    if needed("teacher", -1, "teacher", e.teacher_steps):
         grid = timestep_grid(D.schedule.T, e.teacher_steps)
         x = _batched(lambda zb, lb: sample(cfg.pairs.solver, teacher, zb, grid, D.schedule, lb), z, y, e.batch_size, device)
-        new += _rows(run_name, -1, "teacher", e.teacher_steps, score(x, y), n)
-    if missing(-1, "teacher", n_gen):
+        new += _rows(run_name, hashes["teacher"], -1, "teacher", e.teacher_steps, score(x, y), n)
+    if needed("teacher-G0", -1, "teacher", n_gen):
         G0 = Generator(teacher, D.schedule, cfg.distill.generator_timesteps)
-        x = _batched(lambda zb, lb: G0(zb, lb, generator=torch.Generator(device).manual_seed(1)), z, y, e.batch_size, device)
-        new += _rows(run_name, -1, "teacher", n_gen, score(x, y), n)
-    steps = checkpoint_steps(store)
-    todo = [s for s in (steps if all_checkpoints else steps[-1:]) if missing(s, "student", n_gen)]
-    for step in todo:
+        x = _batched(lambda zb, lb: G0(zb, lb, generator=renoise()), z, y, e.batch_size, device)
+        new += _rows(run_name, hashes["teacher-G0"], -1, "teacher", n_gen, score(x, y), n)
+    steps = config_checkpoints(store, cfg)
+    for step in [s for s in (steps if all_checkpoints else steps[-1:]) if needed("student", s, "student", n_gen)]:
         G = _student(store, cfg, step, device)
         with torch.no_grad():
-            x = _batched(lambda zb, lb: G(zb, lb, generator=torch.Generator(device).manual_seed(1)), z, y, e.batch_size, device)
-        new += _rows(run_name, step, "student", n_gen, score(x, y), n)
+            x = _batched(lambda zb, lb: G(zb, lb, generator=renoise()), z, y, e.batch_size, device)
+        new += _rows(run_name, hashes["student"], step, "student", n_gen, score(x, y), n)
         if step == steps[-1]:
             store.write_bytes(EVAL_GRID, grid_png(x[:64]))
-    if new:
-        rows = rows + new
-        store.write_table(RESULTS, {c: [r[c] for r in rows] for c in COLUMNS})
-    summary = summarize(store, rows, run_name)
-    if new:
-        store.write_json(SUMMARY, summary)
+    if not new:
+        return summarize(store, rows, run_name, hashes)
+    rows = rows + new
+    store.write_table(RESULTS, {c: [r.get(c) for r in rows] for c in COLUMNS})
+    summary = summarize(store, rows, run_name, hashes)
+    store.write_json(SUMMARY, summary)
     return summary
 
 
-def summarize(store: ArtifactStore, rows: list[dict], run_name: str) -> dict:
-    """Latest student checkpoint plus baselines, as rows with model, steps, metric, value."""
-    student_steps = [r["checkpoint_step"] for r in rows if r["model"] == "student"]
+def summarize(store: ArtifactStore, rows: list[dict], run_name: str, hashes: dict[str, str]) -> dict:
+    """The current config's rows: baselines and the latest evaluated student checkpoint."""
+    current = [r for r in rows if r["run"] == run_name and r.get("config_hash") in hashes.values()]
+    student_steps = [r["checkpoint_step"] for r in current if r["model"] == "student"]
     last = max(student_steps) if student_steps else None
-    keep = [r for r in rows if r["run"] == run_name and (r["model"] != "student" or r["checkpoint_step"] == last)]
+    keep = [r for r in current if r["model"] != "student" or r["checkpoint_step"] == last]
     return {"run": run_name, "checkpoint_step": last, "grid": store.url(EVAL_GRID) if last is not None else None,
             "rows": [{k: r[k] for k in ("model", "steps", "metric", "value", "n_samples", "checkpoint_step")}
                      for r in keep]}

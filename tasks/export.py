@@ -14,10 +14,10 @@ from dmd_core.denoisers import UNetDenoiser
 from dmd_core.generator import Generator
 from dmd_core.pipeline import DMDPipeline
 from dmd_core.schedules import VPSchedule
-from storage.layout import EXPORT, METRICS, checkpoint_prefix, checkpoint_steps
+from storage.layout import EXPORT, METRICS, checkpoint_prefix
 from storage.models import local_folder, save_folder
-from tasks.context import is_done, load_teacher, mark_done, open_run
-from tasks.distill import distill_key
+from tasks.context import is_done, load_teacher, mark_done, open_run, unmark_done
+from tasks.distill import config_checkpoints, distill_key
 
 
 def model_card(cfg, step: int, final_metrics: dict) -> str:
@@ -54,7 +54,8 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
     key = cfg.section_hash("data", "teacher", "pairs", "distill", "export")
     if not force and is_done(store, "export", key):
         return store.url(EXPORT)
-    steps = checkpoint_steps(store)
+    unmark_done(store, "export")
+    steps = config_checkpoints(store, cfg)
     if not steps or steps[-1] != cfg.distill.steps or not is_done(store, "distill", distill_key(cfg)):
         raise FileNotFoundError(f"no final checkpoint (step {cfg.distill.steps}) in {store.url('distill')}: "
                                 "run the distill stage first")

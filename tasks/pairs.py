@@ -14,7 +14,8 @@ from dmd_core.samplers import sample
 from dmd_core.schedules import timestep_grid
 from storage import ChecksumError, ShardRecord, read_manifest, verify_shard, write_manifest, write_shard
 from storage.layout import PAIRS_MANIFEST, shard_key
-from tasks.context import device_for, is_done, load_teacher, mark_done, null_class, open_run, sample_noise
+from tasks.context import (device_for, is_done, load_teacher, mark_done, null_class, open_run, sample_noise,
+                           unmark_done)
 
 
 def pairs_key(cfg) -> str:
@@ -26,9 +27,13 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
     store, cfg = open_run(root, run_name)
     n_shards = math.ceil(cfg.pairs.n / cfg.pairs.shard_size)
     if force:
+        unmark_done(store, "pairs")
         return list(range(n_shards)), []
     if is_done(store, "pairs", pairs_key(cfg)):
-        return [], read_manifest(store, PAIRS_MANIFEST)
+        records = read_manifest(store, PAIRS_MANIFEST)
+        if sum(r.n_samples for r in records) == cfg.pairs.n:
+            return [], records
+        unmark_done(store, "pairs")
     kept = []
     for rec in read_manifest(store, PAIRS_MANIFEST):
         if rec.producer_hash != pairs_key(cfg):

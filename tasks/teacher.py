@@ -10,7 +10,7 @@ from prefect.cache_policies import NONE
 from dmd_core.digits import load_digits, train_teacher
 from storage.layout import TEACHER
 from storage.models import save_folder
-from tasks.context import is_done, mark_done, open_run
+from tasks.context import is_done, mark_done, open_run, unmark_done
 
 SHIPPED = Path(__file__).resolve().parent.parent / "teachers"
 
@@ -55,6 +55,7 @@ def run_teacher(root: str, run_name: str, force: bool = False) -> str:
     key = cfg.section_hash("data", "teacher")
     if not force and is_done(store, "teacher", key):
         return "cached"
+    unmark_done(store, "teacher")
     if cfg.teacher.source == "path":
         src, how = Path(cfg.teacher.path).expanduser(), "path"
         if not src.is_dir():

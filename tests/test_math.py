@@ -125,6 +125,11 @@ def test_denoising_loss_uses_snr_weight():
     w = s.denoising_weight(t, x0)
     assert torch.allclose(w.flatten(), (a**2 / sig**2).flatten())
     assert torch.allclose(denoising_loss(pred, x0, w), (a**2 / sig**2).flatten() * 0.25)
+    # A v-prediction teacher's uniform v-MSE equals (SNR + 1) x the x0-MSE at the same x_t (VP: 1/sigma^2).
+    x_t = a * x0 + sig * eps
+    v_mse = ((v_from_x0(x_t, pred, a, sig) - v_from_x0(x_t, x0, a, sig)) ** 2).flatten(1).mean(1)
+    assert torch.allclose(denoising_loss(pred, x0, s.denoising_weight(t, x0, "v_prediction")), v_mse)
+    assert torch.equal(s.denoising_weight(t, x0, "sample"), torch.ones_like(w))
 
 
 def test_pseudo_huber_and_gan_losses():
