@@ -6,11 +6,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .schedules import NoiseSchedule
-
-
-def _t(t: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+from .schedules import NoiseSchedule, full_t
 
 
 class Generator(nn.Module):
@@ -31,11 +27,11 @@ class Generator(nn.Module):
 
     def step(self, x_t: torch.Tensor, i: int, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One generator evaluation x0 = G(x_{t_i}, t_i)."""
-        return self.denoiser(x_t, _t(self.timesteps[i], x_t), cond)
+        return self.denoiser(x_t, full_t(self.timesteps[i], x_t), cond)
 
     def renoise(self, x0: torch.Tensor, i: int, eps: torch.Tensor) -> torch.Tensor:
         """Forward-diffuse x0 to the next generator timestep t_{i+1} with fresh noise (DMD2 §4.3)."""
-        return self.schedule.add_noise(x0, eps, _t(self.timesteps[i + 1], x0))
+        return self.schedule.add_noise(x0, eps, full_t(self.timesteps[i + 1], x0))
 
     def forward(self, z: torch.Tensor, cond: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:

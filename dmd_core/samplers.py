@@ -5,11 +5,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .schedules import NoiseSchedule
-
-
-def _t(t: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+from .schedules import NoiseSchedule, full_t
 
 
 def _check_grid(timesteps: Sequence[int], schedule: NoiseSchedule) -> list[int]:
@@ -27,11 +23,11 @@ def ddim_sample(denoiser: Callable, z: torch.Tensor, timesteps: Sequence[int], s
     x = z * schedule.init_noise_sigma
     x0 = x
     for i, t in enumerate(ts):
-        x0 = denoiser(x, _t(t, x), cond)
+        x0 = denoiser(x, full_t(t, x), cond)
         if i + 1 == len(ts):
             break
-        eps_hat = (x - schedule.alpha_t(_t(t, x), x) * x0) / schedule.sigma_t(_t(t, x), x)
-        s = _t(ts[i + 1], x)
+        eps_hat = (x - schedule.alpha_t(full_t(t, x), x) * x0) / schedule.sigma_t(full_t(t, x), x)
+        s = full_t(ts[i + 1], x)
         x = schedule.alpha_t(s, x) * x0 + schedule.sigma_t(s, x) * eps_hat
     return x0
 
@@ -40,12 +36,12 @@ def _edm_ode(denoiser: Callable, z: torch.Tensor, ts: list[int], schedule: Noise
              cond: Optional[torch.Tensor], heun: bool) -> torch.Tensor:
     """EDM Alg. 1 (S_churn = 0) in the scaled variables x~ = x/alpha_t, sigma~ = sigma_t/alpha_t."""
     x = z * schedule.init_noise_sigma
-    alpha0 = schedule.alpha_t(_t(ts[0], x), x)
+    alpha0 = schedule.alpha_t(full_t(ts[0], x), x)
     x_tilde = x / alpha0
 
     def d(x_tilde: torch.Tensor, t: int) -> torch.Tensor:
         """dx~/dsigma~ = (x~ - D(x)) / sigma~."""
-        tt = _t(t, x_tilde)
+        tt = full_t(t, x_tilde)
         alpha, sigma = schedule.alpha_t(tt, x_tilde), schedule.sigma_t(tt, x_tilde)
         return (x_tilde - denoiser(alpha * x_tilde, tt, cond)) / (sigma / alpha)
 

@@ -90,6 +90,11 @@ class EDMSchedule(NoiseSchedule):
         return self.snr(t, like) + 1.0 / self.sigma_data**2
 
 
+def full_t(t: int, like: torch.Tensor) -> torch.Tensor:
+    """The integer timestep t as a (B,) long tensor on `like`'s device."""
+    return torch.full((like.shape[0],), int(t), device=like.device, dtype=torch.long)
+
+
 def timestep_grid(T: int, steps: int) -> list[int]:
     """Trailing grid of `steps` timesteps from T-1 down (diffusers `timestep_spacing="trailing"`)."""
     if not 1 <= steps <= T:
