@@ -164,8 +164,12 @@ class PipelineConfig(_Model):
 
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections (used to key cached stage outputs)."""
-        blob = json.dumps({s: getattr(self, s).model_dump(mode="json") for s in sections}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return stable_hash({s: getattr(self, s).model_dump(mode="json") for s in sections})
+
+
+def stable_hash(obj: Any) -> str:
+    """16 hex digits of SHA-256 over canonical JSON: the same value in every process and version of Python."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _first_error(err: ValidationError) -> str:

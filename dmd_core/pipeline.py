@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 

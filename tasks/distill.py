@@ -1,8 +1,6 @@
 """Stage `distill`: the dmd_core trainer fed by the pair shards and fresh noise; checkpoints resume automatically."""
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from typing import Callable, Optional
 
@@ -11,6 +9,8 @@ from prefect import task
 from prefect.cache_policies import NONE
 from tqdm import tqdm
 
+from dmd_core.checkpoint import bytes_to_tensors
+from dmd_core.config import stable_hash
 from dmd_core.digits import load_digits
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
@@ -35,9 +35,14 @@ def distill_key(cfg) -> str:
 
 def resume_key(cfg) -> str:
     """Hash stored with each checkpoint: the inputs that must match to resume from it."""
-    blob = json.dumps({"upstream": cfg.section_hash("data", "teacher", "pairs"),
-                       "distill": cfg.distill.model_dump(mode="json", exclude=RESUMABLE_CHANGES)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return stable_hash({"upstream": cfg.section_hash("data", "teacher", "pairs"),
+                        "distill": cfg.distill.model_dump(mode="json", exclude=RESUMABLE_CHANGES)})
+
+
+def checkpoint_weights(store: ArtifactStore, cfg, step: int) -> dict[str, torch.Tensor]:
+    """The generator weights a checkpoint exports: EMA (default) or raw, keyed like UNetDenoiser ("unet.*")."""
+    name = "ema.safetensors" if cfg.export.use_ema else "generator.safetensors"
+    return bytes_to_tensors(store.read_bytes(f"{checkpoint_prefix(step)}/{name}"))
 
 
 def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from typing import Callable
 
 import torch
@@ -11,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dmd_core.checkpoint import bytes_to_tensors, tensors_to_bytes
+from dmd_core.config import stable_hash
 from dmd_core.denoisers import with_guidance
 from dmd_core.digits import load_digits
 from dmd_core.generator import Generator
@@ -20,9 +19,9 @@ from dmd_core.samplers import sample
 from dmd_core.schedules import timestep_grid
 from storage import ArtifactStore
 from storage.images import grid_png
-from storage.layout import EVAL_GRID, RESULTS, SUMMARY, checkpoint_prefix
+from storage.layout import EVAL_GRID, RESULTS, SUMMARY
 from tasks.context import device_for, load_teacher, null_class, open_run
-from tasks.distill import config_checkpoints, resume_key
+from tasks.distill import checkpoint_weights, config_checkpoints, resume_key
 
 KEY_COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "metric")
 COLUMNS = (*KEY_COLUMNS, "value", "n_samples", "time")
@@ -65,22 +64,17 @@ def _rows(run: str, config_hash: str, step: int, model: str, steps: int, scores:
              "metric": k, "value": v, "n_samples": n, "time": now} for k, v in scores.items()]
 
 
-def _hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def result_hashes(cfg) -> dict[str, str]:
     """Config hash of each kind of row: a row is reused only while everything it depends on is unchanged."""
     teacher = cfg.section_hash("data", "teacher", "pairs", "evaluate")
     return {"real": cfg.section_hash("data", "evaluate"), "teacher": teacher,
-            "teacher-G0": _hash(teacher, cfg.distill.generator_timesteps),
-            "student": _hash(resume_key(cfg), cfg.section_hash("evaluate"), cfg.export.use_ema)}
+            "teacher-G0": stable_hash([teacher, cfg.distill.generator_timesteps]),
+            "student": stable_hash([resume_key(cfg), cfg.section_hash("evaluate"), cfg.export.use_ema])}
 
 
 def _student(store, cfg, step: int, device) -> Generator:
     D, _, _ = load_teacher(store, cfg, device)
-    name = "ema.safetensors" if cfg.export.use_ema else "generator.safetensors"
-    D.load_state_dict(bytes_to_tensors(store.read_bytes(f"{checkpoint_prefix(step)}/{name}")))
+    D.load_state_dict(checkpoint_weights(store, cfg, step))
     return Generator(D, D.schedule, cfg.distill.generator_timesteps)
 
 

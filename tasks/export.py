@@ -9,15 +9,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 import dmd_core.pipeline as pipeline_module
-from dmd_core.checkpoint import bytes_to_tensors
 from dmd_core.denoisers import UNetDenoiser
 from dmd_core.generator import Generator
 from dmd_core.pipeline import DMDPipeline
 from dmd_core.schedules import VPSchedule
-from storage.layout import EXPORT, METRICS, checkpoint_prefix
+from storage.layout import EXPORT, METRICS
 from storage.models import local_folder, save_folder
 from tasks.context import is_done, load_teacher, mark_done, open_run, unmark_done
-from tasks.distill import config_checkpoints, distill_key
+from tasks.distill import checkpoint_weights, config_checkpoints, distill_key
 
 
 def model_card(cfg, step: int, final_metrics: dict) -> str:
@@ -42,9 +41,7 @@ def model_card(cfg, step: int, final_metrics: dict) -> str:
 
 def _unet_from_checkpoint(store, cfg, step: int):
     _, unet, scheduler = load_teacher(store, cfg, torch.device("cpu"))
-    name = "ema.safetensors" if cfg.export.use_ema else "generator.safetensors"
-    state = bytes_to_tensors(store.read_bytes(f"{checkpoint_prefix(step)}/{name}"))
-    unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items()})
+    unet.load_state_dict({k.removeprefix("unet."): v for k, v in checkpoint_weights(store, cfg, step).items()})
     return unet, scheduler
 
 
