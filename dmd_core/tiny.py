@@ -1,0 +1,104 @@
+"""Tiny random teachers of the real architectures, built offline from configs (tests, smoke runs, `make-teacher`).
+
+`pixel-tiny`: an unconditional `UNet2DModel` + DDPM scheduler (the google/ddpm-cifar10-32 layout, shrunk).
+`sd-tiny`: the Stable Diffusion folder layout (UNet2DConditionModel, CLIPTextModel, CLIPTokenizer,
+AutoencoderKL, PNDM scheduler) with a byte-level CLIP tokenizer written from scratch (no download).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+TINY_TEXT_LENGTH = 16
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode map (Radford et al. 2021, `bytes_to_unicode`)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_byte_tokenizer(folder: str | Path, max_length: int = TINY_TEXT_LENGTH) -> None:
+    """A CLIPTokenizer folder whose vocabulary is the 512 byte-level symbols (no merges) + start/end tokens."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+
+
+def tiny_pixel_unet(size: int = 8, channels: int = 3, num_classes: int = 0, seed: int = 0):
+    """A two-level UNet2DModel with one attention block, like google/ddpm-cifar10-32 but ~100x smaller."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                       num_class_embeds=num_classes + 1 if num_classes else None)
+
+
+def write_tiny_pixel_teacher(folder: str | Path, size: int = 8, channels: int = 3, seed: int = 0) -> Path:
+    """An unconditional eps-prediction pixel teacher folder (unet/ + scheduler/, DDPM linear betas)."""
+    from diffusers import DDPMScheduler
+
+    folder = Path(folder)
+    tiny_pixel_unet(size, channels, seed=seed).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2,
+                  prediction_type="epsilon", clip_sample=False).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def tiny_sd_components(latent_size: int = 8, prediction_type: str = "epsilon", seed: int = 0) -> dict:
+    """unet, vae, text_encoder, scheduler of a tiny Stable Diffusion (tokenizer: `write_byte_tokenizer`)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=2 * latent_size)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=TINY_TEXT_LENGTH, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+        projection_dim=32))
+    scheduler = PNDMScheduler(**{**SD_SCHEDULER, "prediction_type": prediction_type})
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def write_tiny_sd_teacher(folder: str | Path, latent_size: int = 8, prediction_type: str = "epsilon",
+                          seed: int = 0) -> Path:
+    """A Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    folder = Path(folder)
+    parts = tiny_sd_components(latent_size, prediction_type, seed)
+    for name, module in parts.items():
+        module.save_pretrained(folder / name)
+    write_byte_tokenizer(folder / "tokenizer")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
