@@ -22,20 +22,29 @@ class _Model(BaseModel):
 
 
 class DataConfig(_Model):
-    """The dataset and sample shape; `digits` is sklearn's 8x8 digits, embedded and offline."""
+    """The data: a named dataset (`digits` is sklearn's 8x8 digits, embedded) and the prompts of text models."""
 
     name: Literal["digits", "none"] = "digits"
-    image_size: int = Field(8, gt=0)
+    image_size: int = Field(8, gt=0, description="pixel teachers trained here; loaded teachers define their own")
     channels: int = Field(1, gt=0)
     num_classes: int = Field(10, ge=0, description="0 for unconditional models")
+    captions: Optional[str] = Field(None, description="prompts for text-to-image teachers: a COCO captions json, "
+                                                      ".txt (one a line), .parquet or .csv on any fsspec URL")
+    caption_column: Optional[str] = Field(None, description="column of a .parquet/.csv caption file")
 
 
 class TeacherConfig(_Model):
-    """Where the teacher comes from: trained here on `digits`, or a local diffusers UNet folder."""
+    """The teacher: `kind` picks the loader; `source` says whether it is trained here (digits) or a local folder."""
 
+    kind: Literal["unet2d", "sd", "callable"] = Field("unet2d", description="unet2d: UNet2DModel + scheduler; "
+                                                      "sd: Stable Diffusion folder; callable: teacher.factory")
     source: Literal["train", "path"] = "train"
-    path: Optional[str] = Field(None, description="local diffusers folder (UNet2DModel + scheduler) when source=path")
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    path: Optional[str] = Field(None, description="local diffusers folder when source=path")
+    factory: Optional[str] = Field(None, description="'package.module:function' returning a Teacher (kind=callable)")
+    decoder_path: Optional[str] = Field(None, description="optional AutoencoderTiny folder decoding latents for the "
+                                                          "regression loss (DMD App. B.3)")
+    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = Field(
+        None, description="default: the scheduler config's (epsilon when training here)")
     num_train_timesteps: int = Field(1000, gt=1)
     beta_start: float = Field(1e-4, gt=0)
     beta_end: float = Field(2e-2, gt=0, lt=1)
@@ -49,8 +58,12 @@ class TeacherConfig(_Model):
 
     @model_validator(mode="after")
     def _path_needed(self) -> "TeacherConfig":
-        if self.source == "path" and not self.path:
+        if self.kind == "callable" and not self.factory:
+            raise ValueError("teacher.factory is required when teacher.kind is 'callable'")
+        if self.kind != "callable" and self.source == "path" and not self.path:
             raise ValueError("teacher.path is required when teacher.source is 'path'")
+        if self.kind == "sd" and self.source == "train":
+            raise ValueError("teacher.kind=sd loads a folder: set teacher.source=path and teacher.path")
         return self
 
 
@@ -59,10 +72,11 @@ class PairsConfig(_Model):
 
     n: int = Field(2048, gt=0)
     shard_size: int = Field(512, gt=0)
-    solver: Literal["ddim", "euler", "heun"] = "ddim"
+    solver: Literal["ddim", "euler", "heun", "pndm"] = "ddim"
     steps: int = Field(50, gt=0)
     guidance: float = Field(1.0, ge=0)
     batch_size: int = Field(256, gt=0)
+    dtype: Literal["float32", "float16"] = Field("float32", description="of the stored noise and outputs")
     seed: int = 0
 
 
@@ -107,6 +121,9 @@ class DistillConfig(_Model):
     max_consecutive_nonfinite: int = Field(10, gt=0)
     seed: int = 0
     bf16: bool = True
+    gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (DMD App. B.3)")
+    concat_regression: bool = Field(False, description="DMD Alg. 1 line 7: the regression outputs join the DM "
+                                                       "and fake-score batch (one generator forward)")
 
     @field_validator("generator_timesteps")
     @classmethod

@@ -1,7 +1,7 @@
 """The denoiser contract D(x_t, t, cond) -> x0 (mean prediction, DMD §3.1) and its adapters."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Protocol, Union
 
 import torch
 from torch import nn
@@ -10,11 +10,42 @@ from .schedules import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
+# A condition passes through samplers, losses and generators untouched (k-diffusion's `extra_args`):
+# None, a tensor (class ids for UNet2DModel) or a dict of tensors passed as keyword arguments to the
+# network (`encoder_hidden_states` for Stable Diffusion; SDXL's `added_cond_kwargs` nests one more dict).
+Cond = Union[None, torch.Tensor, dict[str, Any]]
+
 
 class Denoiser(Protocol):
     """Anything called as D(x_t, t, cond) that returns the x0 (mean) prediction."""
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor: ...
+
+
+def cond_map(fn: Callable[[torch.Tensor], torch.Tensor], cond: Cond) -> Cond:
+    """Apply `fn` to every tensor of a condition (tensor, nested dict of tensors or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: cond_map(fn, v) for k, v in cond.items()}
+    return fn(cond) if isinstance(cond, torch.Tensor) else cond
+
+
+def cond_cat(a: Cond, b: Cond) -> Cond:
+    """Concatenate two conditions of the same structure along the batch dimension."""
+    if a is None and b is None:
+        return None
+    if isinstance(a, dict):
+        return {k: cond_cat(a[k], b[k]) for k in a}
+    return torch.cat([a, b.to(a.device)])
+
+
+def cond_expand(null: Cond, n: int, like: Cond) -> Cond:
+    """The batch-1 (or scalar) null condition repeated to batch n, on `like`'s device and dtype."""
+    if isinstance(null, dict):
+        return {k: cond_expand(null[k], n, like[k]) for k in null}
+    null = torch.as_tensor(null, device=like.device, dtype=like.dtype)
+    return null.reshape(-1, *like.shape[1:])[:1].expand(n, *like.shape[1:])
 
 
 def x0_from_eps(x_t, eps, alpha_t, sigma_t):
@@ -59,34 +90,43 @@ class UNetDenoiser(nn.Module):
         self.schedule = schedule
         self.prediction_type = prediction_type
 
-    def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The network output in its own parameterisation."""
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        """The network output in its own parameterisation; a dict condition becomes keyword arguments."""
         t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
         if cond is None:
             return self.unet(x_t, t).sample
+        if isinstance(cond, dict):
+            return self.unet(x_t, t, **cond).sample
         return self.unet(x_t, t, class_labels=cond).sample
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         out = self.raw(x_t, t, cond).to(x_t.dtype)
         alpha_t, sigma_t = self.schedule.alpha_t(t, x_t), self.schedule.sigma_t(t, x_t)
         return to_x0(out, x_t, alpha_t, sigma_t, self.prediction_type)
 
 
 class CFGDenoiser(nn.Module):
-    """Classifier-free guidance x0 = x0_uncond + w (x0_cond - x0_uncond) (Ho & Salimans; DMD §3.4)."""
+    """Classifier-free guidance x0 = x0_uncond + w (x0_cond - x0_uncond) (Ho & Salimans; DMD §3.4).
 
-    def __init__(self, denoiser: Callable, w: float, null_cond: torch.Tensor | int) -> None:
+    `null_cond` has the structure of a condition with batch 1 (a class id, or e.g. the empty prompt's
+    `{"encoder_hidden_states": (1, L, D)}`); it is repeated to the batch and run with it in one call.
+    """
+
+    def __init__(self, denoiser: Callable, w: float, null_cond: Cond | int) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.w = float(w)
         self.null_cond = null_cond
+        self.prediction_type = getattr(denoiser, "prediction_type", None)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         if cond is None or self.w == 1.0:
             return self.denoiser(x_t, t, cond)
-        null = torch.as_tensor(self.null_cond, device=cond.device, dtype=cond.dtype).expand_as(cond)
+        if self.null_cond is None:
+            raise ValueError("classifier-free guidance needs the teacher's null condition")
+        null = cond_expand(self.null_cond, x_t.shape[0], cond)
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        x0 = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([null, cond]))
+        x0 = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(null, cond))
         x0_uncond, x0_cond = x0.chunk(2)
         return x0_uncond + self.w * (x0_cond - x0_uncond)
 

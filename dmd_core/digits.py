@@ -41,7 +41,7 @@ def build_scheduler(teacher: TeacherConfig):
 
     return DDPMScheduler(num_train_timesteps=teacher.num_train_timesteps, beta_schedule="linear",
                          beta_start=teacher.beta_start, beta_end=teacher.beta_end,
-                         prediction_type=teacher.prediction_type, clip_sample=False)
+                         prediction_type=teacher.prediction_type or "epsilon", clip_sample=False)
 
 
 def train_teacher(data: DataConfig, cfg: TeacherConfig, images: torch.Tensor, labels: torch.Tensor,
@@ -63,8 +63,9 @@ def train_teacher(data: DataConfig, cfg: TeacherConfig, images: torch.Tensor, la
         t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=g).to(device)
         eps = torch.randn(x0.shape, generator=g).to(device)
         x_t = schedule.add_noise(x0, eps, t)
-        target = eps if cfg.prediction_type == "epsilon" else (
-            schedule.alpha_t(t, x0) * eps - schedule.sigma_t(t, x0) * x0 if cfg.prediction_type == "v_prediction" else x0)
+        kind = cfg.prediction_type or "epsilon"
+        target = eps if kind == "epsilon" else (
+            schedule.alpha_t(t, x0) * eps - schedule.sigma_t(t, x0) * x0 if kind == "v_prediction" else x0)
         out = unet(x_t, t, class_labels=y if data.num_classes else None).sample
         loss = F.mse_loss(out, target)
         opt.zero_grad(set_to_none=True)

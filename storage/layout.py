@@ -8,10 +8,12 @@ from storage.store import ArtifactStore
 
 CONFIG = "config.json"
 TEACHER = "teacher"
+PAIRS_DIR = "pairs"
 PAIRS_MANIFEST = "pairs/manifest.parquet"
 CHECKPOINTS = "distill/checkpoints"
 METRICS = "distill/metrics.parquet"
 EXPORT = "export"
+EVAL_DIR = "eval"
 RESULTS = "eval/results.parquet"
 SUMMARY = "eval/summary.json"
 EVAL_GRID = "eval/grid.png"

@@ -1,13 +1,19 @@
 """Model folders (diffusers `save_pretrained` layouts) in the artifact store."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
 from storage.store import ArtifactStore
+
+_CACHE: dict[str, str] = {}
+_CACHE_LOCK = threading.Lock()
 
 
 def save_folder(store: ArtifactStore, prefix: str, write: Callable[[str], None]) -> list[str]:
@@ -25,15 +31,46 @@ def save_folder(store: ArtifactStore, prefix: str, write: Callable[[str], None])
     return keys
 
 
-@contextlib.contextmanager
-def local_folder(store: ArtifactStore, prefix: str) -> Iterator[str]:
-    """Materialise `prefix/` of the store as a local folder (a temporary copy) for `from_pretrained`."""
+def _download(store: ArtifactStore, prefix: str, target: str) -> None:
     keys = store.ls(prefix)
     if not keys:
         raise FileNotFoundError(f"no files under {store.url(prefix)}")
+    for key in keys:
+        path = Path(target) / key[len(prefix):].lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with store.open(key, "rb") as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+
+
+@contextlib.contextmanager
+def local_folder(store: ArtifactStore, prefix: str) -> Iterator[str]:
+    """`prefix/` of the store as a local folder: the folder itself on file://, else a temporary copy."""
+    if store.root_url.startswith("file://"):
+        path = store.url(prefix)[len("file://"):]
+        if not os.path.isdir(path) or not store.ls(prefix):
+            raise FileNotFoundError(f"no files under {store.url(prefix)}")
+        yield path
+        return
     with tempfile.TemporaryDirectory(prefix="dmd-load-") as tmp:
-        for key in keys:
-            target = Path(tmp) / key[len(prefix):].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(store.read_bytes(key))
+        _download(store, prefix, tmp)
         yield os.fspath(tmp)
+
+
+def cached_folder(store: ArtifactStore, prefix: str, content_key: str) -> str:
+    """`prefix/` as a local folder, copied out of a remote store once per process and content (e.g. a 4 GB
+    teacher read by every stage); local stores are used in place. The copies are removed at exit."""
+    if store.root_url.startswith("file://"):
+        with local_folder(store, prefix) as path:
+            return path
+    cache_key = f"{store.url(prefix)}#{content_key}"
+    with _CACHE_LOCK:
+        if cache_key not in _CACHE:
+            tmp = tempfile.mkdtemp(prefix="dmd-cache-")
+            atexit.register(shutil.rmtree, tmp, True)
+            try:
+                _download(store, prefix, tmp)
+            except BaseException:
+                shutil.rmtree(tmp, True)
+                raise
+            _CACHE[cache_key] = tmp
+        return _CACHE[cache_key]

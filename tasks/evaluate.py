@@ -10,18 +10,17 @@ from prefect.cache_policies import NONE
 
 from dmd_core.checkpoint import bytes_to_tensors, tensors_to_bytes
 from dmd_core.config import stable_hash
-from dmd_core.denoisers import with_guidance
-from dmd_core.digits import load_digits
+from dmd_core.datasets import real_dataset
+from dmd_core.denoisers import UNetDenoiser, with_guidance
 from dmd_core.generator import Generator
 from dmd_core.metrics import (DigitsClassifier, features_and_predictions, frechet_distance, gaussian_stats,
                               train_classifier)
-from dmd_core.samplers import sample
-from dmd_core.schedules import timestep_grid
 from storage import ArtifactStore
+from storage.checkpoints import checkpoint_weights, list_checkpoints
 from storage.images import grid_png
 from storage.layout import EVAL_GRID, RESULTS, SUMMARY
-from tasks.context import device_for, load_teacher, null_class, open_run
-from tasks.distill import checkpoint_weights, config_checkpoints, resume_key
+from tasks.context import device_for, open_run, run_teacher
+from tasks.stages import resume_key
 
 KEY_COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "metric")
 COLUMNS = (*KEY_COLUMNS, "value", "n_samples", "time")
@@ -72,19 +71,21 @@ def result_hashes(cfg) -> dict[str, str]:
             "student": stable_hash([resume_key(cfg), cfg.section_hash("evaluate"), cfg.export.use_ema])}
 
 
-def _student(store, cfg, step: int, device) -> Generator:
-    D, _, _ = load_teacher(store, cfg, device)
-    D.load_state_dict(checkpoint_weights(store, cfg, step))
-    return Generator(D, D.schedule, cfg.distill.generator_timesteps)
+def _student(store, cfg, teacher, step: int) -> Generator:
+    D = UNetDenoiser(teacher.student_unet().eval(), teacher.schedule, teacher.prediction_type)
+    D.load_state_dict(checkpoint_weights(store, step, cfg.export.use_ema))
+    return Generator(D, teacher.schedule, cfg.distill.generator_timesteps)
 
 
 def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dict:
     """Append new rows to eval/results.parquet (never duplicating a key) and write eval/summary.json."""
     store, cfg = open_run(root, run_name)
-    if cfg.data.name != "digits":
-        raise ValueError(f"evaluate supports data.name=digits (classifier features); got {cfg.data.name!r}")
+    dataset = real_dataset(cfg.data.name)
+    if dataset is None:
+        raise ValueError(f"evaluate needs a named dataset with a feature classifier (data.name), got "
+                         f"{cfg.data.name!r}; leave out the evaluate stage for this run")
     device, e, hashes = device_for(cfg), cfg.evaluate, result_hashes(cfg)
-    images, labels = load_digits()
+    images, labels = dataset
     n = min(e.n_samples, images.shape[0])
     model = classifier(store, cfg, images, labels)
     score = Scorer(model, images)
@@ -107,19 +108,19 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
         fd = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
         new += _rows(run_name, hashes["real"], -1, "real", 0,
                      {"fd": fd, "accuracy": score(images, labels)["accuracy"]}, len(a))
-    D, _, _ = load_teacher(store, cfg, device)
-    teacher = with_guidance(D, cfg.pairs.guidance, null_class(cfg))
+    T = run_teacher(store, cfg, device)
     if needed("teacher", -1, "teacher", e.teacher_steps):
-        grid = timestep_grid(D.schedule.T, e.teacher_steps)
-        x = _batched(lambda zb, lb: sample(cfg.pairs.solver, teacher, zb, grid, D.schedule, lb), z, y, e.batch_size, device)
+        x = _batched(lambda zb, lb: T.sample(cfg.pairs.solver, e.teacher_steps, zb, lb, cfg.pairs.guidance),
+                     z, y, e.batch_size, device)
         new += _rows(run_name, hashes["teacher"], -1, "teacher", e.teacher_steps, score(x, y), n)
     if needed("teacher-G0", -1, "teacher", n_gen):
-        G0 = Generator(teacher, D.schedule, cfg.distill.generator_timesteps)
+        G0 = Generator(with_guidance(T.denoiser, cfg.pairs.guidance, T.null_cond), T.schedule,
+                       cfg.distill.generator_timesteps)
         x = _batched(lambda zb, lb: G0(zb, lb, generator=renoise()), z, y, e.batch_size, device)
         new += _rows(run_name, hashes["teacher-G0"], -1, "teacher", n_gen, score(x, y), n)
-    steps = config_checkpoints(store, cfg)
+    steps = list_checkpoints(store, resume_key(cfg))
     for step in [s for s in (steps if all_checkpoints else steps[-1:]) if needed("student", s, "student", n_gen)]:
-        G = _student(store, cfg, step, device)
+        G = _student(store, cfg, T, step)
         with torch.no_grad():
             x = _batched(lambda zb, lb: G(zb, lb, generator=renoise()), z, y, e.batch_size, device)
         new += _rows(run_name, hashes["student"], step, "student", n_gen, score(x, y), n)

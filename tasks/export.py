@@ -1,35 +1,50 @@
-"""Stage `export`: the final (EMA) generator as a folder plain diffusers loads, with a model card."""
+"""Stage `export`: the final (EMA) generator as a folder stock diffusers loads, with a model card.
+
+Stable Diffusion teachers -> `StableDiffusionPipeline`; unconditional one-step pixel students -> `DDIMPipeline`;
+class-conditional (or non-representable multi-step) pixel students -> the shipped `DMDPipeline` (pipeline.py).
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
 import dmd_core.pipeline as pipeline_module
-from dmd_core.denoisers import UNetDenoiser
+from dmd_core.exports import ddim_export, stable_diffusion_export
 from dmd_core.generator import Generator
 from dmd_core.pipeline import DMDPipeline
-from dmd_core.schedules import VPSchedule
+from storage.checkpoints import checkpoint_weights, list_checkpoints
 from storage.layout import EXPORT, METRICS
 from storage.models import local_folder, save_folder
-from tasks.context import is_done, load_teacher, mark_done, open_run, unmark_done
-from tasks.distill import checkpoint_weights, config_checkpoints, distill_key
+from tasks.context import open_run, prompts, run_teacher
+from tasks.stages import DISTILL_STAGE, EXPORT_STAGE, resume_key
+
+USAGE = {
+    "StableDiffusionPipeline": ['from diffusers import StableDiffusionPipeline',
+                                'pipe = StableDiffusionPipeline.from_pretrained("PATH")',
+                                'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=1.0).images[0]'],
+    "DDIMPipeline": ['from diffusers import DDIMPipeline', 'pipe = DDIMPipeline.from_pretrained("PATH")',
+                     'images = pipe(batch_size=16, num_inference_steps={n}).images'],
+    "DMDPipeline": ['from diffusers import DiffusionPipeline',
+                    'pipe = DiffusionPipeline.from_pretrained("PATH", custom_pipeline="PATH", trust_remote_code=True)',
+                    'images = pipe(batch_size=16, class_labels=list(range(16))).images'],
+}
 
 
-def model_card(cfg, step: int, final_metrics: dict) -> str:
+def model_card(cfg, step: int, final_metrics: dict, pipeline: str) -> str:
     """README.md of the export: how to load it, what it was distilled from, the config and metrics."""
     d = cfg.distill
+    n = len(d.generator_timesteps)
     lines = [
         "---", "library_name: diffusers", "tags: [dmd, distribution-matching-distillation, one-step]", "---",
-        f"# {cfg.name}: {len(d.generator_timesteps)}-step DMD generator", "",
-        f"Distilled with Distribution Matching Distillation for {step} steps from the teacher in `teacher/` of "
-        f"the run, conditioned at timesteps {d.generator_timesteps}.", "",
-        "```python", "from diffusers import DiffusionPipeline",
-        'pipe = DiffusionPipeline.from_pretrained("PATH", custom_pipeline="PATH", trust_remote_code=True)',
-        "images = pipe(batch_size=16, class_labels=list(range(10)) + [0] * 6).images", "```", "",
+        f"# {cfg.name}: {n}-step DMD generator", "",
+        f"Distilled with Distribution Matching Distillation for {step} steps from a `{cfg.teacher.kind}` teacher, "
+        f"conditioned at timesteps {d.generator_timesteps}. Loads in stock diffusers as `{pipeline}`:", "",
+        "```python", *[line.format(n=n) for line in USAGE[pipeline]], "```", "",
         "## Configuration", "", "```json",
         json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True), "```", "",
         "## Final training metrics", "", "| metric | value |", "|---|---|",
@@ -39,56 +54,86 @@ def model_card(cfg, step: int, final_metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _unet_from_checkpoint(store, cfg, step: int):
-    _, unet, scheduler = load_teacher(store, cfg, torch.device("cpu"))
-    unet.load_state_dict({k.removeprefix("unet."): v for k, v in checkpoint_weights(store, cfg, step).items()})
-    return unet, scheduler
+def student_pipeline(teacher, unet, cfg):
+    """The export pipeline: stock where one fits the student exactly, else DMDPipeline."""
+    ts = cfg.distill.generator_timesteps
+    if teacher.kind == "sd":
+        return stable_diffusion_export(unet, teacher.vae, teacher.text_encoder, teacher.tokenizer,
+                                       teacher.scheduler_config, ts, teacher.prediction_type)
+    if not teacher.num_classes:
+        try:
+            return ddim_export(unet, teacher.scheduler_config, ts, teacher.prediction_type)
+        except ValueError:
+            pass
+    from diffusers import DDPMScheduler
+
+    return DMDPipeline(unet, DDPMScheduler.from_config(teacher.scheduler_config), ts, teacher.prediction_type)
 
 
 def run_export(root: str, run_name: str, force: bool = False) -> str:
-    """Write export/ (model_index.json, unet/, scheduler/, pipeline.py, README.md) and verify it reloads."""
+    """Write export/ (model_index.json, component folders, README.md) and verify it reproduces the generator."""
     store, cfg = open_run(root, run_name)
-    key = cfg.section_hash("data", "teacher", "pairs", "distill", "export")
-    if not force and is_done(store, "export", key):
+    if not force and EXPORT_STAGE.is_done(store, cfg):
         return store.url(EXPORT)
-    unmark_done(store, "export")
-    steps = config_checkpoints(store, cfg)
-    if not steps or steps[-1] != cfg.distill.steps or not is_done(store, "distill", distill_key(cfg)):
+    EXPORT_STAGE.unmark(store)
+    steps = list_checkpoints(store, resume_key(cfg))
+    if not steps or steps[-1] != cfg.distill.steps or not DISTILL_STAGE.is_done(store, cfg):
         raise FileNotFoundError(f"no final checkpoint (step {cfg.distill.steps}) in {store.url('distill')}: "
                                 "run the distill stage first")
-    unet, scheduler = _unet_from_checkpoint(store, cfg, steps[-1])
-    pipe = DMDPipeline(unet, scheduler, cfg.distill.generator_timesteps, cfg.teacher.prediction_type)
+    teacher = run_teacher(store, cfg, torch.device("cpu"))
+    unet = teacher.student_unet().eval().requires_grad_(False)
+    weights = checkpoint_weights(store, steps[-1], cfg.export.use_ema)
+    unet.load_state_dict({k.removeprefix("unet."): v for k, v in weights.items()})
+    pipe = student_pipeline(teacher, unet, cfg)
+    kind = type(pipe).__name__
     rows = store.read_table(METRICS).to_pylist() if store.exists(METRICS) else []
-    card = model_card(cfg, steps[-1], {k: v for k, v in (rows[-1] if rows else {}).items() if k != "step"})
+    card = model_card(cfg, steps[-1], {k: v for k, v in (rows[-1] if rows else {}).items() if k != "step"}, kind)
 
     def write(tmp: str) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         Path(tmp, "README.md").write_text(card)
-        Path(tmp, "pipeline.py").write_text(Path(pipeline_module.__file__).read_text())
+        if kind == "DMDPipeline":
+            Path(tmp, "pipeline.py").write_text(Path(pipeline_module.__file__).read_text())
 
     save_folder(store, EXPORT, write)
-    check_export(store, cfg, unet, scheduler)
-    mark_done(store, "export", key, step=steps[-1])
+    err = check_export(store, cfg, teacher, unet, kind)
+    EXPORT_STAGE.mark(store, cfg, step=steps[-1], pipeline=kind, check_max_abs_diff=err)
     return store.url(EXPORT)
 
 
 @torch.no_grad()
-def check_export(store, cfg, unet, scheduler, n: int = 16) -> float:
-    """The reloaded export must reproduce the trainer's generator on fixed noise (max abs diff <= atol)."""
-    z = torch.randn((n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                    generator=torch.Generator().manual_seed(0))
-    cond = torch.arange(n) % cfg.data.num_classes if cfg.data.num_classes else None
-    schedule = VPSchedule.from_scheduler(scheduler)
-    G = Generator(UNetDenoiser(unet.eval(), schedule, cfg.teacher.prediction_type), schedule,
+def check_export(store, cfg, teacher, unet, kind: str, n: int = 4) -> float:
+    """The reloaded export must reproduce the trainer's generator (+ decode) on fixed noise within check_atol."""
+    from diffusers import DDIMPipeline, StableDiffusionPipeline
+
+    G = Generator(type(teacher.denoiser)(unet, teacher.schedule, teacher.prediction_type), teacher.schedule,
                   cfg.distill.generator_timesteps)
-    expected = G(z, cond, generator=torch.Generator().manual_seed(1))
+    z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+    raw = None
+    if teacher.conditioning == "text":
+        texts = prompts(cfg)
+        raw = [texts[i % len(texts)] for i in range(n)]
+    elif teacher.num_classes:
+        raw = torch.arange(n) % teacher.num_classes
+    x0 = G(z, teacher.encode(raw), generator=torch.Generator().manual_seed(1))
+    expected = (teacher.decode(x0) / 2 + 0.5).clamp(0, 1)
+    steps = len(cfg.distill.generator_timesteps)
     with local_folder(store, EXPORT) as path:
-        loaded = DMDPipeline.from_pretrained(path, low_cpu_mem_usage=False)
-        got = loaded(latents=z, class_labels=cond, generator=torch.Generator().manual_seed(1),
-                     output_type="latent").images
-    err = float((got - expected).abs().max())
+        if kind == "StableDiffusionPipeline":
+            pipe = StableDiffusionPipeline.from_pretrained(path, low_cpu_mem_usage=False)
+            got = pipe(raw, num_inference_steps=steps, guidance_scale=1.0, latents=z, output_type="pt",
+                       generator=torch.Generator().manual_seed(1)).images
+        elif kind == "DDIMPipeline":
+            pipe = DDIMPipeline.from_pretrained(path, low_cpu_mem_usage=False)
+            got = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+                       output_type="np").images
+            got = torch.from_numpy(np.asarray(got)).permute(0, 3, 1, 2)
+        else:
+            pipe = DMDPipeline.from_pretrained(path, low_cpu_mem_usage=False)
+            got = pipe(latents=z, class_labels=raw, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    err = float((got.float() - expected.float()).abs().max())
     if not err <= cfg.export.check_atol:
-        raise RuntimeError(f"export check failed: reloaded pipeline differs from the generator by {err:.3g} "
+        raise RuntimeError(f"export check failed: reloaded {kind} differs from the generator by {err:.3g} "
                            f"(> export.check_atol={cfg.export.check_atol})")
     return err
 

@@ -1,25 +1,22 @@
-"""Stage `pairs`: noise-image pairs from the teacher's deterministic ODE solver, one shard per task (DMD §3.3)."""
+"""Stage `pairs`: noise-output pairs from the teacher's deterministic ODE solver, one shard per task (DMD §3.3).
+
+Shards hold `noise.npy` (z), `image.npy` (the teacher's output in model space: pixels, or latents for
+latent teachers) in `pairs.dtype`, and a json with the index and its class id or prompt.
+"""
 from __future__ import annotations
 
-import functools
 import math
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
-from tqdm import tqdm
 
-from dmd_core.denoisers import with_guidance
-from dmd_core.samplers import sample
-from dmd_core.schedules import timestep_grid
+from dmd_core.conditions import batch_conditions
 from storage import ChecksumError, ShardRecord, read_manifest, verify_shard, write_manifest, write_shard
 from storage.layout import PAIRS_MANIFEST, shard_key
-from tasks.context import (device_for, is_done, load_teacher, mark_done, null_class, open_run, sample_noise,
-                           unmark_done)
-
-
-def pairs_key(cfg) -> str:
-    return cfg.section_hash("data", "teacher", "pairs")
+from tasks.context import conditions, device_for, open_run, run_teacher, sample_noise
+from tasks.stages import PAIRS_STAGE
 
 
 def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int], list[ShardRecord]]:
@@ -27,16 +24,16 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
     store, cfg = open_run(root, run_name)
     n_shards = math.ceil(cfg.pairs.n / cfg.pairs.shard_size)
     if force:
-        unmark_done(store, "pairs")
+        PAIRS_STAGE.unmark(store)
         return list(range(n_shards)), []
-    if is_done(store, "pairs", pairs_key(cfg)):
+    if PAIRS_STAGE.is_done(store, cfg):
         records = read_manifest(store, PAIRS_MANIFEST)
         if sum(r.n_samples for r in records) == cfg.pairs.n:
             return [], records
-        unmark_done(store, "pairs")
+        PAIRS_STAGE.unmark(store)
     kept = []
     for rec in read_manifest(store, PAIRS_MANIFEST):
-        if rec.producer_hash != pairs_key(cfg):
+        if rec.producer_hash != PAIRS_STAGE.key(cfg):
             continue
         try:
             verify_shard(store, rec)
@@ -47,48 +44,46 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
     return [i for i in range(n_shards) if i not in done], kept
 
 
-@functools.lru_cache(maxsize=2)
-def _teacher(root: str, run_name: str, key: str):
+def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
+    """Sample shard `shard_id`: z_i and the condition of sample i are pure functions of (seed, i)."""
     store, cfg = open_run(root, run_name)
     device = device_for(cfg)
-    D, _, _ = load_teacher(store, cfg, device)
-    return with_guidance(D, cfg.pairs.guidance, null_class(cfg)), D.schedule, device
-
-
-def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
-    """Sample shard `shard_id`: z_i is a pure function of (seed, i); class i % num_classes."""
-    store, cfg = open_run(root, run_name)
-    key = pairs_key(cfg)
-    D, schedule, device = _teacher(root, run_name, key)
-    p, data = cfg.pairs, cfg.data
+    teacher = run_teacher(store, cfg, device)
+    source = conditions(teacher, cfg)
+    p = cfg.pairs
     indices = list(range(shard_id * p.shard_size, min(p.n, (shard_id + 1) * p.shard_size)))
     if not indices:
         raise ValueError(f"shard {shard_id} is empty for pairs.n={p.n}, pairs.shard_size={p.shard_size}")
-    shape = (data.channels, data.image_size, data.image_size)
+    dtype = np.dtype(p.dtype)
     samples = []
-    for chunk in tqdm([indices[i:i + p.batch_size] for i in range(0, len(indices), p.batch_size)],
-                      desc=f"pairs shard {shard_id}", leave=False):
-        z = torch.stack([sample_noise(p.seed, i, shape) for i in chunk])
-        cond = torch.tensor([i % data.num_classes for i in chunk], device=device) if data.num_classes else None
-        y = sample(p.solver, D, z.to(device), timestep_grid(schedule.T, p.steps), schedule, cond).float().cpu()
+    for chunk in [indices[i:i + p.batch_size] for i in range(0, len(indices), p.batch_size)]:
+        z = torch.stack([sample_noise(p.seed, i, teacher.sample_shape) for i in chunk])
+        raw = batch_conditions(source, p.seed, chunk)
+        y = teacher.sample(p.solver, p.steps, z.to(device), teacher.encode(raw), p.guidance).float().cpu()
         for j, i in enumerate(chunk):
-            meta = {"index": i, "class": int(cond[j]) if cond is not None else None}
-            samples.append({"__key__": f"{i:08d}", "noise.npy": z[j].numpy(), "image.npy": y[j].numpy(), "json": meta})
-    return write_shard(store, shard_key(shard_id), samples, producer_hash=key)
+            meta = {"index": i, "class": int(raw[j]) if isinstance(raw, torch.Tensor) else None}
+            if isinstance(raw, list):
+                meta["prompt"] = raw[j]
+            samples.append({"__key__": f"{i:08d}", "noise.npy": z[j].numpy().astype(dtype),
+                            "image.npy": y[j].numpy().astype(dtype), "json": meta})
+    return write_shard(store, shard_key(shard_id), samples, producer_hash=PAIRS_STAGE.key(cfg))
 
 
 def record_shards(root: str, run_name: str, records: list[ShardRecord], complete: bool = False) -> None:
     """Rewrite the manifest (atomically) with every shard finished so far; mark the stage done at the end."""
     store, cfg = open_run(root, run_name)
     records = sorted(records, key=lambda r: r.first_index)
-    if complete and is_done(store, "pairs", pairs_key(cfg)) and read_manifest(store, PAIRS_MANIFEST) == records:
+    if complete and PAIRS_STAGE.is_done(store, cfg) and read_manifest(store, PAIRS_MANIFEST) == records:
         return  # already complete: rewrite nothing
-    write_manifest(store, PAIRS_MANIFEST, records)
+    p = cfg.pairs
+    write_manifest(store, PAIRS_MANIFEST, records, metadata={
+        "solver": p.solver, "steps": p.steps, "guidance": p.guidance, "dtype": p.dtype, "seed": p.seed,
+        "teacher_kind": cfg.teacher.kind})
     if complete:
         total = sum(r.n_samples for r in records)
-        if total != cfg.pairs.n:
-            raise RuntimeError(f"pairs manifest holds {total} samples, expected pairs.n={cfg.pairs.n}")
-        mark_done(store, "pairs", pairs_key(cfg), n=total, shards=len(records))
+        if total != p.n:
+            raise RuntimeError(f"pairs manifest holds {total} samples, expected pairs.n={p.n}")
+        PAIRS_STAGE.mark(store, cfg, n=total, shards=len(records))
 
 
 @task(name="pairs-shard", retries=2, cache_policy=NONE, persist_result=False)

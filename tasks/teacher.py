@@ -1,18 +1,24 @@
-"""Stage `teacher`: put the teacher (diffusers UNet2DModel + scheduler) into the run's store."""
+"""Stage `teacher`: put the teacher folder into the run's store (copied, shipped or trained here)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NONE
 
-from dmd_core.digits import load_digits, train_teacher
+from dmd_core.config import stable_hash
+from dmd_core.datasets import real_dataset
+from dmd_core.digits import train_teacher
 from storage.layout import TEACHER
 from storage.models import save_folder
-from tasks.context import is_done, mark_done, open_run, unmark_done
+from tasks.context import open_run
+from tasks.stages import TEACHER_STAGE
 
 SHIPPED = Path(__file__).resolve().parent.parent / "teachers"
+SKIP = {"dmd_teacher.json"}
+SKIP_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx")  # pickled or other frameworks
 
 
 def shipped_teacher(key: str) -> Path | None:
@@ -23,56 +29,63 @@ def shipped_teacher(key: str) -> Path | None:
     return None
 
 
-def _copy_tree(src: Path, dst: str) -> None:
-    for path in sorted(src.rglob("*")):
-        if path.is_file() and path.name != "dmd_teacher.json":
-            target = Path(dst) / path.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
+def teacher_files(src: Path) -> dict[str, Path]:
+    """Relative path in the run's teacher/ folder -> source file. A flat UNet2DModel folder (config.json and
+    scheduler_config.json side by side, as google/ddpm-cifar10-32) is laid out as unet/ + scheduler/."""
+    files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*"))
+             if p.is_file() and p.name not in SKIP and not p.name.endswith(SKIP_SUFFIXES)
+             and not any(part.startswith(".") for part in p.relative_to(src).parts)}
+    if "config.json" in files and "scheduler_config.json" in files and not (src / "unet").is_dir():
+        return {(f"scheduler/{k}" if k == "scheduler_config.json" else f"unet/{k}"): p for k, p in files.items()}
+    return files
 
 
-def _copy_local_teacher(src: Path, dst: str) -> None:
-    """Accept `unet/` + `scheduler/` subfolders or a flat UNet folder with scheduler_config.json."""
-    if (src / "unet").is_dir():
-        _copy_tree(src, dst)
-        return
-    for name in ("config.json", "scheduler_config.json"):
-        if not (src / name).is_file():
-            raise FileNotFoundError(f"teacher.path: {src / name} not found (need a diffusers UNet2DModel folder)")
-    weights = sorted(src.glob("diffusion_pytorch_model*.safetensors"))
-    if not weights:
-        raise FileNotFoundError(f"teacher.path: no diffusion_pytorch_model*.safetensors in {src}")
-    for f in [src / "config.json", *weights]:
-        (Path(dst) / "unet").mkdir(parents=True, exist_ok=True)
-        (Path(dst) / "unet" / f.name).write_bytes(f.read_bytes())
-    (Path(dst) / "scheduler").mkdir(parents=True, exist_ok=True)
-    (Path(dst) / "scheduler" / "scheduler_config.json").write_bytes((src / "scheduler_config.json").read_bytes())
+def _copy(files: dict[str, Path], dst: str) -> dict[str, str]:
+    digests = {}
+    for rel, path in files.items():
+        target = Path(dst) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = path.read_bytes()
+        target.write_bytes(data)
+        digests[rel] = hashlib.sha256(data).hexdigest()
+    return digests
 
 
 def run_teacher(root: str, run_name: str, force: bool = False) -> str:
-    """Copy a local or shipped teacher, or train one on digits; skipped when already done for this config."""
+    """Copy a local or shipped teacher, or train one on a named dataset; skipped when done for this config."""
     store, cfg = open_run(root, run_name)
-    key = cfg.section_hash("data", "teacher")
-    if not force and is_done(store, "teacher", key):
+    key = TEACHER_STAGE.key(cfg)
+    if not force and TEACHER_STAGE.is_done(store, cfg):
         return "cached"
-    unmark_done(store, "teacher")
-    if cfg.teacher.source == "path":
-        src, how = Path(cfg.teacher.path).expanduser(), "path"
+    TEACHER_STAGE.unmark(store)
+    t, digests = cfg.teacher, {}
+    if t.kind == "callable" and t.source != "path":
+        how = "callable"
+    elif t.source == "path":
+        src, how = Path(t.path).expanduser(), "path"
         if not src.is_dir():
             raise FileNotFoundError(f"teacher.path: folder {src} not found")
-        save_folder(store, TEACHER, lambda tmp: _copy_local_teacher(src, tmp))
+        files = teacher_files(src)
+        save_folder(store, TEACHER, lambda tmp: digests.update(_copy(files, tmp)))
     elif (src := shipped_teacher(key)) is not None and not force:
         how = f"shipped:{src.name}"
-        save_folder(store, TEACHER, lambda tmp: _copy_tree(src, tmp))
+        files = teacher_files(src)
+        save_folder(store, TEACHER, lambda tmp: digests.update(_copy(files, tmp)))
     else:
-        if cfg.data.name != "digits":
-            raise ValueError(f"teacher.source=train needs data.name=digits, got {cfg.data.name!r}")
-        images, labels = load_digits()
-        unet, scheduler = train_teacher(cfg.data, cfg.teacher, images, labels)
+        dataset = real_dataset(cfg.data.name)
+        if dataset is None:
+            raise ValueError(f"teacher.source=train needs a named dataset (data.name), got {cfg.data.name!r}")
+        unet, scheduler = train_teacher(cfg.data, t, *dataset)
         how = "trained"
-        save_folder(store, TEACHER, lambda tmp: (unet.save_pretrained(f"{tmp}/unet"),
-                                                  scheduler.save_pretrained(f"{tmp}/scheduler")))
-    mark_done(store, "teacher", key, source=how)
+
+        def write(tmp: str) -> None:
+            unet.save_pretrained(f"{tmp}/unet")
+            scheduler.save_pretrained(f"{tmp}/scheduler")
+            digests.update({p.relative_to(tmp).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                            for p in Path(tmp).rglob("*") if p.is_file()})
+
+        save_folder(store, TEACHER, write)
+    TEACHER_STAGE.mark(store, cfg, source=how, content=stable_hash(digests))
     return how
 
 

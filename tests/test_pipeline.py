@@ -92,7 +92,6 @@ def test_pipeline_on_s3(prefect_api, s3_endpoint, monkeypatch):
     import uuid
 
     from flows.pipeline import dmd
-    from tasks.context import load_pairs
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     root = f"s3://dmd-test/{uuid.uuid4().hex}"
@@ -102,14 +101,28 @@ def test_pipeline_on_s3(prefect_api, s3_endpoint, monkeypatch):
     records = read_manifest(store, PAIRS_MANIFEST)
     assert [r.n_samples for r in records] == [16, 16, 8]
     verify_manifest(store, records)
-    pairs = load_pairs(store)
+    pairs = all_pairs(store)
     assert pairs["z"].shape == (40, 1, 8, 8) and pairs["cond"].tolist() == [i % 10 for i in range(40)]
 
 
 def test_pair_noise_is_a_function_of_seed_and_index(tiny_run):
-    from tasks.context import load_pairs, sample_noise
+    from tasks.context import sample_noise
 
     root, run, _ = tiny_run
-    pairs = load_pairs(run_store(root, run))
+    pairs = all_pairs(run_store(root, run))
     for i in (0, 37, 95):
         assert torch.equal(pairs["z"][i], sample_noise(0, i, (1, 8, 8)))
+
+
+def all_pairs(store) -> dict:
+    """Every pair of a run read straight from its shards, ordered by index: {z, y, cond}."""
+    import numpy as np
+
+    from storage import iter_shards
+
+    records = read_manifest(store, PAIRS_MANIFEST)
+    samples = sorted(iter_shards([store.url(r.shard) for r in records], store.storage_options, nodesplitter=None),
+                     key=lambda s: s["index"])
+    return {"z": torch.from_numpy(np.stack([s["noise.npy"] for s in samples])),
+            "y": torch.from_numpy(np.stack([s["image.npy"] for s in samples])),
+            "cond": torch.tensor([s["json"]["class"] for s in samples])}

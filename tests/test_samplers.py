@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dmd_core.samplers import SAMPLERS, ddim_sample, euler_sample, sample
+from dmd_core.samplers import SAMPLERS, ddim_sample, euler_sample, pndm_grid, pndm_sample, sample
 from dmd_core.schedules import EDMSchedule, VPSchedule, timestep_grid
 
 M, S = 1.5, 0.5  # data ~ N(M, S^2) in every dimension
@@ -78,3 +78,60 @@ def test_bad_grid_and_solver_are_rejected():
         ddim_sample(gaussian_denoiser(schedule), z, [10, 20], schedule)
     with pytest.raises(ValueError, match="solver"):
         sample("pndm2", gaussian_denoiser(schedule), z, [10], schedule)
+
+
+def _diffusers_pndm(unet, scheduler, z, y, n):
+    """diffusers' own loop: set_timesteps, then eps = unet(x, t); x = scheduler.step(eps, t, x).prev_sample."""
+    scheduler.set_timesteps(n)
+    x = z * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t, class_labels=y).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("n, set_alpha_to_one, dtype, rtol", [
+    (1, False, "float64", 1e-10), (2, True, "float64", 1e-10), (10, False, "float64", 1e-10),
+    (10, True, "float64", 1e-10), (50, False, "float32", 1e-5)])
+def test_pndm_matches_diffusers_scheduler_on_a_real_unet(n, set_alpha_to_one, dtype, rtol):
+    """pndm_sample on pndm_grid = diffusers' PNDMScheduler loop in the Stable Diffusion config, class labels as cond.
+
+    float64: the scheduler's tables are cast to float64 too, so the two agree to rounding (measured ~1e-15 of
+    max|x|); float32, 50 steps as in DMD App. B.3: the stock scheduler, whose float32 coefficients leave ~6e-7.
+    """
+    from diffusers import PNDMScheduler
+
+    from dmd_core.denoisers import UNetDenoiser
+    from tests.helpers import tiny_unet
+
+    scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                              set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+    schedule = VPSchedule.from_scheduler(scheduler)
+    dtype = getattr(torch, dtype)
+    if dtype == torch.float64:
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+        scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.double()
+    unet = tiny_unet(num_classes=10).to(dtype).eval()
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+    y = torch.tensor([3, 7])
+    with torch.no_grad():
+        expected = _diffusers_pndm(unet, scheduler, z, y, n)
+    got = pndm_sample(UNetDenoiser(unet, schedule, "epsilon"), z, pndm_grid(1000, n, steps_offset=1), schedule, y,
+                      set_alpha_to_one=set_alpha_to_one)
+    assert (got - expected).abs().max() <= rtol * expected.abs().max(), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("steps_offset, n", [(0, 7), (1, 3), (1, 50)])
+def test_pndm_grid_is_diffusers_timesteps_without_the_repeat(steps_offset, n):
+    """diffusers' skip_prk_steps list is the leading grid with its 2nd timestep repeated (the improved-Euler step)."""
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=steps_offset)
+    scheduler.set_timesteps(n)
+    grid = pndm_grid(1000, n, steps_offset)
+    assert scheduler.timesteps.tolist() == grid[:2] + grid[1:]
+    assert all(a - b == 1000 // n for a, b in zip(grid, grid[1:])) and grid[-1] - 1000 // n < 0
+
+
+def test_pndm_grid_rejects_an_offset_past_the_step():
+    with pytest.raises(ValueError, match="steps_offset"):
+        pndm_grid(1000, 1000, steps_offset=1)
