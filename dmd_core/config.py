@@ -9,7 +9,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_DIR / "configs"
 STAGES = ("teacher", "pairs", "distill", "export", "evaluate")
 
 
@@ -171,6 +172,8 @@ class PipelineConfig(_Model):
 
     @model_validator(mode="after")
     def _timesteps_in_range(self) -> "PipelineConfig":
+        if self.teacher.kind == "sd" and not self.data.captions:
+            raise ValueError("data.captions is required for a text-to-image teacher (teacher.kind=sd)")
         T = self.teacher.num_train_timesteps
         if self.distill.generator_timesteps[0] >= T:
             raise ValueError(f"distill.generator_timesteps must be below teacher.num_train_timesteps ({T})")
@@ -182,6 +185,18 @@ class PipelineConfig(_Model):
     def section_hash(self, *sections: str) -> str:
         """Short stable hash of the named sections (used to key cached stage outputs)."""
         return stable_hash({s: getattr(self, s).model_dump(mode="json") for s in sections})
+
+
+def resolve_path(path: str) -> str:
+    """A local path as given (absolute, or relative to the current folder); a relative one that does not exist
+    there is looked up in the project folder, where presets find the shipped tiny teachers and prompts.
+    URLs (anything with '://') pass through."""
+    if "://" in path:
+        return path
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not (PROJECT_DIR / p).exists():
+        return str(p)
+    return str(PROJECT_DIR / p)
 
 
 def stable_hash(obj: Any) -> str:

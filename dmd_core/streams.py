@@ -1,7 +1,32 @@
-"""Data streams with exact, serialisable positions: in-memory pairs for the regression loss (DMD §3.3)."""
+"""Data streams with exact, serialisable positions: the `Stream` protocol and in-memory pairs (DMD §3.3)."""
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 import torch
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """An endless source of mini-batches whose position is a small JSON-serialisable state.
+
+    The trainer checkpoints a stream through `state_dict()`/`load_state_dict()` alone (torchtitan's
+    `Stateful`), so an in-memory `TensorStream` and a sharded `storage.ShardStream` are interchangeable.
+    After `load_state_dict(s.state_dict())` on a fresh stream, `next_batch` returns exactly the batches
+    the original would have returned next.
+    """
+
+    def next_batch(self, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """The next batch: {"z", "y", ...} tensors on `device` (plus an optional "cond")."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position as a JSON-serialisable dict."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position produced by `state_dict()`."""
+        ...
 
 
 class TensorStream:

@@ -13,7 +13,7 @@ import torch
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     prediction_type="epsilon", set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-TINY_TEXT_LENGTH = 16
+TINY_TEXT_LENGTH = 77
 
 
 def _bytes_to_unicode() -> dict[int, str]:

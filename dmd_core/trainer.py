@@ -9,14 +9,16 @@ import torch
 from torch import nn
 
 from .checkpoint import bytes_to_tensors, files_to_state, state_to_files, tensors_to_bytes
+from .conditions import ClassLabels, Conditions
 from .config import DistillConfig
-from .denoisers import with_guidance
+from .denoisers import PREDICTION_TYPES, Cond, cond_cat, with_guidance
 from .gan import BottleneckFeatures, GANHead
 from .generator import Generator
 from .losses import (denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss, lpips_regression,
                      mse_regression, pseudo_huber_regression)
 from .schedules import NoiseSchedule
-from .streams import TensorStream
+from .streams import Stream
+from .teachers import Teacher
 
 
 class NonFiniteError(RuntimeError):
@@ -25,6 +27,8 @@ class NonFiniteError(RuntimeError):
 
 def _trainable_copy(module: Optional[nn.Module], teacher: Callable, role: str) -> nn.Module:
     if module is not None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"`{role}` must be a torch nn.Module to train, got {type(module).__name__}")
         return module
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"the teacher is a plain callable: pass `{role}` as an nn.Module to train")
@@ -33,34 +37,59 @@ def _trainable_copy(module: Optional[nn.Module], teacher: Callable, role: str) -
     return out.train()
 
 
-class DMDTrainer:
-    """One call of `train_step()` = one DMD2 iteration: maybe a generator update, always a fake-score update."""
+def _identity_encode(raw):
+    return raw
 
-    def __init__(self, cfg: DistillConfig, teacher: Callable, schedule: NoiseSchedule, sample_shape: tuple,
-                 *, num_classes: int = 0, null_cond: Optional[int] = None, pairs: Optional[TensorStream] = None,
-                 real: Optional[TensorStream] = None, lpips_model: Optional[Callable] = None,
-                 generator_init: Optional[nn.Module] = None, fake_init: Optional[nn.Module] = None,
-                 device: torch.device | str = "cpu") -> None:
-        self.cfg, self.schedule, self.device = cfg, schedule, torch.device(device)
-        self.sample_shape, self.num_classes = tuple(sample_shape), num_classes
-        if cfg.regression != "none" and pairs is None:
-            raise ValueError("distill.regression needs a pair stream; set distill.regression=none for DMD2 without it")
-        if cfg.regression == "lpips" and lpips_model is None:
-            raise ValueError("distill.regression=lpips needs an LPIPS model")
-        if cfg.gan.enabled and real is None:
-            raise ValueError("distill.gan.enabled needs a stream of real images")
+
+class DMDTrainer:
+    """One call of `train_step()` = one DMD2 iteration: maybe a generator update, always a fake-score update.
+
+    `teacher` is a `Teacher` (schedule, sample shape, conditions, encoder and decoder come with it) or any
+    denoiser callable D(x_t, t, cond) -> x0, which then needs `schedule`, `sample_shape` and its
+    `prediction_type` (the fake score is trained with the teacher's own weighting, DMD Alg. 3).
+    """
+
+    def __init__(self, cfg: DistillConfig, teacher: Callable | Teacher, schedule: Optional[NoiseSchedule] = None,
+                 sample_shape: Optional[tuple] = None, *, conditions: Optional[Conditions] = None,
+                 num_classes: int = 0, null_cond: Cond | int = None, prediction_type: Optional[str] = None,
+                 pairs: Optional[Stream] = None, real: Optional[Stream] = None,
+                 lpips_model: Optional[Callable] = None, generator_init: Optional[nn.Module] = None,
+                 fake_init: Optional[nn.Module] = None, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.device = cfg, torch.device(device)
+        self.encode: Callable = _identity_encode
+        self.decode: Callable = _identity_encode
+        if isinstance(teacher, Teacher):
+            teacher = teacher.to(self.device).frozen()
+            schedule, sample_shape = schedule or teacher.schedule, sample_shape or teacher.sample_shape
+            prediction_type = prediction_type or teacher.prediction_type
+            conditions = conditions or (teacher.conditions() if teacher.conditioning == "class" else None)
+            null_cond = teacher.null_cond if null_cond is None else null_cond
+            self.encode, self.decode = teacher.encode, teacher.decode
+            teacher = teacher.denoiser
+        if schedule is None or sample_shape is None:
+            raise ValueError("a callable teacher needs `schedule` and `sample_shape`")
+        self.prediction_type = prediction_type or getattr(teacher, "prediction_type", None)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"state the teacher's prediction_type (one of {PREDICTION_TYPES}): the fake score "
+                             f"is trained with its weighting; got {self.prediction_type!r}")
+        self.schedule, self.sample_shape = schedule, tuple(sample_shape)
+        self.conditions = conditions if conditions is not None else (ClassLabels(num_classes) if num_classes else None)
+        self._check_streams(cfg, pairs, real, lpips_model)
         self.pairs, self.real, self.lpips_model = pairs, real, lpips_model
 
-        # The fake score is trained with the teacher's own weighting (its output parameterisation).
-        self.prediction_type = getattr(teacher, "prediction_type", "epsilon")
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.mu_real = with_guidance(teacher, cfg.guidance, null_cond)
         self.G = Generator(_trainable_copy(generator_init, teacher, "generator_init"), schedule,
                            cfg.generator_timesteps).to(self.device)
         self.mu_fake = _trainable_copy(fake_init, teacher, "fake_init").to(self.device)
+        if cfg.gradient_checkpointing:
+            for module in (self.G.denoiser, self.mu_fake):
+                unet = getattr(module, "unet", module)
+                if hasattr(unet, "enable_gradient_checkpointing"):
+                    unet.enable_gradient_checkpointing()
         self.ema = copy.deepcopy(self.G.denoiser).requires_grad_(False).eval()
-        fake_params = list(self.mu_fake.parameters())
+        fake_params = [p for p in self.mu_fake.parameters() if p.requires_grad]
         self.gan_head, self.features = None, None
         if cfg.gan.enabled:
             unet = getattr(self.mu_fake, "unet", self.mu_fake)
@@ -69,20 +98,41 @@ class DMDTrainer:
             fake_params += list(self.gan_head.parameters())
         adam = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.opt_G = torch.optim.AdamW(self.G.parameters(), lr=cfg.lr, **adam)
-        self.opt_fake = torch.optim.AdamW(fake_params, lr=cfg.lr_fake or cfg.lr, **adam)
+        # A fully frozen fake score (the real-score-only ablation, DMD Fig. 3a) has no optimizer.
+        self.opt_fake = torch.optim.AdamW(fake_params, lr=cfg.lr_fake or cfg.lr, **adam) if fake_params else None
         self.rng = torch.Generator(self.device).manual_seed(cfg.seed)
         self.step = 0
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
 
+    @staticmethod
+    def _check_streams(cfg: DistillConfig, pairs, real, lpips_model) -> None:
+        if cfg.regression != "none" and pairs is None:
+            raise ValueError("distill.regression needs a pair stream; set distill.regression=none for DMD2 without it")
+        if cfg.regression == "lpips" and lpips_model is None:
+            raise ValueError("distill.regression=lpips needs an LPIPS model")
+        if cfg.gan.enabled and real is None:
+            raise ValueError("distill.gan.enabled needs a stream of real images")
+        reg_batch = getattr(pairs, "batch_size", None)
+        if cfg.regression != "none" and cfg.reg_batch_size and reg_batch and reg_batch != cfg.reg_batch_size:
+            raise ValueError(f"distill.reg_batch_size={cfg.reg_batch_size} but the pair stream yields batches of "
+                             f"{reg_batch}")
+        if cfg.concat_regression and len(cfg.generator_timesteps) > 1:
+            raise ValueError("distill.concat_regression needs a one-step generator (one generator timestep)")
+
     # ---- sampling helpers -------------------------------------------------------------------
     def _randn(self, n: int) -> torch.Tensor:
         return torch.randn((n, *self.sample_shape), generator=self.rng, device=self.device)
 
-    def _cond(self, n: int) -> Optional[torch.Tensor]:
-        if not self.num_classes:
+    def _cond(self, n: int) -> Cond:
+        """Fresh conditions for n generator samples, drawn from the trainer's generator and encoded."""
+        if self.conditions is None:
             return None
-        return torch.randint(0, self.num_classes, (n,), generator=self.rng, device=self.device)
+        return self.encode(self.conditions.sample(n, self.rng, self.device))
+
+    def _batch_cond(self, batch: dict) -> Cond:
+        raw = batch.get("cond")
+        return None if raw is None else self.encode(raw)
 
     def _randint(self, lo: int, hi: int, n: int) -> torch.Tensor:
         return torch.randint(lo, hi, (n,), generator=self.rng, device=self.device)
@@ -90,20 +140,23 @@ class DMDTrainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.bf16)
 
-    def _generate(self, z: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+    def _generate(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x = G(z) with grad; a multi-step G trains one random step after backward simulation (DMD2 §4.3)."""
         n_steps = len(self.G.timesteps)
         k = int(self._randint(0, n_steps, 1).item()) if n_steps > 1 else 0
         return self.G.backward_simulate(z, cond, k, generator=self.rng)
 
     def _regression(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Regression loss (DMD Eq. 9): LPIPS on decoded images (decoder with grad), else in model space."""
         if self.cfg.regression == "lpips":
-            return lpips_regression(x, y, self.lpips_model)
+            with torch.no_grad():
+                y = self.decode(y)
+            return lpips_regression(self.decode(x), y, self.lpips_model)
         if self.cfg.regression == "pseudo_huber":
             return pseudo_huber_regression(x, y)
         return mse_regression(x, y)
 
-    def _gan_logits(self, x0: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+    def _gan_logits(self, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Noise x0 at a random t, run the fake score network, classify its bottleneck features."""
         n = x0.shape[0]
         t = self._randint(0, self.schedule.T, n)
@@ -124,20 +177,29 @@ class DMDTrainer:
         opt.step()
         return float(norm)
 
-    def _generator_update(self, z: torch.Tensor, cond: Optional[torch.Tensor], metrics: dict) -> Optional[torch.Tensor]:
+    def _generator_update(self, z: torch.Tensor, cond: Cond, metrics: dict) -> Optional[tuple[torch.Tensor, Cond]]:
+        """DMD Alg. 1 lines 5-13; returns the (detached) samples and conditions the fake score trains on."""
         cfg, B = self.cfg, z.shape[0]
         self.opt_G.zero_grad(set_to_none=True)
         T = self.schedule.T
-        t = self._randint(int(cfg.dm_t_min * T), int(cfg.dm_t_max * T), B)
-        eps = self._randn(B)
+        batch = self.pairs.next_batch(self.device) if cfg.regression != "none" else None
+        concat = cfg.concat_regression and batch is not None
+        n_dm = B + (batch["z"].shape[0] if concat else 0)
+        t = self._randint(int(cfg.dm_t_min * T), int(cfg.dm_t_max * T), n_dm)
+        eps = self._randn(n_dm)
         with self._autocast():
-            x = self._generate(z, cond)
+            if concat:  # Alg. 1 line 7: x = concat(x, x_ref), one generator forward for both
+                cond = cond_cat(cond, self._batch_cond(batch))
+                x = self.G.step(torch.cat([z, batch["z"]]) * self.schedule.init_noise_sigma, 0, cond)
+                x_ref = x[B:]
+            else:
+                x = self._generate(z, cond)
             loss_dm, _ = dm_loss(x.float(), self.mu_real, self.mu_fake, self.schedule, t, eps, cond, cfg.dm_weighting)
             loss_G = cfg.dm_weight * loss_dm.mean()
             metrics["loss_dm"] = float(loss_dm.detach().mean())
-            if cfg.regression != "none":
-                batch = self.pairs.next_batch(self.device)
-                x_ref = self.G.step(batch["z"] * self.schedule.init_noise_sigma, 0, batch.get("cond"))
+            if batch is not None:
+                if not concat:
+                    x_ref = self.G.step(batch["z"] * self.schedule.init_noise_sigma, 0, self._batch_cond(batch))
                 loss_reg = self._regression(x_ref.float(), batch["y"].float()).mean()
                 loss_G = loss_G + cfg.lambda_reg * loss_reg
                 metrics["loss_reg"] = float(loss_reg.detach())
@@ -151,10 +213,13 @@ class DMDTrainer:
             return None
         metrics["grad_norm_G"] = norm
         self._update_ema()
-        return x.detach().float()
+        return x.detach().float(), cond
 
-    def _fake_update(self, x: torch.Tensor, cond: Optional[torch.Tensor], metrics: dict) -> bool:
+    def _fake_update(self, x: torch.Tensor, cond: Cond, metrics: dict) -> bool:
+        """DMD Alg. 3: denoising loss of the fake score on stop-grad generator samples (+ DMD2 GAN head)."""
         cfg, B = self.cfg, x.shape[0]
+        if self.opt_fake is None:
+            return True
         self.opt_fake.zero_grad(set_to_none=True)
         t = self._randint(0, self.schedule.T, B)
         x_t = self.schedule.add_noise(x, self._randn(B), t)
@@ -165,7 +230,7 @@ class DMDTrainer:
             loss = loss_fake
             if cfg.gan.enabled:
                 real = self.real.next_batch(self.device)
-                loss_d = gan_discriminator_loss(self._gan_logits(real["y"], real.get("cond")),
+                loss_d = gan_discriminator_loss(self._gan_logits(real["y"], self._batch_cond(real)),
                                                 self._gan_logits(x, cond)).mean()
                 loss = loss + cfg.gan.weight_discriminator * loss_d
                 metrics["loss_gan_D"] = float(loss_d.detach())
@@ -182,11 +247,11 @@ class DMDTrainer:
         B = self.cfg.batch_size
         z, cond = self._randn(B), self._cond(B)
         if self.step % self.cfg.fake_updates_per_generator == 0:
-            x = self._generator_update(z, cond, metrics)
+            out = self._generator_update(z, cond, metrics)
         else:
             with torch.no_grad(), self._autocast():
-                x = self._generate(z, cond).float()
-        ok = x is not None and self._fake_update(x, cond, metrics)
+                out = self._generate(z, cond).float(), cond
+        ok = out is not None and self._fake_update(*out, metrics)
         self._account(ok, metrics)
         self.step += 1
         return metrics
@@ -197,8 +262,9 @@ class DMDTrainer:
         else:
             self.nonfinite_skipped += 1
             self.consecutive_nonfinite += 1
-            self.opt_G.zero_grad(set_to_none=True)
-            self.opt_fake.zero_grad(set_to_none=True)
+            for opt in (self.opt_G, self.opt_fake):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
             if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
                 raise NonFiniteError(f"{self.consecutive_nonfinite} consecutive non-finite steps at step {self.step}")
         metrics["skipped"] = not ok
@@ -225,7 +291,8 @@ class DMDTrainer:
         if self.gan_head is not None:
             files["gan_head.safetensors"] = tensors_to_bytes(self.gan_head.state_dict())
         files.update(state_to_files(self.opt_G.state_dict(), "optim_generator"))
-        files.update(state_to_files(self.opt_fake.state_dict(), "optim_fake"))
+        if self.opt_fake is not None:
+            files.update(state_to_files(self.opt_fake.state_dict(), "optim_fake"))
         rng = {"trainer": self.rng.get_state(), "torch_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -246,7 +313,8 @@ class DMDTrainer:
         if self.gan_head is not None:
             self.gan_head.load_state_dict(bytes_to_tensors(files["gan_head.safetensors"]))
         self.opt_G.load_state_dict(files_to_state(files, "optim_generator"))
-        self.opt_fake.load_state_dict(files_to_state(files, "optim_fake"))
+        if self.opt_fake is not None:
+            self.opt_fake.load_state_dict(files_to_state(files, "optim_fake"))
         rng = bytes_to_tensors(files["rng.safetensors"])
         self.rng.set_state(rng["trainer"])
         torch.set_rng_state(rng["torch_cpu"])

@@ -5,6 +5,7 @@ from storage.manifest import (
     ShardRecord,
     make_record,
     read_manifest,
+    read_manifest_metadata,
     shard_record,
     verify_manifest,
     verify_shard,
@@ -20,11 +21,14 @@ from storage.shards import (
     write_shard,
 )
 from storage.store import ArtifactStore, check_key, open_url
+from storage.stream import ShardReadError, ShardStream
 
 __all__ = [
     "ArtifactStore",
     "ChecksumError",
+    "ShardReadError",
     "ShardRecord",
+    "ShardStream",
     "check_key",
     "decode_sample",
     "encode_sample",
@@ -32,6 +36,7 @@ __all__ = [
     "make_record",
     "open_url",
     "read_manifest",
+    "read_manifest_metadata",
     "register_fsspec_gopen",
     "sample_key",
     "shard_dataset",

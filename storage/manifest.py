@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 
@@ -23,6 +25,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("producer_hash", pa.string()),
     ]
 )
+# Parquet schema-metadata key holding the manifest's free-form JSON metadata.
+METADATA_KEY = b"dmd"
 
 
 class ChecksumError(ValueError):
@@ -76,15 +80,26 @@ def shard_record(
     return make_record(store, key, indices, store.sha256(key), store.info(key)["size"], producer_hash)
 
 
-def write_manifest(store: ArtifactStore, key: str, records: Iterable[ShardRecord]) -> None:
-    """Write records as a parquet manifest (atomic, sorted by first_index)."""
+def write_manifest(
+    store: ArtifactStore, key: str, records: Iterable[ShardRecord], metadata: dict[str, Any] | None = None
+) -> None:
+    """Write records as a parquet manifest (atomic, sorted by first_index); `metadata` goes in the schema."""
     rows = sorted(records, key=lambda r: (r.first_index, r.shard))
     seen: set[str] = set()
     for r in rows:
         if r.shard in seen:
             raise ValueError(f"manifest {key!r} lists shard {r.shard!r} twice")
         seen.add(r.shard)
-    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=MANIFEST_SCHEMA)
+    schema = MANIFEST_SCHEMA
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"manifest {key!r}: metadata must be a dict, got {type(metadata).__name__}")
+        try:
+            blob = json.dumps(metadata, sort_keys=True, allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"manifest {key!r}: metadata is not JSON-serialisable: {e}") from e
+        schema = MANIFEST_SCHEMA.with_metadata({METADATA_KEY: blob})
+    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=schema)
     store.write_table(key, table)
 
 
@@ -98,6 +113,19 @@ def read_manifest(store: ArtifactStore, key: str) -> list[ShardRecord]:
     if missing:
         raise ValueError(f"manifest {key!r} lacks columns {missing}; was it written by write_manifest?")
     return [ShardRecord(**{n: row[n] for n in names}) for row in table.select(names).to_pylist()]
+
+
+def read_manifest_metadata(store: ArtifactStore, key: str) -> dict[str, Any]:
+    """The JSON metadata stored with the manifest at `key` ({} when it has none or does not exist)."""
+    if not store.exists(key):
+        return {}
+    meta = store.read_table(key).schema.metadata or {}
+    if METADATA_KEY not in meta:
+        return {}
+    try:
+        return json.loads(meta[METADATA_KEY].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"manifest {key!r}: metadata under {METADATA_KEY!r} is not valid JSON: {e}") from e
 
 
 def verify_shard(store: ArtifactStore, record: ShardRecord) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from dmd_core.conditions import Conditions, hash_seed
-from dmd_core.config import PipelineConfig
+from dmd_core.config import PipelineConfig, resolve_path
 from dmd_core.teachers import Teacher, load_teacher
 from storage import ArtifactStore, ShardStream, read_manifest
 from storage.captions import read_captions
@@ -58,7 +58,7 @@ def prompts(cfg: PipelineConfig) -> Optional[list[str]]:
     """The caption source's prompts (text-to-image teachers), else None."""
     if not cfg.data.captions:
         return None
-    return read_captions(cfg.data.captions, cfg.data.caption_column)
+    return read_captions(resolve_path(cfg.data.captions), cfg.data.caption_column)
 
 
 def conditions(teacher: Teacher, cfg: PipelineConfig) -> Optional[Conditions]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from dmd_core.config import stable_hash
+from dmd_core.config import resolve_path, stable_hash
 from dmd_core.datasets import real_dataset
 from dmd_core.digits import train_teacher
 from storage.layout import TEACHER
@@ -62,7 +62,7 @@ def run_teacher(root: str, run_name: str, force: bool = False) -> str:
     if t.kind == "callable" and t.source != "path":
         how = "callable"
     elif t.source == "path":
-        src, how = Path(t.path).expanduser(), "path"
+        src, how = Path(resolve_path(t.path)), "path"
         if not src.is_dir():
             raise FileNotFoundError(f"teacher.path: folder {src} not found")
         files = teacher_files(src)

@@ -126,4 +126,53 @@ def test_plain_callable_teacher_needs_trainable_modules():
     from dmd_core.trainer import DMDTrainer
 
     with pytest.raises(TypeError, match="generator_init"):
-        DMDTrainer(DistillConfig(regression="none"), lambda x, t, c: x, VPSchedule.linear(), (2,))
+        DMDTrainer(DistillConfig(regression="none"), lambda x, t, c: x, VPSchedule.linear(), (2,),
+                   prediction_type="sample")
+
+
+def test_callable_teacher_states_its_prediction_type():
+    from dmd_core.config import DistillConfig
+    from dmd_core.schedules import VPSchedule
+    from dmd_core.trainer import DMDTrainer
+
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DMDTrainer(DistillConfig(regression="none"), lambda x, t, c: x, VPSchedule.linear(), (2,),
+                   generator_init=net, fake_init=net)
+
+
+def test_plain_function_where_a_module_is_needed_is_a_type_error():
+    from dmd_core.config import DistillConfig
+    from dmd_core.trainer import DMDTrainer
+    from tests.helpers import tiny_teacher
+
+    teacher = tiny_teacher()
+    with pytest.raises(TypeError, match="fake_init.*function"):
+        DMDTrainer(DistillConfig(regression="none"), teacher, teacher.schedule, (1, 8, 8),
+                   fake_init=lambda x, t, c: x)
+
+
+def test_frozen_fake_score_needs_no_parameters():
+    """The real-score-only ablation (DMD Fig. 3a): a fake score with no trainable parameters trains G alone."""
+    from dmd_core.config import DistillConfig
+    from dmd_core.trainer import DMDTrainer
+    from tests.helpers import tiny_teacher
+
+    teacher = tiny_teacher()
+
+    class Frozen(torch.nn.Module):
+        def forward(self, x_t, t, cond=None):
+            return x_t / teacher.schedule.alpha_t(t, x_t)
+
+    trainer = DMDTrainer(DistillConfig(regression="none", batch_size=4), teacher, teacher.schedule, (1, 8, 8),
+                         num_classes=10, null_cond=10, fake_init=Frozen())
+    before = {k: v.clone() for k, v in trainer.G.denoiser.state_dict().items()}
+    m = trainer.train_step()
+    assert trainer.opt_fake is None and "loss_fake" not in m and not m["skipped"]
+    assert any(not torch.equal(before[k], v) for k, v in trainer.G.denoiser.state_dict().items())
+    assert "optim_fake.json" not in trainer.state_files()
+
+
+def test_reg_batch_size_must_match_the_pair_stream():
+    with pytest.raises(ValueError, match="reg_batch_size=16"):
+        make_trainer(reg_batch_size=16)
