@@ -79,28 +79,76 @@ def deploy(pool: str = typer.Option("dmd", help="process work pool the deploymen
 @app.command()
 def sample(
     export: Path = typer.Option(..., help="an exported pipeline folder"),
-    n: int = typer.Option(64, min=1, help="number of samples"),
+    n: int = typer.Option(64, min=1, help="number of samples (text students: one per prompt, cycling)"),
+    prompt: Optional[str] = typer.Option(None, help="text students: the prompt"),
+    prompts: Optional[Path] = typer.Option(None, help="text students: a caption file (.txt one a line, COCO json...)"),
     output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="PNG grid to write"),
     seed: int = typer.Option(0, help="noise seed"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
-    """Sample a grid from an export (classes 0, 1, 2, ... for class-conditional models)."""
+    """Sample a grid from an export: classes 0, 1, 2, ... for class-conditional models, prompts for text ones."""
+    import json
+
     import torch
 
-    from dmd_core.pipeline import DMDPipeline
     from storage import ArtifactStore
     from storage.images import grid_png
 
-    if not (export / "model_index.json").is_file():
-        fail(f"--export: {export / 'model_index.json'} not found (not an exported pipeline folder)")
-    pipe = DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device)
-    classes = pipe.unet.config.num_class_embeds
-    labels = torch.arange(n) % (classes - 1) if classes else None
-    x0 = pipe(batch_size=n, class_labels=labels, generator=torch.Generator(device).manual_seed(seed),
-              output_type="latent").images
+    index = export / "model_index.json"
+    if not index.is_file():
+        fail(f"--export: {index} not found (not an exported pipeline folder)")
+    kind = json.loads(index.read_text()).get("_class_name")
+    g = torch.Generator(device).manual_seed(seed)
+    if kind == "StableDiffusionPipeline":
+        from diffusers import StableDiffusionPipeline
+
+        from storage.captions import read_captions
+
+        texts = [prompt] if prompt else (read_captions(str(prompts)) if prompts else None)
+        if not texts:
+            fail("--prompt or --prompts is required for a text-to-image export")
+        texts = [texts[i % len(texts)] for i in range(n)]
+        pipe = StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device)
+        meta = export / "dmd.json"
+        steps = len(json.loads(meta.read_text())["generator_timesteps"]) if meta.is_file() else 1
+        images = pipe(texts, num_inference_steps=steps, guidance_scale=1.0, generator=g, output_type="pt").images
+    elif kind == "DDIMPipeline":
+        from diffusers import DDIMPipeline
+
+        pipe = DDIMPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device)
+        images = torch.from_numpy(pipe(batch_size=n, generator=g, num_inference_steps=1, output_type="np").images)
+        images = images.permute(0, 3, 1, 2)
+    else:
+        from dmd_core.pipeline import DMDPipeline
+
+        pipe = DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device)
+        classes = pipe.unet.config.num_class_embeds
+        labels = torch.arange(n) % (classes - 1) if classes else None
+        images = pipe(batch_size=n, class_labels=labels, generator=g, output_type="pt").images
     out = output.resolve()
-    ArtifactStore("file://" + str(out.parent)).write_bytes(out.name, grid_png(x0))
+    ArtifactStore("file://" + str(out.parent)).write_bytes(out.name, grid_png(images.float().cpu() * 2 - 1))
     typer.echo(f"wrote {n} samples to {out}")
+
+
+@app.command("make-teacher")
+def make_teacher(
+    tiny: str = typer.Option(..., help="which tiny random teacher: sd (Stable Diffusion layout) or pixel (UNet2DModel)"),
+    out: Path = typer.Option(..., help="folder to write (a diffusers layout that teacher.path can point to)"),
+    seed: int = typer.Option(0, help="weight init seed"),
+    prediction_type: str = typer.Option("epsilon", help="epsilon or v_prediction (sd)"),
+) -> None:
+    """Write a tiny random teacher of a real architecture (offline, seconds) for smoke runs and tests."""
+    from dmd_core.tiny import write_tiny_pixel_teacher, write_tiny_sd_teacher
+
+    if tiny not in ("sd", "pixel"):
+        fail(f"--tiny: choose sd or pixel, got {tiny!r}")
+    if out.exists() and any(out.iterdir()):
+        fail(f"--out: {out} exists and is not empty")
+    if tiny == "sd":
+        write_tiny_sd_teacher(out, prediction_type=prediction_type, seed=seed)
+    else:
+        write_tiny_pixel_teacher(out, seed=seed)
+    typer.echo(f"wrote a tiny {tiny} teacher to {out}")
 
 
 @app.command("train-teacher")

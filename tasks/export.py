@@ -92,6 +92,9 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
     def write(tmp: str) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         Path(tmp, "README.md").write_text(card)
+        Path(tmp, "dmd.json").write_text(json.dumps({  # how to call the stock pipeline for this student
+            "pipeline": kind, "generator_timesteps": cfg.distill.generator_timesteps,
+            "num_inference_steps": len(cfg.distill.generator_timesteps), "guidance_scale": 1.0}, indent=2))
         if kind == "DMDPipeline":
             Path(tmp, "pipeline.py").write_text(Path(pipeline_module.__file__).read_text())
 
