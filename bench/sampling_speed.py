@@ -11,13 +11,10 @@ import time
 
 import torch
 
-from dmd_core.denoisers import with_guidance
 from dmd_core.pipeline import DMDPipeline
-from dmd_core.samplers import sample
-from dmd_core.schedules import timestep_grid
 from storage.layout import EXPORT
 from storage.models import local_folder
-from tasks.context import load_teacher, null_class, open_run
+from tasks.context import open_run, run_teacher
 
 
 def best_of(fn, repeats: int) -> float:
@@ -33,14 +30,13 @@ def best_of(fn, repeats: int) -> float:
 def main(root: str, run_name: str, n: int = 1024, repeats: int = 3) -> dict:
     store, cfg = open_run(root, run_name)
     device = torch.device("cpu")
-    D, _, _ = load_teacher(store, cfg, device)
-    teacher = with_guidance(D, cfg.pairs.guidance, null_class(cfg))
+    teacher = run_teacher(store, cfg, device)
     with local_folder(store, EXPORT) as path:
         pipe = DMDPipeline.from_pretrained(path, low_cpu_mem_usage=False)
-    z = torch.randn(n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, generator=torch.Generator().manual_seed(0))
-    labels = torch.arange(n) % cfg.data.num_classes
-    grid = timestep_grid(D.schedule.T, cfg.evaluate.teacher_steps)
-    t_teacher = best_of(lambda: sample(cfg.pairs.solver, teacher, z, grid, D.schedule, labels), repeats)
+    z = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(n) % teacher.num_classes
+    steps, guidance = cfg.evaluate.teacher_steps, cfg.pairs.guidance
+    t_teacher = best_of(lambda: teacher.sample(cfg.pairs.solver, steps, z, labels, guidance), repeats)
     t_student = best_of(lambda: pipe(latents=z, class_labels=labels, output_type="latent"), repeats)
     out = {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "n": n, "teacher_steps": cfg.evaluate.teacher_steps,
