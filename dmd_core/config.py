@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_DIR / "configs"
 STAGES = ("teacher", "pairs", "distill", "export", "evaluate")
+DEFAULT_PRESET = "digits"
 
 
 class ConfigError(ValueError):
@@ -253,7 +254,7 @@ def load_config(preset: Optional[str] = None, config: Optional[str | dict] = Non
             raise ConfigError(f"config file not found: {path}")
         data = _read_yaml(path)
     else:
-        name = preset or "digits"
+        name = preset or DEFAULT_PRESET
         path = CONFIG_DIR / f"{name}.yaml"
         if not path.is_file():
             raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 import yaml
 
-from dmd_core.config import STAGES, ConfigError, load_config, preset_names
+from dmd_core.config import DEFAULT_PRESET, STAGES, ConfigError, load_config, preset_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distribution Matching Distillation of diffusion models into one-step generators.")
@@ -153,8 +153,8 @@ def make_teacher(
 
 @app.command("train-teacher")
 def train_teacher_cmd(
-    preset: str = typer.Option("digits", help="preset whose data/teacher sections define the teacher"),
-    out: Path = typer.Option(Path("teachers/digits"), help="folder to write (unet/, scheduler/, dmd_teacher.json)"),
+    preset: str = typer.Option(DEFAULT_PRESET, help="preset whose data/teacher sections define the teacher"),
+    out: Path = typer.Option(Path("teachers") / DEFAULT_PRESET, help="folder to write (unet/, scheduler/, dmd_teacher.json)"),
     set_: List[str] = typer.Option([], "--set", help="override a config value"),
 ) -> None:
     """Train the digits teacher and write it where the `teacher` stage finds it (matched by config hash)."""

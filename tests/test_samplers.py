@@ -135,3 +135,38 @@ def test_pndm_grid_is_diffusers_timesteps_without_the_repeat(steps_offset, n):
 def test_pndm_grid_rejects_an_offset_past_the_step():
     with pytest.raises(ValueError, match="steps_offset"):
         pndm_grid(1000, 1000, steps_offset=1)
+
+
+@pytest.mark.parametrize("n", [10, 50])
+def test_ddim_x0_matches_diffusers_scheduler_on_the_digits_teacher(n):
+    """Our DDIM's x0 predictions equal diffusers' DDIMScheduler loop (trailing, no clipping) on a real teacher."""
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler
+
+    from dmd_core.teachers import load_teacher
+
+    teacher = load_teacher("unet2d", Path(__file__).resolve().parent.parent / "teachers" / "digits")
+    scheduler = DDIMScheduler.from_config(teacher.scheduler_config, timestep_spacing="trailing", clip_sample=False)
+    scheduler.set_timesteps(n)
+    z = torch.randn((8, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    cond = torch.arange(8)
+    seen = []
+
+    def recording(x_t, t, c):
+        x0 = teacher.denoiser(x_t, t, c)
+        seen.append(x0)
+        return x0
+
+    ours = ddim_sample(recording, z, timestep_grid(1000, n), teacher.schedule, cond)
+    x, theirs = z.clone(), []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = teacher.unet(x, t, class_labels=cond).sample
+            step = scheduler.step(out, t, x)
+            x = step.prev_sample
+            theirs.append(step.pred_original_sample)
+    assert [int(t) for t in scheduler.timesteps] == timestep_grid(1000, n)
+    for a, b in zip(seen, theirs):
+        assert float((a - b).abs().max()) < 2e-5
+    assert float((ours - theirs[-1]).abs().max()) < 2e-5
