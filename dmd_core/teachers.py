@@ -205,7 +205,8 @@ def load_sd(path: str | Path, prediction_type: Optional[str] = None, decoder_pat
     for name in ("unet", "vae", "text_encoder"):
         _require(root / name / "config.json")
         _require_weights(root / name)
-    _require(root / "tokenizer")
+    for name in ("vocab.json", "merges.txt"):
+        _require(root / "tokenizer" / name)
     config = _read_scheduler(root / "scheduler")
     unet = UNet2DConditionModel.from_pretrained(root / "unet", low_cpu_mem_usage=False, use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(root / "vae", low_cpu_mem_usage=False, use_safetensors=True)

@@ -62,7 +62,7 @@ class DMDTrainer:
             teacher = teacher.to(self.device).frozen()
             schedule, sample_shape = schedule or teacher.schedule, sample_shape or teacher.sample_shape
             prediction_type = prediction_type or teacher.prediction_type
-            conditions = conditions or (teacher.conditions() if teacher.conditioning == "class" else None)
+            conditions = conditions or (teacher.conditions() if teacher.conditioning != "none" else None)
             null_cond = teacher.null_cond if null_cond is None else null_cond
             self.encode, self.decode = teacher.encode, teacher.decode
             teacher = teacher.denoiser

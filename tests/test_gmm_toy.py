@@ -93,18 +93,15 @@ class NoFakeScore(nn.Module):
     """mu_fake(x_t, t) = x_t / alpha_t, i.e. s_fake = -(x_t - alpha_t mu_fake) / sigma_t^2 = 0 exactly.
 
     With it the DM gradient (mu_fake - mu_real) / w equals -(sigma_t^2 / alpha_t) s_real / w: the generator
-    only climbs log p_real (DMD Fig. 3a). `anchor` exists only because the trainer always builds an
-    optimizer for the fake score and backpropagates its denoising loss; it enters the output times 0, gets
-    a zero gradient, and changes nothing.
+    only climbs log p_real (DMD Fig. 3a). It has no parameters: the trainer then skips the fake-score update.
     """
 
     def __init__(self, schedule: NoiseSchedule) -> None:
         super().__init__()
         self.schedule = schedule
-        self.anchor = nn.Parameter(torch.zeros(()))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return x_t / self.schedule.alpha_t(t, x_t) + 0.0 * self.anchor
+        return x_t / self.schedule.alpha_t(t, x_t)
 
 
 def blob_generator(schedule: NoiseSchedule, start: torch.Tensor, seed: int) -> MLPDenoiser:
@@ -144,8 +141,9 @@ def train_toy(full: bool, seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor]
     generator = blob_generator(schedule, torch.tensor(START), seed)
     torch.manual_seed(seed + 2)
     fake = MLPDenoiser(schedule) if full else NoFakeScore(schedule)
+    # The fake score keeps the weighting the toy was calibrated with (SNR, as for an eps-prediction teacher).
     trainer = DMDTrainer(cfg, teacher, schedule, (2,), pairs=pairs, generator_init=generator, fake_init=fake,
-                         num_classes=0)
+                         num_classes=0, prediction_type="epsilon")
     for _ in range(cfg.steps):
         trainer.train_step()
     z = torch.randn(N_EVAL, 2, generator=torch.Generator().manual_seed(seed + 3))
