@@ -1,0 +1,132 @@
+"""CLIP score as DMD / DMD2 report it: the mean raw cosine between image and caption embeddings (~0.32 for SD).
+
+DMD2's COCO evaluator (tianweiy/DMD2 `main/coco_eval/coco_evaluator.py`, `compute_clip_score`) uses open_clip
+ViT-g-14 `laion2b_s12b_b42k` in fp32. Each uint8 image is center-cropped on its long edge, resized to 256x256
+with PIL Lanczos, then passed through open_clip's own preprocess (bicubic resize of the short edge to 224,
+center crop, ToTensor, OpenAI mean/std). Captions get "A photo depicts " spliced in after the start token.
+Here that 256 step is `resize=DMD2_RESIZE` and the caption prefix is `prefix=DMD2_PREFIX`; both are opt-in.
+
+Weights come only from a local file (`evaluate.clip_weights`); nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+DMD2_PREFIX = "A photo depicts "  # Hessel et al. 2021 (CLIPScore), as DMD2's evaluator prepends it
+DMD2_RESIZE = 256  # DMD2 resizes the center-cropped image to 256x256 (Lanczos) before CLIP's preprocess
+DEFAULT_MODEL = "ViT-g-14"
+DEFAULT_TAG = "laion2b_s12b_b42k"
+
+ImagesLike = Union[torch.Tensor, Sequence[Image.Image], Sequence[torch.Tensor]]
+
+
+def _missing_weights_message(weights: Optional[str], model_name: str, tag: Optional[str]) -> str:
+    """One line: which file, which config field, which file to fetch by hand."""
+    import open_clip
+
+    what = f"CLIP weights file {weights} not found" if weights else "no CLIP weights file given"
+    hint = ""
+    hub = open_clip.get_pretrained_cfg(model_name, tag).get("hf_hub", "") if tag else ""
+    if hub:
+        repo = hub.rstrip("/").split("/")
+        hint = (f" (for {model_name} {tag}: open_clip_model.safetensors if the Hugging Face repo "
+                f"{'/'.join(repo[:2])} has it, else its open_clip_pytorch_model.bin)")
+    return f"{what}: set evaluate.clip_weights to a local open_clip {model_name} checkpoint{hint}; nothing is downloaded"
+
+
+def load_clip(model_name: str = DEFAULT_MODEL, weights: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+              *, tag: Optional[str] = DEFAULT_TAG, random_init: bool = False):
+    """(model, preprocess, tokenizer) for an open_clip model from a local weight file, fp32, eval, frozen.
+
+    `tag` names the open_clip pretrained entry the file holds; its preprocessing (mean, std, interpolation,
+    resize mode) and QuickGELU flag are read from open_clip's built-in table (no I/O) and applied, because a
+    file path alone gets open_clip's defaults. `.safetensors` loads without pickle; other files go through
+    `torch.load(weights_only=True)` (open_clip 3.3 passes it). `random_init=True` is for tests only.
+    """
+    import open_clip
+
+    checkpoint = None
+    if not random_init:
+        path = Path(weights) if weights else None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(_missing_weights_message(weights, model_name, tag))
+        # An absolute path never equals a pretrained tag, so open_clip cannot mistake it for one and download.
+        checkpoint = str(path.resolve())
+    pcfg = open_clip.get_pretrained_cfg(model_name, tag) if tag else {}
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=checkpoint, precision="fp32", device=device,
+        force_quick_gelu=bool(pcfg.get("quick_gelu", False)),
+        image_mean=pcfg.get("mean"), image_std=pcfg.get("std"),
+        image_interpolation=pcfg.get("interpolation"), image_resize_mode=pcfg.get("resize_mode"),
+        pretrained_image=False, pretrained_text=False, weights_only=True,
+    )
+    model.eval().requires_grad_(False)
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def to_pil(image: Union[torch.Tensor, Image.Image]) -> Image.Image:
+    """A (3, H, W) float tensor in [0, 1] (clamped, rounded to uint8) or uint8 tensor, or a PIL image, as RGB PIL."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"each image must be a (3, H, W) tensor or a PIL image, got "
+                         f"{getattr(image, 'shape', type(image).__name__)}")
+    x = image.detach().cpu()
+    if x.dtype != torch.uint8:
+        x = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).numpy())
+
+
+def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+    """DMD2's evaluator step: center crop to the short edge, then resize to size x size with PIL Lanczos."""
+    from torchvision.transforms.functional import center_crop
+
+    return center_crop(image, min(image.size)).resize((size, size), Image.LANCZOS)
+
+
+def tokenize_captions(captions: Sequence[str], tokenizer: Callable, prefix: str = "") -> torch.Tensor:
+    """Token ids of `prefix + caption`. With a prefix ending in a space (DMD2_PREFIX) and open_clip's BPE
+    tokenizer this equals DMD2's splice of the prefix ids after the start token, truncation included."""
+    if isinstance(captions, str):
+        raise TypeError("captions must be a sequence of strings, not one string")
+    return tokenizer([prefix + c for c in captions])
+
+
+@torch.no_grad()
+def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, preprocess: Callable,
+               tokenizer: Callable, prefix: str = "", batch_size: int = 64,
+               resize: Optional[int] = None) -> tuple[float, torch.Tensor]:
+    """(mean cosine, per-sample cosine (N,) on CPU) between L2-normalised image and caption embeddings.
+
+    Images: (N, 3, H, W) float in [0, 1] or uint8, or a list of PIL images / (3, H, W) tensors. Each becomes a
+    uint8 RGB PIL image and goes through the model's own `preprocess`, exactly as open_clip treats a PIL image
+    (PIL bicubic on uint8 differs slightly from torchvision's tensor resize). `resize=DMD2_RESIZE` adds DMD2's
+    center crop + 256 Lanczos step first; `prefix=DMD2_PREFIX` adds its caption prefix.
+    """
+    n = len(images)
+    if n != len(captions):
+        raise ValueError(f"{n} images but {len(captions)} captions")
+    if n == 0:
+        raise ValueError("clip_score needs at least one image-caption pair")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        pils = [to_pil(images[i]) for i in range(start, stop)]
+        if resize is not None:
+            pils = [center_crop_resize(p, resize) for p in pils]
+        pixels = torch.stack([preprocess(p) for p in pils]).to(device)
+        tokens = tokenize_captions(list(captions[start:stop]), tokenizer, prefix).to(device)
+        img = F.normalize(model.encode_image(pixels).float(), dim=-1)
+        txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        scores.append((img * txt).sum(-1).cpu())
+    per_sample = torch.cat(scores)
+    return float(per_sample.double().mean()), per_sample
