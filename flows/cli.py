@@ -184,6 +184,23 @@ def train_teacher_cmd(
     typer.echo(f"wrote {out} (config hash {meta['hash']}) in {meta['seconds']} s")
 
 
+@app.command("report")
+def report_cmd(
+    run_name: str = typer.Argument(..., metavar="RUN", help="run folder under the root"),
+    root: str = typer.Option("./artifacts", help="artifact root URL: a path, file://, memory://, s3://, gs://"),
+) -> None:
+    """Print a run's latest evaluation table and write eval/trend.png and eval/loss.png into the run."""
+    from flows.report import report
+
+    try:
+        out = report(root, run_name)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    typer.echo(out["table"].rstrip())
+    for name, url in out["images"].items():
+        typer.echo(f"{name}: {url}")
+
+
 @app.command()
 def presets() -> None:
     """List the presets shipped in configs/."""
