@@ -1,0 +1,246 @@
+"""FID exactly as clean-fid 0.1.35 computes it (Parmar et al. 2022), streamed from a model or read from folders.
+
+clean-fid's own pieces are imported, not rewritten: the Inception wrapper (`InceptionV3W`), the resizers
+(`build_resizer` via `ResizeDataset`), the batch feature call (`get_batch_features`) and `frechet_distance`.
+What clean-fid does to images, by path (read in cleanfid/fid.py, utils.py, resize.py):
+- folders: every file is `Image.open(p).convert("RGB")` -> uint8 HWC; "clean" resizes each channel as float32
+  with PIL bicubic to 299x299 (clipped to [0, 255]); "legacy_tensorflow" keeps the size and feeds
+  `ToTensor()(uint8) * 255`, the network resizing inside.
+- models (`compute_fid(gen=...)`, `get_model_features`): G's float output in [0, 255] is used as is, never
+  quantised. A folder of PNGs of the same images is quantised, so to make streamed FID equal folder FID we
+  quantise float images with `to_uint8` first and then follow the folder path exactly.
+Statistics: mu is `np.mean(feats, 0)` bit for bit (numpy accumulates rows in the features' dtype, float32 for
+Inception); sigma is `np.cov(feats, rowvar=False)` in float64 to ~1e-15, merged batch by batch (Chan et al.).
+"""
+from __future__ import annotations
+
+import os
+from glob import glob
+from typing import Callable, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from cleanfid.fid import frechet_distance as _cleanfid_frechet_distance
+from cleanfid.fid import get_batch_features
+from cleanfid.inception_torchscript import InceptionV3W
+from cleanfid.utils import EXTENSIONS, ResizeDataset
+from PIL import Image
+from torch import nn
+
+MODES = ("clean", "legacy_tensorflow")
+INCEPTION_FILE = "inception-2015-12-05.pt"
+# cleanfid/features.py feature_extractor(): path = "./" on Windows else "/tmp", then InceptionV3W joins the name.
+CLEANFID_INCEPTION_PATH = os.path.join("/tmp", INCEPTION_FILE)
+
+Images = Union[np.ndarray, torch.Tensor, Sequence[np.ndarray]]
+Extractor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"FID mode must be one of {MODES}, got {mode!r}")
+
+
+def inception_extractor(path: str | None, device: torch.device | str, mode: str = "clean") -> nn.Module:
+    """clean-fid's Inception-V3 TorchScript wrapper from a local file, never downloaded: [0, 255] -> (B, 2048).
+
+    `path` is the file `inception-2015-12-05.pt` or a folder holding it; None means clean-fid's own location.
+    The file must keep that name: `InceptionV3W` joins it onto the folder itself.
+    """
+    _check_mode(mode)
+    path = path or CLEANFID_INCEPTION_PATH
+    if os.path.isdir(path):
+        path = os.path.join(path, INCEPTION_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Inception weights not found: {path} (clean-fid expects the TorchScript file at "
+            f"{CLEANFID_INCEPTION_PATH}; nothing is downloaded: copy it there or set evaluate.inception_weights "
+            f"to a local copy named {INCEPTION_FILE})")
+    if os.path.basename(path) != INCEPTION_FILE:
+        raise ValueError(f"evaluate.inception_weights: clean-fid's InceptionV3W loads a file named {INCEPTION_FILE}, "
+                         f"got {path}; rename the file or pass its folder")
+    model = InceptionV3W(os.path.dirname(path), download=False, resize_inside=(mode == "legacy_tensorflow"))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] -> uint8 by clamp, x255, round half to even (the PNG a folder would hold)."""
+    return (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    """One uint8 HxW[xC] image as PIL's `.convert("RGB")` gives it: grey replicated, alpha dropped."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise ValueError(f"an image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {img.shape}")
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    return np.ascontiguousarray(img[:, :, :3])
+
+
+def _uint8_images(images: Images) -> list[np.ndarray]:
+    """uint8 NHWC array, uint8 / float-in-[0, 1] NCHW tensor, or a list of uint8 HWC arrays -> list of RGB HWC uint8."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"image tensors must be NCHW, got shape {tuple(images.shape)}")
+        if images.dtype != torch.uint8:
+            if not images.is_floating_point():
+                raise TypeError(f"image tensors must be uint8 or float in [0, 1], got {images.dtype}")
+            images = to_uint8(images)
+        items = list(images.detach().cpu().permute(0, 2, 3, 1).numpy())
+    elif isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise ValueError(f"image arrays must be NHWC, got shape {images.shape}")
+        items = list(images)
+    else:
+        items = [np.asarray(im) for im in images]
+    for im in items:
+        if im.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8 in [0, 255], got {im.dtype}; pass floats as a torch tensor")
+    return [_rgb(im) for im in items]
+
+
+def preprocess(images: Images, mode: str = "clean") -> torch.Tensor:
+    """What clean-fid's folder path feeds the extractor: float32 (B, 3, 299, 299) for "clean", (B, 3, H, W) for legacy.
+
+    Per image, as `cleanfid.utils.ResizeDataset.__getitem__`: its `fn_resize`, then `ToTensor()` (x255 for uint8).
+    """
+    _check_mode(mode)
+    dataset = ResizeDataset([], mode=mode)  # holds clean-fid's own fn_resize and ToTensor for `mode`
+    out = []
+    for img in _uint8_images(images):
+        resized = dataset.fn_resize(img)
+        if resized.dtype == np.uint8:
+            out.append(dataset.transforms(np.array(resized)) * 255)
+        elif resized.dtype == np.float32:
+            out.append(dataset.transforms(resized))
+        else:
+            raise TypeError(f"clean-fid's resizer returned {resized.dtype}")
+    if not out:
+        raise ValueError("no images to preprocess")
+    return torch.stack(out)
+
+
+def _chunks(items: list, size: int | None) -> Iterable[list]:
+    size = size or max(len(items), 1)
+    if size < 1:
+        raise ValueError(f"batch_size must be positive, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def features(images: Images, extractor: Extractor, mode: str, batch_size: int | None = None,
+             device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, D) features through clean-fid's `get_batch_features` (no_grad, to `device`, back to numpy)."""
+    items = _uint8_images(images)
+    if not items:
+        raise ValueError("no images to compute features of")
+    feats = [get_batch_features(preprocess(chunk, mode), extractor, torch.device(device))
+             for chunk in _chunks(items, batch_size)]
+    return np.concatenate(feats)
+
+
+class FeatureStats:
+    """Streaming (mu, sigma): clean-fid's `np.mean(feats, 0)` bit for bit, `np.cov(feats, rowvar=False)` to ~1e-15."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._sum: np.ndarray | None = None    # row-by-row running sum in the features' dtype, as np.mean does
+        self._mean64: np.ndarray | None = None
+        self._m2: np.ndarray | None = None     # float64 sum of centred outer products
+
+    def update(self, feats: np.ndarray) -> None:
+        """Add a batch of features (B, D), float32 or float64."""
+        feats = np.asarray(feats)
+        if feats.ndim != 2 or feats.dtype not in (np.float32, np.float64):
+            raise ValueError(f"features must be (B, D) float32 or float64, got {feats.dtype} {feats.shape}")
+        if self._sum is not None and (feats.dtype != self._sum.dtype or feats.shape[1] != self._sum.shape[0]):
+            raise ValueError(f"features changed from {self._sum.dtype} (*, {self._sum.shape[0]}) "
+                             f"to {feats.dtype} {feats.shape}")
+        nb = feats.shape[0]
+        if nb == 0:
+            return
+        f64 = feats.astype(np.float64)
+        mean_b = f64.mean(0)
+        centred = f64 - mean_b
+        m2_b = centred.T @ centred
+        if self.n == 0:
+            self._sum = np.add.reduce(feats, axis=0)
+            self._mean64, self._m2 = mean_b, m2_b
+        else:
+            # numpy reduces axis 0 one row after another, so continuing from the running sum keeps its order.
+            self._sum = np.add.reduce(np.concatenate([self._sum[None], feats]), axis=0)
+            n = self.n + nb
+            delta = mean_b - self._mean64
+            self._mean64 = self._mean64 + delta * (nb / n)
+            self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (self.n * nb / n)
+        self.n += nb
+
+    def compute(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu in the features' dtype, sigma in float64), as clean-fid's `np.mean` / `np.cov`."""
+        if self.n < 2:
+            raise ValueError(f"FID statistics need at least 2 images, got {self.n}")
+        mu = np.true_divide(self._sum, np.intp(self.n), out=np.empty_like(self._sum), casting="unsafe")
+        return mu, self._m2 / (self.n - 1)
+
+
+def stats_from_batches(batches: Iterable[Images], extractor: Extractor, mode: str, device: torch.device | str = "cpu",
+                       batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of image batches; each batch goes to the extractor whole unless `batch_size` splits it."""
+    stats = FeatureStats()
+    for batch in batches:
+        stats.update(features(batch, extractor, mode, batch_size, device))
+    return stats.compute()
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """clean-fid's `frechet_distance` (scipy sqrtm, eps retry, imaginary check), shapes checked first."""
+    if np.shape(mu1) != np.shape(mu2) or np.shape(sigma1) != np.shape(sigma2):
+        raise ValueError(f"FID statistics differ in shape: mu {np.shape(mu1)} vs {np.shape(mu2)}, "
+                         f"sigma {np.shape(sigma1)} vs {np.shape(sigma2)}")
+    return float(_cleanfid_frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def list_images(fdir: str) -> list[str]:
+    """The files clean-fid's `get_folder_features` reads from a folder, in its order (sorted, recursive)."""
+    files = sorted(f for ext in EXTENSIONS for f in glob(os.path.join(fdir, f"**/*.{ext}"), recursive=True))
+    npy = [f for f in files if f.endswith(".npy")]
+    if npy:
+        raise ValueError(f"{fdir}: .npy files are not read here (e.g. {npy[0]}); store images as PNG")
+    if not files:
+        raise ValueError(f"no images ({', '.join(sorted(EXTENSIONS))}) under {fdir}")
+    return files
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.array(img.convert("RGB"))
+
+
+def stats_from_folder(fdir: str, extractor: Extractor, mode: str, batch_size: int = 32,
+                      device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a folder of images, read as clean-fid reads them, `batch_size` files at a time."""
+    files = list_images(fdir)
+    return stats_from_batches(([_read_rgb(p) for p in chunk] for chunk in _chunks(files, batch_size)),
+                              extractor, mode, device)
+
+
+def fid_from_folders(dir_a: str, dir_b: str, extractor: Extractor, mode: str = "clean", batch_size: int = 32,
+                     device: torch.device | str = "cpu") -> float:
+    """FID between two image folders; equals `cleanfid.fid.compute_fid(dir_a, dir_b, ...)` with the same extractor."""
+    stats_a = stats_from_folder(dir_a, extractor, mode, batch_size, device)
+    stats_b = stats_from_folder(dir_b, extractor, mode, batch_size, device)
+    return frechet_distance(*stats_a, *stats_b)
+
+
+def fid_from_model(generate_batches: Iterable[Images] | Callable[[], Iterable[Images]],
+                   ref_stats: tuple[np.ndarray, np.ndarray], extractor: Extractor, mode: str = "clean",
+                   device: torch.device | str = "cpu", batch_size: int | None = None) -> float:
+    """FID of streamed model samples against reference (mu, sigma); float batches are quantised with `to_uint8`.
+
+    `generate_batches` is an iterable of batches, or a no-argument callable returning one.
+    """
+    batches = generate_batches() if callable(generate_batches) else generate_batches
+    mu, sigma = stats_from_batches(batches, extractor, mode, device, batch_size)
+    return frechet_distance(mu, sigma, *ref_stats)
