@@ -149,13 +149,28 @@ class ExportConfig(_Model):
 
 
 class EvaluateConfig(_Model):
-    """Evaluation protocol (digits: Fréchet distance in a small digits classifier's features)."""
+    """Evaluation protocol: `digits` (FD in a digits classifier's features), or clean-fid FID (+ CLIP score for
+    text) at the papers' protocols `coco30k`, `coco10k`, `cifar10-50k`. None: digits for data.name=digits."""
 
-    n_samples: int = Field(1797, gt=1)
+    protocol: Optional[Literal["digits", "coco30k", "coco10k", "cifar10-50k"]] = None
+    n_samples: int = Field(1797, gt=1, description="samples per model (the protocol's count for the papers')")
     teacher_steps: int = Field(50, gt=0)
     batch_size: int = Field(512, gt=0)
     classifier_epochs: int = Field(30, gt=0)
     seed: int = 1234
+    captions: Optional[str] = Field(None, description="COCO captions json (captions_val2014.json), any fsspec URL")
+    reference_images: Optional[str] = Field(None, description="folder of reference images (COCO val2014, a "
+                                                              "CIFAR-10 train folder), any fsspec URL")
+    inception_weights: Optional[str] = Field(None, description="clean-fid's Inception TorchScript file "
+                                                               "(inception-2015-12-05.pt), local path or URL")
+    fid_mode: Literal["clean", "legacy_tensorflow"] = "clean"
+    clip_model: str = "ViT-g-14"
+    clip_weights: Optional[str] = Field(None, description="OpenCLIP weights of clip_model (laion2b_s12b_b42k), "
+                                                          "local path or URL")
+    clip_prefix: str = Field("", description='"A photo depicts " reproduces the official DMD2 evaluator')
+    clip_resize: Optional[int] = Field(None, description="resize before CLIP's preprocess (DMD2: 256)")
+    random_extractors: bool = Field(False, description="tests only: random-init Inception-shaped and CLIP "
+                                                       "extractors, no weights needed (numbers mean nothing)")
 
 
 class PipelineConfig(_Model):

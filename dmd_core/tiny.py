@@ -102,3 +102,37 @@ def write_tiny_sd_teacher(folder: str | Path, latent_size: int = 8, prediction_t
              "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+TINY_CLIP = "dmd-tiny-clip"
+TINY_CLIP_CONFIG = {  # ViT: width 64, 2 layers, patch 8, 32 px; text: width 64, 2 layers, context 77; embed 32
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def register_tiny_clip() -> str:
+    """Register a tiny OpenCLIP config (open_clip's `add_model_config`) and return its model name."""
+    import tempfile
+
+    import open_clip
+
+    if TINY_CLIP not in open_clip.list_models():
+        path = Path(tempfile.mkdtemp(prefix="dmd-clipcfg-")) / f"{TINY_CLIP}.json"
+        path.write_text(json.dumps(TINY_CLIP_CONFIG))
+        open_clip.add_model_config(path)
+    return TINY_CLIP
+
+
+class TinyInception(torch.nn.Module):
+    """A random feature extractor with clean-fid's custom-extractor contract: (B, 3, 299, 299) in [0, 255] -> (B, 64)."""
+
+    def __init__(self, dim: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.AvgPool2d(13), torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(),
+                                       torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(256, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x / 255.0)

@@ -14,6 +14,7 @@ from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.pairs import pairs_shard_task, plan_pairs, record_shards
+from tasks.stages import artifact_key
 from tasks.teacher import teacher_task
 
 Stage = Literal["teacher", "pairs", "distill", "export", "evaluate"]
@@ -45,7 +46,8 @@ def pairs_stage(root: str, run_name: str, force: bool) -> int:
         record_shards(root, run_name, records, complete=True)
         return 0
     total = len(todo) + len(records)
-    artifact = create_progress_artifact(100.0 * len(records) / total, description="pair shards written")
+    artifact = create_progress_artifact(100.0 * len(records) / total, key=artifact_key(run_name, "pairs"),
+                                        description="pair shards written")
     futures = [pairs_shard_task.submit(root, run_name, shard_id) for shard_id in todo]
     for future in as_completed(futures):
         records.append(future.result())

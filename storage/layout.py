@@ -17,16 +17,22 @@ EVAL_DIR = "eval"
 RESULTS = "eval/results.parquet"
 SUMMARY = "eval/summary.json"
 EVAL_GRID = "eval/grid.png"
+EVAL_COMPARE = "eval/compare.png"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def root_store(root: str, **storage_options) -> ArtifactStore:
+    """The store of the artifact root itself (caches shared by its runs); a local path becomes a file:// URL."""
+    if "://" not in root:
+        root = "file://" + os.path.abspath(root)
+    return ArtifactStore(root.rstrip("/"), **storage_options)
 
 
 def run_store(root: str, run_name: str, **storage_options) -> ArtifactStore:
     """The store of one run; a plain local path (relative or absolute) becomes a file:// URL."""
     if not _RUN_NAME.match(run_name or ""):
         raise ValueError(f"run_name {run_name!r}: use letters, digits, '.', '_' or '-'")
-    if "://" not in root:
-        root = "file://" + os.path.abspath(root)
-    return ArtifactStore(root.rstrip("/") + "/" + run_name, **storage_options)
+    return root_store(root, **storage_options).child(run_name)
 
 
 def done_marker(stage: str) -> str:

@@ -74,3 +74,20 @@ def cached_folder(store: ArtifactStore, prefix: str, content_key: str) -> str:
                 raise
             _CACHE[cache_key] = tmp
         return _CACHE[cache_key]
+
+
+def cached_file(url: str) -> str:
+    """A local path for a file given as a path or any fsspec URL (remote files copied once per process)."""
+    if "://" not in url or url.startswith("file://"):
+        return url.removeprefix("file://")
+    with _CACHE_LOCK:
+        if url not in _CACHE:
+            from storage.store import open_url
+
+            tmp = tempfile.mkdtemp(prefix="dmd-cache-")
+            atexit.register(shutil.rmtree, tmp, True)
+            target = os.path.join(tmp, url.rstrip("/").rsplit("/", 1)[-1])
+            with open_url(url, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            _CACHE[url] = target
+        return _CACHE[url]

@@ -18,7 +18,7 @@ from storage.checkpoints import list_checkpoints, read_checkpoint, write_checkpo
 from storage.images import grid_png
 from storage.layout import METRICS, sample_grid_key
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
-from tasks.stages import DISTILL_STAGE, resume_key
+from tasks.stages import DISTILL_STAGE, artifact_key, resume_key
 
 METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "loss_gan_D",
                   "grad_norm_G", "grad_norm_fake", "nonfinite_skipped"]
@@ -114,6 +114,6 @@ def distill_task(root: str, run_name: str, force: bool = False) -> int:
     """Prefect wrapper of run_distill with a progress artifact."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    artifact = create_progress_artifact(0.0, description="distillation steps")
-    return run_distill(root, run_name, force,
-                       progress=lambda s, n: update_progress_artifact(artifact, 100.0 * s / n) if s % 10 == 0 else None)
+    artifact = create_progress_artifact(0.0, key=artifact_key(run_name, "distill"), description="distillation steps")
+    return run_distill(root, run_name, force, progress=lambda s, n: update_progress_artifact(artifact, 100.0 * s / n)
+                       if s % 10 == 0 or s == n else None)

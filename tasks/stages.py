@@ -50,3 +50,8 @@ def resume_key(cfg: PipelineConfig) -> str:
     """Hash stored with each checkpoint: the inputs that must match to resume from it."""
     return stable_hash({"upstream": PAIRS_STAGE.key(cfg),
                         "distill": cfg.distill.model_dump(mode="json", exclude=RESUMABLE_CHANGES)})
+
+
+def artifact_key(run_name: str, what: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for one run's `what`."""
+    return f"dmd-{what}-" + "".join(c if c.isalnum() else "-" for c in run_name.lower())

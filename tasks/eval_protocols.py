@@ -1,0 +1,232 @@
+"""The evaluate stage's protocols: the digits classifier (FD + accuracy) and the papers' image protocols
+(clean-fid FID + CLIP score: coco30k, coco10k, cifar10-50k). Each returns new result rows and the images of
+the comparison grid; the stage module owns the results table."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Callable, Optional
+
+import torch
+
+from dmd_core.checkpoint import bytes_to_tensors, tensors_to_bytes
+from dmd_core.config import stable_hash
+from dmd_core.denoisers import UNetDenoiser, with_guidance
+from dmd_core.evaluation import ClipScorer, ImageScores, generate_images, reference_stats
+from dmd_core.fid import frechet_distance
+from dmd_core.generator import Generator
+from dmd_core.metrics import DigitsClassifier, features_and_predictions, gaussian_stats, train_classifier
+from dmd_core.protocols import class_balanced_labels, get_protocol, sample_captions
+from storage import ArtifactStore
+from storage.checkpoints import checkpoint_weights
+from storage.coco import iter_reference_images, list_reference_images, read_coco_annotations
+from storage.layout import root_store
+from storage.models import cached_file
+from tasks.stages import resume_key
+
+KEY_COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "metric")
+COLUMNS = (*KEY_COLUMNS, "value", "n_samples", "time")
+
+
+def rows(run: str, config_hash: str, step: int, model: str, steps: int, scores: dict, n: int) -> list[dict]:
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return [{"run": run, "config_hash": config_hash, "checkpoint_step": step, "model": model, "steps": steps,
+             "metric": k, "value": v, "n_samples": n, "time": now} for k, v in scores.items()]
+
+
+def result_hashes(cfg) -> dict[str, str]:
+    """Config hash of each kind of row: a row is reused only while everything it depends on is unchanged."""
+    teacher = cfg.section_hash("data", "teacher", "pairs", "evaluate")
+    return {"real": cfg.section_hash("data", "evaluate"), "teacher": teacher,
+            "teacher-G0": stable_hash([teacher, cfg.distill.generator_timesteps]),
+            "student": stable_hash([resume_key(cfg), cfg.section_hash("evaluate"), cfg.export.use_ema])}
+
+
+def student(store: ArtifactStore, cfg, teacher, step: int) -> Generator:
+    """The checkpoint's generator (EMA or raw, as the export uses) on a copy of the teacher's network."""
+    D = UNetDenoiser(teacher.student_unet().eval(), teacher.schedule, teacher.prediction_type)
+    D.load_state_dict(checkpoint_weights(store, step, cfg.export.use_ema))
+    return Generator(D, teacher.schedule, cfg.distill.generator_timesteps)
+
+
+class Models:
+    """The models a run evaluates, each as sample(z, raw) -> x0 in model space, on the same noise."""
+
+    def __init__(self, store: ArtifactStore, cfg, teacher, device) -> None:
+        self.store, self.cfg, self.teacher, self.device = store, cfg, teacher, device
+        self.n_gen = len(cfg.distill.generator_timesteps)
+
+    def _renoise(self) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(1)
+
+    def teacher_steps(self) -> Callable:
+        T, c = self.teacher, self.cfg
+        return lambda z, raw: T.sample(c.pairs.solver, c.evaluate.teacher_steps, z.to(self.device), T.encode(raw),
+                                       c.pairs.guidance)
+
+    def teacher_generator(self) -> Callable:
+        """The teacher run at the generator's timesteps: the student before distillation."""
+        T = self.teacher
+        G0 = Generator(with_guidance(T.denoiser, self.cfg.pairs.guidance, T.null_cond), T.schedule,
+                       self.cfg.distill.generator_timesteps)
+        return lambda z, raw: G0(z.to(self.device), T.encode(raw), generator=self._renoise())
+
+    def student(self, step: int) -> Callable:
+        G = student(self.store, self.cfg, self.teacher, step)
+        return lambda z, raw: G(z.to(self.device), self.teacher.encode(raw), generator=self._renoise())
+
+
+# ---- digits: FD and accuracy in a small classifier's features ------------------------------------------------
+def classifier(store: ArtifactStore, cfg, images: torch.Tensor, labels: torch.Tensor) -> DigitsClassifier:
+    """The feature classifier, trained once on all real images and cached in the run."""
+    key = f"eval/classifier-e{cfg.evaluate.classifier_epochs}-s{cfg.evaluate.seed}.safetensors"
+    model = DigitsClassifier(int(labels.max()) + 1)
+    if store.exists(key):
+        model.load_state_dict(bytes_to_tensors(store.read_bytes(key)))
+        return model.eval().requires_grad_(False)
+    model = train_classifier(images, labels, cfg.evaluate.classifier_epochs, cfg.evaluate.seed)
+    store.write_bytes(key, tensors_to_bytes(model.state_dict()))
+    return model
+
+
+class ClassifierScorer:
+    """FD against all real images and accuracy against the requested labels, in the classifier's features."""
+
+    def __init__(self, model: DigitsClassifier, real: torch.Tensor) -> None:
+        self.model = model
+        self.mu, self.sigma = gaussian_stats(features_and_predictions(model, real)[0])
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        feats, preds = features_and_predictions(self.model, images.cpu())
+        return {"fd": frechet_distance(*gaussian_stats(feats), self.mu, self.sigma),
+                "accuracy": float((preds == labels.cpu()).float().mean())}
+
+
+def digits_protocol(store, cfg, run_name, teacher, dataset, steps, needed, device) -> tuple[list[dict], dict]:
+    """Rows for the real floor, teacher N-step and 1-step, and the student checkpoints `steps`."""
+    e, hashes = cfg.evaluate, result_hashes(cfg)
+    images, labels = dataset
+    n = min(e.n_samples, images.shape[0])
+    model = classifier(store, cfg, images, labels)
+    score = ClassifierScorer(model, images)
+    g = torch.Generator().manual_seed(e.seed)
+    z = torch.randn((n, *teacher.sample_shape), generator=g)
+    y = labels[torch.randperm(images.shape[0], generator=g)[:n]]
+    models = Models(store, cfg, teacher, device)
+
+    def run(fn: Callable) -> torch.Tensor:
+        return torch.cat([fn(zb, lb.to(device)).float().cpu() for zb, lb in zip(z.split(e.batch_size),
+                                                                                 y.split(e.batch_size))])
+
+    new, pictures = [], {}
+    if needed("real", -1, "real", 0, "fd"):
+        half = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(e.seed))
+        a, b = half[: images.shape[0] // 2], half[images.shape[0] // 2:]
+        fa, fb = (features_and_predictions(model, images[idx])[0] for idx in (a, b))
+        fd = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
+        new += rows(run_name, hashes["real"], -1, "real", 0, {"fd": fd, "accuracy": score(images, labels)["accuracy"]},
+                    len(a))
+    for kind, name, n_steps, fn in (("teacher", f"teacher {e.teacher_steps}-step", e.teacher_steps,
+                                     models.teacher_steps),
+                                    ("teacher-G0", f"teacher {models.n_gen}-step", models.n_gen,
+                                     models.teacher_generator)):
+        if needed(kind, -1, "teacher", n_steps, "fd"):
+            x = run(fn())
+            new += rows(run_name, hashes[kind], -1, "teacher", n_steps, score(x, y), n)
+            pictures[name] = x[:8]
+    grid = None
+    for step in steps:
+        if needed("student", step, "student", models.n_gen, "fd"):
+            with torch.no_grad():
+                x = run(models.student(step))
+            new += rows(run_name, hashes["student"], step, "student", models.n_gen, score(x, y), n)
+            pictures[f"student step {step}"], grid = x[:8], x[:64]
+    return new, {"pictures": pictures, "labels": [f"class {int(c)}" for c in y[:8]], "grid": grid}
+
+
+# ---- image protocols: clean-fid FID (+ CLIP score for text) -------------------------------------------------
+def _extractors(cfg, teacher, device):
+    """(Inception features, CLIP scorer or None, a name identifying the extractor for the statistics cache)."""
+    from dmd_core.clip_score import load_clip
+    from dmd_core.fid import inception_extractor
+
+    e = cfg.evaluate
+    if e.random_extractors:
+        from dmd_core.tiny import TinyInception, register_tiny_clip
+
+        inception, name = TinyInception().to(device).eval(), "tiny-random"
+        clip = load_clip(register_tiny_clip(), random_init=True, device=device) if teacher.conditioning == "text" else None
+    else:
+        path = cached_file(e.inception_weights) if e.inception_weights else None
+        inception, name = inception_extractor(path, device, e.fid_mode), "inception-2015-12-05"
+        clip = None
+        if teacher.conditioning == "text":
+            weights = cached_file(e.clip_weights) if e.clip_weights else None
+            clip = load_clip(e.clip_model, weights, device)
+    scorer = ClipScorer(*clip, prefix=e.clip_prefix, resize=e.clip_resize) if clip else None
+    return inception, scorer, name
+
+
+def _reference(root: str, cfg, protocol, files: list[str], extractor, name: str, device):
+    """Reference (mu, sigma), computed once per (protocol, resolution, mode, extractor, images) under the root."""
+    e = cfg.evaluate
+    key = stable_hash([protocol.name, protocol.resolution, e.fid_mode, name, e.reference_images, files])
+    cache = root_store(root)
+    path = f"_reference/{protocol.name}-{key}.safetensors"
+    if cache.exists(path):
+        stats = bytes_to_tensors(cache.read_bytes(path))
+        return stats["mu"].numpy(), stats["sigma"].numpy()
+    batches = iter_reference_images(e.reference_images, files, protocol.resolution, e.batch_size)
+    mu, sigma = reference_stats(batches, extractor, e.fid_mode, device)
+    cache.write_bytes(path, tensors_to_bytes({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}))
+    return mu, sigma
+
+
+def image_protocol(root, store, cfg, run_name, teacher, steps, needed, device) -> tuple[list[dict], dict]:
+    """FID (and CLIP for text models) of teacher N-step, teacher 1-step and the student checkpoints `steps`."""
+    e, hashes = cfg.evaluate, result_hashes(cfg)
+    protocol = get_protocol(e.protocol)
+    if not e.reference_images:
+        raise ValueError(f"evaluate.protocol={e.protocol} needs evaluate.reference_images (a folder URL)")
+    n, raw, files = e.n_samples, None, None
+    if protocol.name.startswith("coco"):
+        if not e.captions:
+            raise ValueError(f"evaluate.protocol={e.protocol} needs evaluate.captions (captions_val2014.json)")
+        drawn = sample_captions(read_coco_annotations(e.captions), n, protocol.caption_seed)
+        raw = [caption for _, _, caption in drawn]
+        if protocol.reference_is_caption_images:
+            files = [file_name for _, file_name, _ in drawn]
+    elif teacher.num_classes:
+        raw = class_balanced_labels(n, teacher.num_classes)
+    files = files if files is not None else list_reference_images(e.reference_images)
+    inception, clip, name = _extractors(cfg, teacher, device)
+    ref = _reference(root, cfg, protocol, files, inception, name, device)
+    z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(e.seed))
+    models = Models(store, cfg, teacher, device)
+
+    def decoded(fn: Callable) -> Callable:
+        return lambda zb, rb: (teacher.decode(fn(zb, rb)) / 2 + 0.5).clamp(0, 1)
+
+    def score(fn: Callable, keep: Optional[dict], label: str) -> dict:
+        scores = ImageScores(inception, e.fid_mode, device, clip)
+        for images, cond in generate_images(decoded(fn), z, raw, e.batch_size, protocol.resolution):
+            scores.update(images, cond)
+            if keep is not None and label not in keep:
+                keep[label] = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return scores.result(*ref)
+
+    new, pictures = [], {}
+    for kind, label, n_steps, fn in (("teacher", f"teacher {e.teacher_steps}-step", e.teacher_steps,
+                                      models.teacher_steps),
+                                     ("teacher-G0", f"teacher {models.n_gen}-step", models.n_gen,
+                                      models.teacher_generator)):
+        if needed(kind, -1, "teacher", n_steps, "fid"):
+            new += rows(run_name, hashes[kind], -1, "teacher", n_steps, score(fn(), pictures, label), n)
+    for step in steps:
+        if needed("student", step, "student", models.n_gen, "fid"):
+            label = f"student step {step}"
+            new += rows(run_name, hashes["student"], step, "student", models.n_gen,
+                        score(models.student(step), pictures, label), n)
+    labels = ([str(c) for c in raw[:8]] if isinstance(raw, list)
+              else [f"class {int(c)}" for c in raw[:8]] if raw is not None else None)
+    last = pictures.get(f"student step {steps[-1]}") if steps else None
+    return new, {"pictures": pictures, "labels": labels, "grid": last}

@@ -1,0 +1,72 @@
+"""The coco30k protocol end to end through the flow with the tiny SD teacher on a COCO-format fixture:
+deterministic captions, reference statistics computed once, FID and CLIP rows, comparison grid, report."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage.layout import RESULTS, root_store, run_store
+
+IMAGES = [(42, "COCO_val2014_000000000042.jpg", (40, 30)), (73, "COCO_val2014_000000000073.png", (24, 36)),
+          (74, "COCO_val2014_000000000074.png", (32, 32)), (133, "COCO_val2014_000000000133.jpg", (48, 20)),
+          (139, "COCO_val2014_000000000139.png", (30, 30))]
+
+
+def write_fixture(folder):
+    """A captions json with the real captions_val2014.json schema and its images."""
+    (folder / "val2014").mkdir(parents=True)
+    (folder / "annotations").mkdir()
+    rng = np.random.default_rng(0)
+    annotations = []
+    for k, (image_id, name, (w, h)) in enumerate(IMAGES):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / "val2014" / name)
+        for j in range(2):
+            annotations.append({"image_id": image_id, "id": 1000 + 2 * k + j,
+                                "caption": f"a photo of thing {k} seen from side {j} "})
+    data = {"info": {"description": "fixture"}, "licenses": [],
+            "images": [{"id": i, "file_name": n, "width": w, "height": h} for i, n, (w, h) in IMAGES],
+            "annotations": annotations}
+    (folder / "annotations" / "captions_val2014.json").write_text(json.dumps(data))
+    return str(folder / "annotations" / "captions_val2014.json"), str(folder / "val2014")
+
+
+@pytest.mark.slow
+def test_coco30k_protocol_through_the_flow(prefect_api, tmp_path):
+    from flows.pipeline import dmd
+
+    captions, images = write_fixture(tmp_path / "coco")
+    root = str(tmp_path / "artifacts")
+    overrides = ["evaluate.protocol=coco30k", "evaluate.n_samples=4", "evaluate.batch_size=2",
+                 f"evaluate.captions={captions}", f"evaluate.reference_images={images}",
+                 "evaluate.random_extractors=true", "evaluate.clip_prefix=A photo depicts "]
+    out = dmd(preset="sd-tiny", root=root, run_name="coco", overrides=overrides)
+    store = run_store(root, "coco")
+    rows = store.read_table(RESULTS).to_pylist()
+    metrics = {(r["model"], r["steps"], r["metric"]) for r in rows}
+    assert {("teacher", 3, "fid"), ("teacher", 1, "fid"), ("student", 1, "fid"),
+            ("teacher", 3, "clip"), ("student", 1, "clip")} <= metrics
+    assert all(np.isfinite(r["value"]) and r["n_samples"] == 4 for r in rows)
+    assert all(-1 <= r["value"] <= 1 for r in rows if r["metric"] == "clip")
+    cache = [k for k in root_store(root).ls("_reference")]
+    assert len(cache) == 1 and "coco30k" in cache[0]
+    assert out["evaluate"]["compare"] and store.exists("eval/compare.png") and store.exists("eval/trend.png")
+
+    # A second run (another run name, same root and protocol) reads the cached reference statistics.
+    before = root_store(root).info(cache[0])
+    from tasks import eval_protocols
+
+    calls = []
+    original = eval_protocols.reference_stats
+    eval_protocols.reference_stats = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        dmd(preset="sd-tiny", root=root, run_name="coco2", overrides=overrides, stages=["teacher", "pairs", "distill",
+                                                                                       "export", "evaluate"])
+    finally:
+        eval_protocols.reference_stats = original
+    assert calls == [] and root_store(root).info(cache[0]) == before
+    rows2 = run_store(root, "coco2").read_table(RESULTS).to_pylist()
+    # Same seed, same captions, same noise: the teacher baselines repeat exactly.
+    first = {(r["model"], r["steps"], r["metric"]): r["value"] for r in rows if r["model"] == "teacher"}
+    second = {(r["model"], r["steps"], r["metric"]): r["value"] for r in rows2 if r["model"] == "teacher"}
+    assert first == second
