@@ -15,6 +15,7 @@ from dmd_core.config import DEFAULT_PRESET, STAGES, ConfigError, load_config, pr
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distribution Matching Distillation of diffusion models into one-step generators.")
 REPO = Path(__file__).resolve().parent.parent
+GPU_LIMIT = "gpu"  # the Prefect global concurrency limit that GPU-heavy tasks (evaluation) hold a slot of
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -69,11 +70,17 @@ def run(
 
 
 @app.command()
-def deploy(pool: str = typer.Option("dmd", help="process work pool the deployments run on")) -> None:
-    """Register every deployment in prefect.yaml (needs PREFECT_API_URL and the work pool)."""
-    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"]
+def deploy(pool: str = typer.Option("dmd", help="process work pool the deployments run on"),
+           gpu_limit: int = typer.Option(1, min=1, help="slots of the `gpu` global concurrency limit, if created")) -> None:
+    """Register every deployment in prefect.yaml and create the `gpu` concurrency limit evaluation holds."""
     env = {**os.environ, "DMD_WORK_POOL": pool, "DMD_PROJECT_DIR": str(REPO)}
-    raise typer.Exit(subprocess.call(cmd, cwd=REPO, env=env))
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    if subprocess.call([*prefect, "gcl", "inspect", GPU_LIMIT], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL) != 0:
+        created = subprocess.call([*prefect, "gcl", "create", GPU_LIMIT, "--limit", str(gpu_limit)], cwd=REPO, env=env)
+        if created != 0:
+            raise typer.Exit(created)
+    raise typer.Exit(subprocess.call([*prefect, "deploy", "--all"], cwd=REPO, env=env))
 
 
 @app.command()

@@ -92,8 +92,10 @@ def summarize(store: ArtifactStore, rows: list[dict], run_name: str, hashes: dic
 def evaluate_task(root: str, run_name: str, all_checkpoints: bool = False) -> dict:
     """Prefect wrapper of run_evaluate; publishes the table, and the pictures embedded in a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.concurrency.sync import concurrency
 
-    summary = run_evaluate(root, run_name, all_checkpoints)
+    with concurrency("gpu", occupy=1):  # created by `dmd deploy`; without it the slot is not enforced
+        summary = run_evaluate(root, run_name, all_checkpoints)
     create_table_artifact(summary["rows"], key=artifact_key(run_name, "eval"), description=f"DMD evaluation of {run_name}")
     store, _ = open_run(root, run_name)
     images = {name: store.read_bytes(key) for name, key in (("compare", EVAL_COMPARE), ("trend", TREND),

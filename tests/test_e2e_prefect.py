@@ -80,6 +80,11 @@ def test_deploy_run_full_pipeline_then_only_evaluate(prefect_env, tmp_path):
     listing = prefect(env, "deployment", "ls")
     for name in ("full-pipeline", "pairs", "distill", "export", "evaluate", "nightly-eval"):
         assert name in listing
+    gcl = prefect(env, "gcl", "inspect", "gpu")  # `dmd deploy` created the limit evaluation holds a slot of
+    assert "gpu" in gcl and "limit" in gcl.lower()
+    redeployed = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+    assert redeployed.returncode == 0, redeployed.stderr[-3000:]  # an existing limit is kept, not recreated
 
     worker_log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "dmd", "--limit", "1"],
