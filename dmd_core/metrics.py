@@ -1,4 +1,4 @@
-"""Metrics: Fréchet distance (Heusel et al. 2017) and the digits feature classifier used to compute it."""
+"""The digits feature classifier and Gaussian fits of its features (the Fréchet distance is clean-fid's, `dmd_core.fid`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,14 +11,6 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (rows are samples), in float64."""
     f = np.asarray(features, dtype=np.float64)
     return f.mean(0), np.cov(f, rowvar=False)
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) via the eigenvalues of S1 S2 (real, >= 0 in exact math)."""
-    diff = mu1 - mu2
-    eig = np.linalg.eigvals(sigma1 @ sigma2)
-    tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
 
 
 class DigitsClassifier(nn.Module):

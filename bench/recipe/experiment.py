@@ -20,7 +20,8 @@ import torch
 from dmd_core.config import DataConfig, DistillConfig, TeacherConfig
 from dmd_core.denoisers import UNetDenoiser
 from dmd_core.generator import Generator
-from dmd_core.metrics import features_and_predictions, frechet_distance, gaussian_stats, train_classifier
+from dmd_core.fid import frechet_distance
+from dmd_core.metrics import features_and_predictions, gaussian_stats, train_classifier
 from dmd_core.samplers import ddim_sample
 from dmd_core.schedules import VPSchedule, timestep_grid
 from dmd_core.streams import TensorStream
