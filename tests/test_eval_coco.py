@@ -70,3 +70,18 @@ def test_coco30k_protocol_through_the_flow(prefect_api, tmp_path):
     first = {(r["model"], r["steps"], r["metric"]): r["value"] for r in rows if r["model"] == "teacher"}
     second = {(r["model"], r["steps"], r["metric"]): r["value"] for r in rows2 if r["model"] == "teacher"}
     assert first == second
+
+    # Without the Inception file the stage fails with one line naming it, and writes nothing.
+    from tasks.evaluate import run_evaluate
+
+    store2 = run_store(root, "coco2")
+    cfg = store2.read_json("config.json")
+    cfg["evaluate"].update(random_extractors=False, inception_weights=str(tmp_path / "nowhere" / "inception-2015-12-05.pt"),
+                           seed=99)
+    store2.write_json("config.json", cfg)
+    before = {k: store2.sha256(k) for k in store2.ls("eval")}
+    with pytest.raises(FileNotFoundError) as err:
+        run_evaluate(root, "coco2")
+    assert str(tmp_path / "nowhere") in str(err.value) and "\n" not in str(err.value)
+    assert {k: store2.sha256(k) for k in store2.ls("eval")} == before
+    assert not (tmp_path / "nowhere").exists()
