@@ -15,8 +15,8 @@ from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
 from storage import ArtifactStore
 from storage.checkpoints import list_checkpoints, read_checkpoint, write_checkpoint
-from storage.images import grid_png
 from storage.layout import METRICS, sample_grid_key
+from storage.plots import labelled_grid_png
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
 from tasks.stages import DISTILL_STAGE, artifact_key, resume_key
 
@@ -55,22 +55,29 @@ def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
     return steps[-1]
 
 
-def grid_conditions(cfg, teacher, n: int):
-    """Fixed raw conditions for sample grids: classes 0, 1, 2, ... or the first prompts of the caption source."""
+def grid_conditions(cfg, teacher, rows: int = 8):
+    """One fixed raw condition per grid row: classes 0, 1, 2, ... or the first prompts of the caption source."""
     if teacher.conditioning == "text":
         texts = prompts(cfg)
-        return [texts[i % len(texts)] for i in range(n)]
-    return torch.arange(n) % teacher.num_classes if teacher.num_classes else None
+        return [texts[i % len(texts)] for i in range(rows)]
+    return torch.arange(min(teacher.num_classes, 10)) if teacher.num_classes else None
 
 
 @torch.no_grad()
-def sample_grid(trainer: DMDTrainer, raw_cond, n: int = 64) -> bytes:
-    """EMA generator samples on fixed noise and fixed conditions, decoded, as a PNG grid."""
+def sample_grid(trainer: DMDTrainer, row_cond, rows: int = 8, cols: int = 8) -> bytes:
+    """EMA generator samples on fixed noise, decoded: one row per condition (labelled class or prompt)."""
+    rows = len(row_cond) if row_cond is not None else rows
     g = torch.Generator().manual_seed(0)
-    z = torch.randn((n, *trainer.sample_shape), generator=g).to(trainer.device)
-    cond = trainer.encode(raw_cond) if raw_cond is not None else None
+    z = torch.randn((rows * cols, *trainer.sample_shape), generator=g).to(trainer.device)
+    raw = None
+    if row_cond is not None:  # sample i is in row i // cols
+        raw = ([c for c in row_cond for _ in range(cols)] if isinstance(row_cond, list)
+               else row_cond.repeat_interleave(cols))
     renoise = torch.Generator(trainer.device).manual_seed(1)
-    return grid_png(trainer.decode(trainer.ema_generator()(z, cond, generator=renoise)).float())
+    x = trainer.decode(trainer.ema_generator()(z, trainer.encode(raw) if raw is not None else None, generator=renoise))
+    x = x.float().cpu()
+    labels = None if row_cond is None else [str(c) if isinstance(c, str) else f"class {int(c)}" for c in row_cond]
+    return labelled_grid_png([(f"z{j}", x[j::cols]) for j in range(cols)], labels)
 
 
 def run_distill(root: str, run_name: str, force: bool = False,
@@ -90,8 +97,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
     if start and store.exists(METRICS):
         rows = [r for r in store.read_table(METRICS).to_pylist() if r["step"] < start]
     teacher = run_teacher(store, cfg, device)
-    n_grid = 16 if teacher.vae is not None else 64
-    grid_cond = grid_conditions(cfg, teacher, n_grid)
+    grid_cond, grid_cols = grid_conditions(cfg, teacher), 2 if teacher.vae is not None else 8
     t0 = time.time()
     for _ in tqdm(range(start, d.steps), desc="distill", initial=start, total=d.steps):
         m = trainer.train_step()
@@ -102,7 +108,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
             write_checkpoint(store, trainer.step, trainer.state_files(), key)
             store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
         if trainer.step % d.sample_every == 0 or trainer.step == d.steps:
-            store.write_bytes(sample_grid_key(trainer.step), sample_grid(trainer, grid_cond, n_grid))
+            store.write_bytes(sample_grid_key(trainer.step), sample_grid(trainer, grid_cond, cols=grid_cols))
         if progress is not None:
             progress(trainer.step, d.steps)
     DISTILL_STAGE.mark(store, cfg, steps=d.steps, nonfinite_skipped=trainer.nonfinite_skipped)
