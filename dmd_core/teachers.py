@@ -141,6 +141,30 @@ def _subfolder(root: Path, name: str) -> Path:
     return root / name if (root / name).is_dir() else root
 
 
+def _check_unet2d(root: Path) -> tuple[Path, Path]:
+    unet_dir, sched_dir = _subfolder(root, "unet"), _subfolder(root, "scheduler")
+    _require(unet_dir / "config.json")
+    _require_weights(unet_dir)
+    _require(sched_dir / "scheduler_config.json")
+    return unet_dir, sched_dir
+
+
+def _check_sd(root: Path) -> None:
+    for name in ("unet", "vae", "text_encoder"):
+        _require(root / name / "config.json")
+        _require_weights(root / name)
+    for name in ("vocab.json", "merges.txt"):
+        _require(root / "tokenizer" / name)
+    _require(root / "scheduler" / "scheduler_config.json")
+
+
+def check_teacher_folder(kind: str, path: str | Path) -> None:
+    """The files a loader of `kind` needs are there (cheap: nothing is loaded); TeacherLoadError names one."""
+    if not (path and Path(path).is_dir()):
+        raise TeacherLoadError(f"teacher folder {path} not found")
+    {"unet2d": _check_unet2d, "sd": _check_sd}[kind](Path(path))
+
+
 def vp_schedule(scheduler_config: dict) -> VPSchedule:
     """alphas_cumprod of any diffusers DDPM-family scheduler config (linear, scaled_linear, cosine betas...)."""
     from diffusers import DDPMScheduler
@@ -178,9 +202,7 @@ def load_unet2d(path: str | Path, prediction_type: Optional[str] = None, **_: An
     from diffusers import UNet2DModel
 
     root = Path(path)
-    unet_dir, sched_dir = _subfolder(root, "unet"), _subfolder(root, "scheduler")
-    _require(unet_dir / "config.json")
-    _require_weights(unet_dir)
+    unet_dir, sched_dir = _check_unet2d(root)
     config = _read_scheduler(sched_dir)
     # low_cpu_mem_usage=False: accelerate's empty-weights init patches nn.Module globally (not thread-safe).
     unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, use_safetensors=True)
@@ -202,11 +224,7 @@ def load_sd(path: str | Path, prediction_type: Optional[str] = None, decoder_pat
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = Path(path)
-    for name in ("unet", "vae", "text_encoder"):
-        _require(root / name / "config.json")
-        _require_weights(root / name)
-    for name in ("vocab.json", "merges.txt"):
-        _require(root / "tokenizer" / name)
+    _check_sd(root)
     config = _read_scheduler(root / "scheduler")
     unet = UNet2DConditionModel.from_pretrained(root / "unet", low_cpu_mem_usage=False, use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(root / "vae", low_cpu_mem_usage=False, use_safetensors=True)
@@ -247,6 +265,6 @@ def load_teacher(kind: str, path: Optional[str | Path], **options: Any) -> Teach
     """Load a teacher of `kind` from a local folder."""
     if kind not in LOADERS:
         raise ValueError(f"teacher.kind must be one of {KINDS}, got {kind!r}")
-    if kind != "callable" and not (path and Path(path).is_dir()):
-        raise TeacherLoadError(f"teacher folder {path} not found")
+    if kind != "callable":
+        check_teacher_folder(kind, path)
     return LOADERS[kind](path, **options)

@@ -56,7 +56,13 @@ def run(
         typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
         return
     from flows.pipeline import dmd
+    from flows.preflight import PreflightError, preflight
     from tasks.evaluate import summary_markdown
+
+    try:  # before a Prefect server starts or anything is written
+        preflight(cfg, root, run_name, chosen)
+    except PreflightError as err:
+        fail(str(err))
 
     try:
         # Pass what the user gave (not the resolved dict): with none, the flow reuses the run's stored config.

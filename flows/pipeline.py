@@ -9,6 +9,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dmd_core.config import STAGES, PipelineConfig, load_config
+from flows.preflight import preflight
 from storage.layout import CONFIG, run_store
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
@@ -64,6 +65,7 @@ def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] =
     """Distill a diffusion teacher into a one-step generator; `stages` selects a subset (default all)."""
     cfg, run_name = resolve_config(preset, config, overrides, root, run_name)
     selected = [s for s in STAGES if s in (stages or STAGES)]
+    preflight(cfg, root, run_name, selected if stages else None)
     save_config(root, run_name, cfg)
     logger = get_run_logger()
     logger.info("run %s at %s: stages %s", run_name, run_store(root, run_name).root_url, ",".join(selected))

@@ -60,3 +60,8 @@ def checkpoint_steps(store: ArtifactStore) -> list[int]:
         if m:
             steps.add(int(m.group(1)))
     return sorted(steps)
+
+
+def list_runs(root: str, **storage_options) -> list[str]:
+    """Names of the runs under a root (folders holding a saved config)."""
+    return [k.rsplit("/", 1)[0] for k in root_store(root, **storage_options).glob(f"*/{CONFIG}")]

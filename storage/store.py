@@ -154,6 +154,12 @@ class ArtifactStore:
         keys = (p[start:] for p in self.fs.find(base, withdirs=False))
         return sorted(k for k in keys if k and not any(s.startswith(TMP_PREFIX) for s in k.split("/")))
 
+    def glob(self, pattern: str) -> list[str]:
+        """Sorted keys matching a glob `pattern` relative to the root (e.g. "*/config.json")."""
+        self._fresh()
+        start = len(self._root) + 1
+        return sorted(p[start:] for p in self.fs.glob(f"{self._root}/{pattern}"))
+
     def open(self, key: str, mode: str = "rb") -> IO[bytes]:
         """Open `key`: 'rb' reads, 'wb' writes atomically (visible only after a clean close)."""
         path = self._path(key)

@@ -1,0 +1,93 @@
+"""Checks made before a server starts or a byte is written: the root, the run, the device, the teacher folder
+and the stages asked for. Each failure is one line naming the field or file (`PreflightError`)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from dmd_core.config import PipelineConfig, resolve_path
+from dmd_core.teachers import TeacherLoadError, check_teacher_folder
+from storage.layout import CONFIG, list_runs, run_store
+
+SCHEMES = ("file", "memory", "s3", "gs", "gcs")
+
+
+class PreflightError(ValueError):
+    """Bad input found before anything ran."""
+
+
+def check_root(root: str) -> None:
+    """Known scheme; a local root is (or can be made) a writable folder; object stores have credentials."""
+    if not root or not root.strip():
+        raise PreflightError("--root: empty; give a folder or a URL (file://, memory://, s3://, gs://)")
+    scheme = root.split("://", 1)[0] if "://" in root else "file"
+    if scheme not in SCHEMES:
+        raise PreflightError(f"--root {root}: unknown scheme {scheme!r}; use a path or one of "
+                             + ", ".join(f"{s}://" for s in SCHEMES))
+    if scheme == "file":
+        _check_local_root(Path(root.removeprefix("file://")).expanduser().absolute())
+    elif scheme == "s3":
+        _check_s3_credentials(root)
+
+
+def _check_local_root(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise PreflightError(f"--root {path}: is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PreflightError(f"--root {path}: {existing} is a file, not a folder")
+    try:  # a probe that leaves nothing behind: as root, os.access says yes even on read-only mounts
+        tempfile.TemporaryDirectory(dir=existing, prefix=".dmd-probe-").cleanup()
+    except OSError as err:
+        raise PreflightError(f"--root {path}: cannot write under {existing} ({err.strerror or err})") from None
+
+
+def _check_s3_credentials(root: str) -> None:
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise PreflightError(f"--root {root}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY, a profile, or an instance role)")
+
+
+def check_device(cfg: PipelineConfig) -> None:
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PreflightError("device: 'cuda' but no CUDA device is available; set device=cpu or auto")
+
+
+def check_teacher(cfg: PipelineConfig) -> None:
+    t = cfg.teacher
+    if t.source == "path" and t.kind != "callable":
+        try:
+            check_teacher_folder(t.kind, resolve_path(t.path))
+        except TeacherLoadError as err:
+            raise PreflightError(f"teacher.path: {err}") from None
+    if cfg.data.captions and "://" not in cfg.data.captions and not Path(resolve_path(cfg.data.captions)).is_file():
+        raise PreflightError(f"data.captions: {cfg.data.captions} not found")
+
+
+def check_run(root: str, run_name: str, stages: Optional[list[str]]) -> None:
+    """A rerun of later stages needs the run to exist (its saved config)."""
+    store = run_store(root, run_name)
+    if stages and "teacher" not in stages and not store.exists(CONFIG):
+        runs = list_runs(root)
+        raise PreflightError(f"run {run_name!r} does not exist under {root} (no {CONFIG}); runs there: "
+                             + (", ".join(runs) if runs else "none") + "; run the teacher stage first or pick one")
+
+
+def preflight(cfg: PipelineConfig, root: str, run_name: Optional[str], stages: Optional[list[str]]) -> None:
+    """Every check, cheapest first; raises PreflightError with one line."""
+    check_root(root)
+    try:
+        run_store(root, run_name or cfg.name)
+    except ValueError as err:
+        raise PreflightError(f"--run-name: {err}") from None
+    check_device(cfg)
+    check_teacher(cfg)
+    check_run(root, run_name or cfg.name, stages)
