@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .protocols import center_crop_resize as protocol_crop_resize
+
 DMD2_PREFIX = "A photo depicts "  # Hessel et al. 2021 (CLIPScore), as DMD2's evaluator prepends it
 DMD2_RESIZE = 256  # DMD2 resizes the center-cropped image to 256x256 (Lanczos) before CLIP's preprocess
 DEFAULT_MODEL = "ViT-g-14"
@@ -84,10 +86,8 @@ def to_pil(image: Union[torch.Tensor, Image.Image]) -> Image.Image:
 
 
 def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """DMD2's evaluator step: center crop to the short edge, then resize to size x size with PIL Lanczos."""
-    from torchvision.transforms.functional import center_crop
-
-    return center_crop(image, min(image.size)).resize((size, size), Image.LANCZOS)
+    """DMD2's evaluator step (`protocols.center_crop_resize`) on a PIL image."""
+    return Image.fromarray(protocol_crop_resize(image, size))
 
 
 def tokenize_captions(captions: Sequence[str], tokenizer: Callable, prefix: str = "") -> torch.Tensor:

@@ -153,7 +153,8 @@ class EvaluateConfig(_Model):
     text) at the papers' protocols `coco30k`, `coco10k`, `cifar10-50k`. None: digits for data.name=digits."""
 
     protocol: Optional[Literal["digits", "coco30k", "coco10k", "cifar10-50k"]] = None
-    n_samples: int = Field(1797, gt=1, description="samples per model (the protocol's count for the papers')")
+    n_samples: Optional[int] = Field(None, gt=1, description="samples per model; default the protocol's "
+                                                               "(30,000 for coco30k, 1,797 for digits)")
     teacher_steps: int = Field(50, gt=0)
     batch_size: int = Field(512, gt=0)
     classifier_epochs: int = Field(30, gt=0)
@@ -190,6 +191,9 @@ class PipelineConfig(_Model):
     def _timesteps_in_range(self) -> "PipelineConfig":
         if self.teacher.kind == "sd" and not self.data.captions:
             raise ValueError("data.captions is required for a text-to-image teacher (teacher.kind=sd)")
+        if (self.evaluate.protocol or "").startswith("coco") and self.teacher.kind != "sd":
+            raise ValueError(f"evaluate.protocol={self.evaluate.protocol} scores text-to-image teachers "
+                             "(teacher.kind=sd)")
         T = self.teacher.num_train_timesteps
         if self.distill.generator_timesteps[0] >= T:
             raise ValueError(f"distill.generator_timesteps must be below teacher.num_train_timesteps ({T})")

@@ -19,7 +19,6 @@ with m = 4); other lists raise ValueError and need the custom `DMDPipeline`.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
@@ -45,10 +44,9 @@ def _check_timesteps(timesteps: Sequence[int], T: int) -> list[int]:
 
 def _teacher_alphas_cumprod(teacher_scheduler_config: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """betas and alphas_cumprod the way `dmd_core.teachers.vp_schedule` reads them (a filtered DDPMScheduler)."""
-    from diffusers import DDPMScheduler
+    from .teachers import ddpm_scheduler
 
-    keys = set(inspect.signature(DDPMScheduler.__init__).parameters)
-    ddpm = DDPMScheduler(**{k: v for k, v in teacher_scheduler_config.items() if k in keys})
+    ddpm = ddpm_scheduler(teacher_scheduler_config)
     return ddpm.betas, ddpm.alphas_cumprod
 
 

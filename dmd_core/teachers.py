@@ -70,13 +70,15 @@ class Teacher:
 
     @torch.no_grad()
     def encode(self, raw: RawConditions) -> Cond:
-        """Raw conditions -> the network's condition: class ids pass through; prompts -> CLIP hidden states."""
+        """Raw conditions -> the network's condition: class ids pass through; prompts -> CLIP hidden states
+        (in the text encoder's own precision, also inside an autocast region, as pair generation encodes)."""
         if raw is None or self.conditioning != "text":
             return None if raw is None else torch.as_tensor(raw, device=self.device).long()
         ids = self.tokenizer(list(raw), padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         # As StableDiffusionPipeline.encode_prompt: last hidden state, no attention mask for CLIP.
-        return {"encoder_hidden_states": self.text_encoder(ids.to(self.text_encoder.device))[0]}
+        with torch.autocast(self.text_encoder.device.type, enabled=False):
+            return {"encoder_hidden_states": self.text_encoder(ids.to(self.text_encoder.device))[0]}
 
     @property
     def null_cond(self) -> Cond:
@@ -90,11 +92,13 @@ class Teacher:
         return None
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Model space -> images in [-1, 1]: identity for pixel teachers, VAE decode (with grad) for latent ones."""
+        """Model space -> images in [-1, 1]: identity for pixel teachers, the VAE decode for latent ones."""
+        return x if self.vae is None else self.vae.decode(x / self.vae.config.scaling_factor).sample
+
+    def decode_for_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode for the regression loss (with grad): the smaller `decoder` when given (DMD App. B.3), else `decode`."""
         dec = self.decoder if self.decoder is not None else self.vae
-        if dec is None:
-            return x
-        return dec.decode(x / dec.config.scaling_factor).sample
+        return x if dec is None else dec.decode(x / dec.config.scaling_factor).sample
 
     def to(self, device: torch.device | str) -> "Teacher":
         for module in (self.denoiser, self.text_encoder, self.vae, self.decoder):
@@ -123,6 +127,12 @@ class Teacher:
     def student_unet(self) -> nn.Module:
         """A trainable copy of the teacher's network (the generator and fake score start from it, DMD Alg. 1)."""
         return copy.deepcopy(self.unet).requires_grad_(True).train()
+
+    def student(self, weights: dict[str, torch.Tensor]) -> nn.Module:
+        """A frozen copy of the teacher's denoiser holding a checkpoint's generator weights (its state dict)."""
+        denoiser = copy.deepcopy(self.denoiser)
+        denoiser.load_state_dict(weights)
+        return denoiser.eval().requires_grad_(False)
 
 
 def _require(path: Path) -> Path:
@@ -165,12 +175,17 @@ def check_teacher_folder(kind: str, path: str | Path) -> None:
     {"unet2d": _check_unet2d, "sd": _check_sd}[kind](Path(path))
 
 
-def vp_schedule(scheduler_config: dict) -> VPSchedule:
-    """alphas_cumprod of any diffusers DDPM-family scheduler config (linear, scaled_linear, cosine betas...)."""
+def ddpm_scheduler(scheduler_config: dict):
+    """A DDPMScheduler with the betas of any DDPM-family scheduler config (other classes' keys are dropped)."""
     from diffusers import DDPMScheduler
 
     keys = set(inspect.signature(DDPMScheduler.__init__).parameters)
-    return VPSchedule.from_scheduler(DDPMScheduler(**{k: v for k, v in scheduler_config.items() if k in keys}))
+    return DDPMScheduler(**{k: v for k, v in scheduler_config.items() if k in keys})
+
+
+def vp_schedule(scheduler_config: dict) -> VPSchedule:
+    """alphas_cumprod of any diffusers DDPM-family scheduler config (linear, scaled_linear, cosine betas...)."""
+    return VPSchedule.from_scheduler(ddpm_scheduler(scheduler_config))
 
 
 def _prediction_type(scheduler_config: dict, override: Optional[str]) -> str:

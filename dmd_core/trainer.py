@@ -58,13 +58,14 @@ class DMDTrainer:
         self.cfg, self.device = cfg, torch.device(device)
         self.encode: Callable = _identity_encode
         self.decode: Callable = _identity_encode
+        self.decode_for_loss: Callable = _identity_encode
         if isinstance(teacher, Teacher):
             teacher = teacher.to(self.device).frozen()
             schedule, sample_shape = schedule or teacher.schedule, sample_shape or teacher.sample_shape
             prediction_type = prediction_type or teacher.prediction_type
             conditions = conditions or (teacher.conditions() if teacher.conditioning != "none" else None)
             null_cond = teacher.null_cond if null_cond is None else null_cond
-            self.encode, self.decode = teacher.encode, teacher.decode
+            self.encode, self.decode, self.decode_for_loss = teacher.encode, teacher.decode, teacher.decode_for_loss
             teacher = teacher.denoiser
         if schedule is None or sample_shape is None:
             raise ValueError("a callable teacher needs `schedule` and `sample_shape`")
@@ -150,8 +151,8 @@ class DMDTrainer:
         """Regression loss (DMD Eq. 9): LPIPS on decoded images (decoder with grad), else in model space."""
         if self.cfg.regression == "lpips":
             with torch.no_grad():
-                y = self.decode(y)
-            return lpips_regression(self.decode(x), y, self.lpips_model)
+                y = self.decode_for_loss(y)
+            return lpips_regression(self.decode_for_loss(x), y, self.lpips_model)
         if self.cfg.regression == "pseudo_huber":
             return pseudo_huber_regression(x, y)
         return mse_regression(x, y)

@@ -121,10 +121,13 @@ def sample(
         if not texts:
             fail("--prompt or --prompts is required for a text-to-image export")
         texts = [texts[i % len(texts)] for i in range(n)]
-        pipe = StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device)
         meta = export / "dmd.json"
-        steps = len(json.loads(meta.read_text())["generator_timesteps"]) if meta.is_file() else 1
-        images = pipe(texts, num_inference_steps=steps, guidance_scale=1.0, generator=g, output_type="pt").images
+        if not meta.is_file():
+            fail(f"--export: {meta} not found (it says how many steps the student takes)")
+        steps = int(json.loads(meta.read_text())["num_inference_steps"])
+        pipe = StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device)
+        images = torch.cat([pipe(texts[i:i + 8], num_inference_steps=steps, guidance_scale=1.0, generator=g,
+                                 output_type="pt").images.cpu() for i in range(0, n, 8)])
     elif kind == "DDIMPipeline":
         from diffusers import DDIMPipeline
 
@@ -203,7 +206,7 @@ def report_cmd(
     root: str = typer.Option("./artifacts", help="artifact root URL: a path, file://, memory://, s3://, gs://"),
 ) -> None:
     """Print a run's latest evaluation table and write eval/trend.png and eval/loss.png into the run."""
-    from flows.report import report
+    from tasks.report import report
 
     try:
         out = report(root, run_name)

@@ -87,7 +87,11 @@ def cached_file(url: str) -> str:
             tmp = tempfile.mkdtemp(prefix="dmd-cache-")
             atexit.register(shutil.rmtree, tmp, True)
             target = os.path.join(tmp, url.rstrip("/").rsplit("/", 1)[-1])
-            with open_url(url, "rb") as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
+            try:
+                with open_url(url, "rb") as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+            except BaseException:
+                shutil.rmtree(tmp, True)
+                raise
             _CACHE[url] = target
         return _CACHE[url]

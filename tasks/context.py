@@ -1,6 +1,7 @@
 """Shared glue for stage tasks: open a run, pick the device, load the run's teacher, prompts and pair stream."""
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Optional
 
@@ -55,10 +56,15 @@ def run_teacher(store: ArtifactStore, cfg: PipelineConfig, device: torch.device)
 
 
 def prompts(cfg: PipelineConfig) -> Optional[list[str]]:
-    """The caption source's prompts (text-to-image teachers), else None."""
+    """The caption source's prompts (text-to-image teachers), else None; read once per process."""
     if not cfg.data.captions:
         return None
-    return read_captions(resolve_path(cfg.data.captions), cfg.data.caption_column)
+    return list(_read_captions(resolve_path(cfg.data.captions), cfg.data.caption_column))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_captions(url: str, column: Optional[str]) -> tuple[str, ...]:
+    return tuple(read_captions(url, column))
 
 
 def conditions(teacher: Teacher, cfg: PipelineConfig) -> Optional[Conditions]:

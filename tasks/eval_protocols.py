@@ -10,7 +10,7 @@ import torch
 
 from dmd_core.checkpoint import bytes_to_tensors, tensors_to_bytes
 from dmd_core.config import stable_hash
-from dmd_core.denoisers import UNetDenoiser, with_guidance
+from dmd_core.denoisers import with_guidance
 from dmd_core.evaluation import ClipScorer, ImageScores, generate_images, reference_stats
 from dmd_core.fid import frechet_distance
 from dmd_core.generator import Generator
@@ -42,9 +42,8 @@ def result_hashes(cfg) -> dict[str, str]:
 
 
 def student(store: ArtifactStore, cfg, teacher, step: int) -> Generator:
-    """The checkpoint's generator (EMA or raw, as the export uses) on a copy of the teacher's network."""
-    D = UNetDenoiser(teacher.student_unet().eval(), teacher.schedule, teacher.prediction_type)
-    D.load_state_dict(checkpoint_weights(store, step, cfg.export.use_ema))
+    """The checkpoint's generator (EMA or raw, as the export uses) on a copy of the teacher's denoiser."""
+    D = teacher.student(checkpoint_weights(store, step, cfg.export.use_ema))
     return Generator(D, teacher.schedule, cfg.distill.generator_timesteps)
 
 
@@ -68,11 +67,12 @@ class Models:
         T = self.teacher
         G0 = Generator(with_guidance(T.denoiser, self.cfg.pairs.guidance, T.null_cond), T.schedule,
                        self.cfg.distill.generator_timesteps)
-        return lambda z, raw: G0(z.to(self.device), T.encode(raw), generator=self._renoise())
+        g = self._renoise()  # one stream per model: batches get fresh re-noising eps
+        return lambda z, raw: G0(z.to(self.device), T.encode(raw), generator=g)
 
     def student(self, step: int) -> Callable:
-        G = student(self.store, self.cfg, self.teacher, step)
-        return lambda z, raw: G(z.to(self.device), self.teacher.encode(raw), generator=self._renoise())
+        G, g = student(self.store, self.cfg, self.teacher, step), self._renoise()
+        return lambda z, raw: G(z.to(self.device), self.teacher.encode(raw), generator=g)
 
 
 # ---- digits: FD and accuracy in a small classifier's features ------------------------------------------------
@@ -105,7 +105,7 @@ def digits_protocol(store, cfg, run_name, teacher, dataset, steps, needed, devic
     """Rows for the real floor, teacher N-step and 1-step, and the student checkpoints `steps`."""
     e, hashes = cfg.evaluate, result_hashes(cfg)
     images, labels = dataset
-    n = min(e.n_samples, images.shape[0])
+    n = min(e.n_samples or get_protocol("digits").n, images.shape[0])
     model = classifier(store, cfg, images, labels)
     score = ClassifierScorer(model, images)
     g = torch.Generator().manual_seed(e.seed)
@@ -187,7 +187,7 @@ def image_protocol(root, store, cfg, run_name, teacher, steps, needed, device) -
     protocol = get_protocol(e.protocol)
     if not e.reference_images:
         raise ValueError(f"evaluate.protocol={e.protocol} needs evaluate.reference_images (a folder URL)")
-    n, raw, files = e.n_samples, None, None
+    n, raw, files = e.n_samples or protocol.n, None, None
     if protocol.name.startswith("coco"):
         if not e.captions:
             raise ValueError(f"evaluate.protocol={e.protocol} needs evaluate.captions (captions_val2014.json)")

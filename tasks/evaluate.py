@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dmd_core.datasets import real_dataset
-from flows.report import LOSS, TREND, markdown_with_images, report
+from tasks.report import LOSS, TREND, markdown_with_images, report
 from storage import ArtifactStore
 from storage.checkpoints import list_checkpoints
 from storage.images import grid_png

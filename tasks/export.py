@@ -81,9 +81,8 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
         raise FileNotFoundError(f"no final checkpoint (step {cfg.distill.steps}) in {store.url('distill')}: "
                                 "run the distill stage first")
     teacher = run_teacher(store, cfg, torch.device("cpu"))
-    unet = teacher.student_unet().eval().requires_grad_(False)
-    weights = checkpoint_weights(store, steps[-1], cfg.export.use_ema)
-    unet.load_state_dict({k.removeprefix("unet."): v for k, v in weights.items()})
+    D = teacher.student(checkpoint_weights(store, steps[-1], cfg.export.use_ema))
+    unet = D.unet
     pipe = student_pipeline(teacher, unet, cfg)
     kind = type(pipe).__name__
     rows = store.read_table(METRICS).to_pylist() if store.exists(METRICS) else []
@@ -99,18 +98,17 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
             Path(tmp, "pipeline.py").write_text(Path(pipeline_module.__file__).read_text())
 
     save_folder(store, EXPORT, write)
-    err = check_export(store, cfg, teacher, unet, kind)
+    err = check_export(store, cfg, teacher, D, kind)
     EXPORT_STAGE.mark(store, cfg, step=steps[-1], pipeline=kind, check_max_abs_diff=err)
     return store.url(EXPORT)
 
 
 @torch.no_grad()
-def check_export(store, cfg, teacher, unet, kind: str, n: int = 4) -> float:
+def check_export(store, cfg, teacher, student, kind: str, n: int = 4) -> float:
     """The reloaded export must reproduce the trainer's generator (+ decode) on fixed noise within check_atol."""
     from diffusers import DDIMPipeline, StableDiffusionPipeline
 
-    G = Generator(type(teacher.denoiser)(unet, teacher.schedule, teacher.prediction_type), teacher.schedule,
-                  cfg.distill.generator_timesteps)
+    G = Generator(student, teacher.schedule, cfg.distill.generator_timesteps)
     z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
     raw = None
     if teacher.conditioning == "text":

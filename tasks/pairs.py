@@ -1,7 +1,7 @@
 """Stage `pairs`: noise-output pairs from the teacher's deterministic ODE solver, one shard per task (DMD §3.3).
 
-Shards hold `noise.npy` (z), `image.npy` (the teacher's output in model space: pixels, or latents for
-latent teachers) in `pairs.dtype`, and a json with the index and its class id or prompt.
+Shards hold `noise.npy` (z, float32), `image.npy` (the teacher's output in model space: pixels, or latents
+for latent teachers) in `pairs.dtype`, and a json with the index and its class id or prompt.
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
             meta = {"index": i, "class": int(raw[j]) if isinstance(raw, torch.Tensor) else None}
             if isinstance(raw, list):
                 meta["prompt"] = raw[j]
-            samples.append({"__key__": f"{i:08d}", "noise.npy": z[j].numpy().astype(dtype),
+            # z stays float32: it is the exact input that produced y; only y is stored in pairs.dtype.
+            samples.append({"__key__": f"{i:08d}", "noise.npy": z[j].numpy(),
                             "image.npy": y[j].numpy().astype(dtype), "json": meta})
     return write_shard(store, shard_key(shard_id), samples, producer_hash=PAIRS_STAGE.key(cfg))
 

@@ -29,15 +29,27 @@ def shipped_teacher(key: str) -> Path | None:
     return None
 
 
-def teacher_files(src: Path) -> dict[str, Path]:
-    """Relative path in the run's teacher/ folder -> source file. A flat UNet2DModel folder (config.json and
-    scheduler_config.json side by side, as google/ddpm-cifar10-32) is laid out as unet/ + scheduler/."""
+def _variant(name: str) -> bool:
+    """A weight variant a loader never reads (`*.fp16.safetensors`, `*.non_ema.safetensors`)."""
+    return name.endswith(".safetensors") and name.count(".") > 1
+
+
+def teacher_files(src: Path, kind: str = "unet2d") -> dict[str, Path]:
+    """Relative path in the run's teacher/ folder -> source file: the components the loader of `kind` reads,
+    without weight variants, other frameworks' or pickled weights, or single-file checkpoints. A flat
+    UNet2DModel folder (google/ddpm-cifar10-32) is laid out as unet/ + scheduler/."""
     files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*"))
-             if p.is_file() and p.name not in SKIP and not p.name.endswith(SKIP_SUFFIXES)
+             if p.is_file() and p.name not in SKIP and not p.name.endswith(SKIP_SUFFIXES) and not _variant(p.name)
              and not any(part.startswith(".") for part in p.relative_to(src).parts)}
+    if kind == "callable":
+        return files
+    if kind == "sd":
+        keep = ("unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
+        return {k: p for k, p in files.items() if k == "model_index.json" or k.startswith(keep)}
     if "config.json" in files and "scheduler_config.json" in files and not (src / "unet").is_dir():
-        return {(f"scheduler/{k}" if k == "scheduler_config.json" else f"unet/{k}"): p for k, p in files.items()}
-    return files
+        return {(f"scheduler/{k}" if k == "scheduler_config.json" else f"unet/{k}"): p for k, p in files.items()
+                if "/" not in k}
+    return {k: p for k, p in files.items() if k.startswith(("unet/", "scheduler/"))} if (src / "unet").is_dir() else files
 
 
 def _copy(files: dict[str, Path], dst: str) -> dict[str, str]:
@@ -65,7 +77,7 @@ def run_teacher(root: str, run_name: str, force: bool = False) -> str:
         src, how = Path(resolve_path(t.path)), "path"
         if not src.is_dir():
             raise FileNotFoundError(f"teacher.path: folder {src} not found")
-        files = teacher_files(src)
+        files = teacher_files(src, t.kind)
         save_folder(store, TEACHER, lambda tmp: digests.update(_copy(files, tmp)))
     elif (src := shipped_teacher(key)) is not None and not force:
         how = f"shipped:{src.name}"

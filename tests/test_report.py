@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from flows.cli import app  # noqa: E402
-from flows.report import LOSS, TREND, latest_table, markdown_with_images, report  # noqa: E402
+from tasks.report import LOSS, TREND, latest_table, markdown_with_images, report  # noqa: E402
 from storage.layout import METRICS, RESULTS, run_store  # noqa: E402
 from storage.plots import grid_size, labelled_grid_png, loss_figure, trend_figure  # noqa: E402
 from tasks.distill import METRIC_COLUMNS  # noqa: E402
