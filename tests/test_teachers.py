@@ -299,3 +299,22 @@ def test_concat_regression_runs_one_generator_forward_and_trains_the_fake_score_
     assert torch.equal(generator[0][1], fake[1][1])
     assert not torch.equal(trainer.G.denoiser.unet.conv_in.weight, G_before)
 
+
+
+def test_teacher_stage_copies_only_what_the_loader_reads(sd_folder, tmp_path):
+    """A Hugging Face snapshot carries weight variants, single-file checkpoints and unused components."""
+    from tasks.teacher import teacher_files
+
+    folder = Path(shutil.copytree(sd_folder, tmp_path / "snapshot"))
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x")
+    (folder / "unet" / "diffusion_pytorch_model.non_ema.safetensors").write_bytes(b"x")
+    (folder / "v1-5-pruned.safetensors").write_bytes(b"x")
+    (folder / "safety_checker").mkdir()
+    (folder / "safety_checker" / "model.safetensors").write_bytes(b"x")
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(b"x")
+    files = teacher_files(folder, "sd")
+    assert "model_index.json" in files and "unet/diffusion_pytorch_model.safetensors" in files
+    assert not [k for k in files if "fp16" in k or "non_ema" in k or k.startswith(("v1-5", "safety_checker"))
+                or k.endswith(".bin")]
+    assert {k.split("/")[0] for k in files} == {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
+                                                 "scheduler"}
