@@ -8,6 +8,8 @@ import torch
 from .digits import load_digits
 
 DATASETS: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = {"digits": load_digits}
+# The evaluation protocol a run of each dataset gets when `evaluate.protocol` is unset.
+DEFAULT_PROTOCOLS: dict[str, str] = {"digits": "digits"}
 
 
 def real_dataset(name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

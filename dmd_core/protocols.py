@@ -35,6 +35,7 @@ class Protocol:
     class_balanced: bool = False  # class-conditional models: labels from class_balanced_labels(n, num_classes)
     caption_seed: int | None = None  # text-conditional: prompts = sample_captions(rows, n, caption_seed)
     reference_is_caption_images: bool = False  # reference = the images of the drawn captions, not a whole folder
+    classifier: bool = False  # Fréchet distance and accuracy in a dataset classifier's features, not Inception's
     source: str = ""
 
 
@@ -55,7 +56,7 @@ PROTOCOLS: dict[str, Protocol] = {
         source="DMD / DMD2 CIFAR-10 FID: 50k samples against the training set",
     ),
     "digits": Protocol(
-        name="digits", n=1797, resolution=8, class_balanced=True,
+        name="digits", n=1797, resolution=8, class_balanced=True, classifier=True,
         reference="sklearn's 1,797 8x8 digits; Fréchet distance on the DigitsClassifier features",
         source="configs/digits.yaml (evaluate.n_samples 1797)",
     ),

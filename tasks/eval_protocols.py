@@ -1,4 +1,4 @@
-"""The evaluate stage's protocols: the digits classifier (FD + accuracy) and the papers' image protocols
+"""The evaluate stage's protocols: a dataset classifier (FD + accuracy) and the papers' image protocols
 (clean-fid FID + CLIP score: coco30k, coco10k, cifar10-50k). Each returns new result rows and the images of
 the comparison grid; the stage module owns the results table."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dmd_core.evaluation import ClipScorer, ImageScores, generate_images, refere
 from dmd_core.fid import frechet_distance
 from dmd_core.generator import Generator
 from dmd_core.metrics import DigitsClassifier, features_and_predictions, gaussian_stats, train_classifier
-from dmd_core.protocols import class_balanced_labels, get_protocol, sample_captions
+from dmd_core.protocols import class_balanced_labels, sample_captions
 from storage import ArtifactStore
 from storage.checkpoints import checkpoint_weights
 from storage.coco import iter_reference_images, list_reference_images, read_coco_annotations
@@ -75,7 +75,7 @@ class Models:
         return lambda z, raw: G(z.to(self.device), self.teacher.encode(raw), generator=g)
 
 
-# ---- digits: FD and accuracy in a small classifier's features ------------------------------------------------
+# ---- classifier protocols: FD and accuracy in a small classifier's features ------------------------------------------------
 def classifier(store: ArtifactStore, cfg, images: torch.Tensor, labels: torch.Tensor) -> DigitsClassifier:
     """The feature classifier, trained once on all real images and cached in the run."""
     key = f"eval/classifier-e{cfg.evaluate.classifier_epochs}-s{cfg.evaluate.seed}.safetensors"
@@ -101,11 +101,12 @@ class ClassifierScorer:
                 "accuracy": float((preds == labels.cpu()).float().mean())}
 
 
-def digits_protocol(store, cfg, run_name, teacher, dataset, steps, needed, device) -> tuple[list[dict], dict]:
+def classifier_protocol(store, cfg, run_name, teacher, dataset, protocol, steps, needed,
+                        device) -> tuple[list[dict], dict]:
     """Rows for the real floor, teacher N-step and 1-step, and the student checkpoints `steps`."""
     e, hashes = cfg.evaluate, result_hashes(cfg)
     images, labels = dataset
-    n = min(e.n_samples or get_protocol("digits").n, images.shape[0])
+    n = min(e.n_samples or protocol.n, images.shape[0])
     model = classifier(store, cfg, images, labels)
     score = ClassifierScorer(model, images)
     g = torch.Generator().manual_seed(e.seed)
@@ -181,16 +182,15 @@ def _reference(root: str, cfg, protocol, files: list[str], extractor, name: str,
     return mu, sigma
 
 
-def image_protocol(root, store, cfg, run_name, teacher, steps, needed, device) -> tuple[list[dict], dict]:
+def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device) -> tuple[list[dict], dict]:
     """FID (and CLIP for text models) of teacher N-step, teacher 1-step and the student checkpoints `steps`."""
     e, hashes = cfg.evaluate, result_hashes(cfg)
-    protocol = get_protocol(e.protocol)
     if not e.reference_images:
-        raise ValueError(f"evaluate.protocol={e.protocol} needs evaluate.reference_images (a folder URL)")
+        raise ValueError(f"evaluate.protocol={protocol.name} needs evaluate.reference_images (a folder URL)")
     n, raw, files = e.n_samples or protocol.n, None, None
     if protocol.name.startswith("coco"):
         if not e.captions:
-            raise ValueError(f"evaluate.protocol={e.protocol} needs evaluate.captions (captions_val2014.json)")
+            raise ValueError(f"evaluate.protocol={protocol.name} needs evaluate.captions (captions_val2014.json)")
         drawn = sample_captions(read_coco_annotations(e.captions), n, protocol.caption_seed)
         raw = [caption for _, _, caption in drawn]
         if protocol.reference_is_caption_images:

@@ -1,6 +1,6 @@
 """Stage `evaluate`: score the teacher baselines and the student checkpoints at the run's protocol.
 
-`digits`: Fréchet distance and class accuracy in a small classifier's features. `coco30k`, `coco10k`,
+Classifier protocols (the embedded digits): Fréchet distance and class accuracy in a small classifier's features. `coco30k`, `coco10k`,
 `cifar10-50k`: clean-fid FID against cached reference statistics, plus the CLIP score for text models.
 Rows are appended to eval/results.parquet (never duplicating a key); eval/summary.json, eval/compare.png
 (teacher N-step | teacher 1-step | student on the same noise), eval/trend.png and eval/loss.png follow.
@@ -10,7 +10,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
-from dmd_core.datasets import real_dataset
+from dmd_core.datasets import DEFAULT_PROTOCOLS, real_dataset
+from dmd_core.protocols import Protocol, get_protocol
 from tasks.report import LOSS, TREND, markdown_with_images, report
 from storage import ArtifactStore
 from storage.checkpoints import list_checkpoints
@@ -18,15 +19,14 @@ from storage.images import grid_png
 from storage.layout import EVAL_COMPARE, EVAL_GRID, RESULTS, SUMMARY
 from storage.plots import labelled_grid_png
 from tasks.context import device_for, open_run, run_teacher
-from tasks.eval_protocols import COLUMNS, KEY_COLUMNS, digits_protocol, image_protocol, result_hashes
+from tasks.eval_protocols import COLUMNS, KEY_COLUMNS, classifier_protocol, image_protocol, result_hashes
 from tasks.stages import artifact_key, resume_key
 
 
-def protocol_of(cfg) -> str | None:
-    """The configured protocol; by default `digits` for a named dataset with a classifier, else none."""
-    if cfg.evaluate.protocol:
-        return cfg.evaluate.protocol
-    return "digits" if real_dataset(cfg.data.name) is not None else None
+def protocol_of(cfg) -> Protocol | None:
+    """The configured protocol, else the dataset's default one (a named dataset with a classifier), else none."""
+    name = cfg.evaluate.protocol or DEFAULT_PROTOCOLS.get(cfg.data.name)
+    return get_protocol(name) if name else None
 
 
 def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dict:
@@ -48,13 +48,13 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
     teacher = run_teacher(store, cfg, device)
     steps = list_checkpoints(store, resume_key(cfg))
     steps = steps if all_checkpoints else steps[-1:]
-    if protocol == "digits":
+    if protocol.classifier:
         dataset = real_dataset(cfg.data.name)
         if dataset is None:
-            raise ValueError(f"evaluate.protocol=digits needs data.name=digits, got {cfg.data.name!r}")
-        new, pictures = digits_protocol(store, cfg, run_name, teacher, dataset, steps, needed, device)
+            raise ValueError(f"evaluate.protocol={protocol.name} needs its dataset, got data.name={cfg.data.name!r}")
+        new, pictures = classifier_protocol(store, cfg, run_name, teacher, dataset, protocol, steps, needed, device)
     else:
-        new, pictures = image_protocol(root, store, cfg, run_name, teacher, steps, needed, device)
+        new, pictures = image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device)
     write_pictures(store, pictures)
     if not new:
         return summarize(store, existing, run_name, hashes)

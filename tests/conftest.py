@@ -122,3 +122,14 @@ def tiny_run(prefect_api, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("artifacts"))
     out = dmd(preset="digits-tiny", root=root, run_name="tiny")
     return root, "tiny", out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest, and steadiest on a loaded 2-core runner, on one intra-op thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

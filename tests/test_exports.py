@@ -24,13 +24,7 @@ PIXEL_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", beta_st
                        prediction_type="epsilon", clip_sample=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add contention (10x slower on a loaded 2-core runner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
