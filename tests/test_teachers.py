@@ -312,3 +312,22 @@ def test_teacher_stage_copies_only_what_the_loader_reads(sd_folder, tmp_path):
                 or k.endswith(".bin")]
     assert {k.split("/")[0] for k in files} == {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
                                                  "scheduler"}
+
+
+def test_a_small_decoder_serves_the_regression_loss_only(sd_folder, tmp_path):
+    """teacher.decoder_path (an AutoencoderTiny folder, e.g. TAESD) decodes for LPIPS; evaluation, grids and the
+    export check keep the full VAE (DMD App. B.3)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4, upsampling_scaling_factor=2
+                    ).save_pretrained(tmp_path / "taesd")
+    teacher = load_teacher("sd", sd_folder, decoder_path=str(tmp_path / "taesd"))
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(teacher.decode(x), teacher.vae.decode(x / teacher.vae.config.scaling_factor).sample)
+        assert torch.equal(teacher.decode_for_loss(x), teacher.decoder.decode(x).sample)
+        assert not torch.allclose(teacher.decode(x), teacher.decode_for_loss(x))
+    with pytest.raises(TeacherLoadError, match="nowhere"):
+        load_teacher("sd", sd_folder, decoder_path=str(tmp_path / "nowhere"))
