@@ -115,6 +115,8 @@ class DistillConfig(_Model):
     lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
     lpips_weights: Optional[str] = Field(None, description="local torchvision trunk weights (.pth) for LPIPS")
     lpips_random_trunk: bool = Field(False, description="tests only: random LPIPS trunk, no weights needed")
+    pairs_in_memory_mb: float = Field(256, ge=0, description="pair sets up to this size (shard bytes) are read "
+                                                             "into memory once; larger ones stream from the shards")
     fake_updates_per_generator: int = Field(1, ge=1, description="TTUR ratio (DMD2 uses 5)")
     gan: GANConfig = Field(default_factory=GANConfig)
     checkpoint_every: int = Field(250, gt=0)

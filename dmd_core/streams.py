@@ -30,10 +30,11 @@ class Stream(Protocol):
 
 
 class TensorStream:
-    """Endless shuffled mini-batches over equal-length tensors; epoch e uses permutation seed + e."""
+    """Endless shuffled mini-batches over equal-length tensors (or lists, e.g. prompts); epoch e uses permutation
+    seed + e."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int = 0) -> None:
-        lengths = {k: v.shape[0] for k, v in tensors.items()}
+    def __init__(self, tensors: dict[str, torch.Tensor | list], batch_size: int, seed: int = 0) -> None:
+        lengths = {k: len(v) for k, v in tensors.items()}
         if not tensors or len(set(lengths.values())) != 1:
             raise ValueError(f"stream tensors must be non-empty and equally long, got {lengths}")
         self.tensors = tensors
@@ -56,7 +57,8 @@ class TensorStream:
             self._perm = self._permutation()
         idx = self._perm[self.position:self.position + self.batch_size]
         self.position += self.batch_size
-        return {k: v[idx].to(device) for k, v in self.tensors.items()}
+        return {k: v[idx].to(device) if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()]
+                for k, v in self.tensors.items()}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

@@ -5,15 +5,18 @@ import functools
 import threading
 from typing import Optional
 
+import numpy as np
 import torch
 
 from dmd_core.conditions import Conditions, hash_seed
 from dmd_core.config import PipelineConfig, resolve_path
+from dmd_core.streams import Stream, TensorStream
 from dmd_core.teachers import Teacher, load_teacher
 from storage import ArtifactStore, ShardStream, read_manifest
 from storage.captions import read_captions
 from storage.layout import CONFIG, PAIRS_MANIFEST, TEACHER, run_store
 from storage.models import cached_folder
+from storage.stream import read_shard
 from tasks.stages import TEACHER_STAGE
 
 _TEACHER_LOCK = threading.Lock()
@@ -72,12 +75,23 @@ def conditions(teacher: Teacher, cfg: PipelineConfig) -> Optional[Conditions]:
     return teacher.conditions(prompts(cfg) if teacher.conditioning == "text" else None)
 
 
-def pair_stream(store: ArtifactStore, cfg: PipelineConfig, batch_size: int, seed: int) -> ShardStream:
-    """A lazily read, exactly resumable stream over the run's pair shards."""
+def pair_stream(store: ArtifactStore, cfg: PipelineConfig, batch_size: int, seed: int) -> Stream:
+    """An exactly resumable stream over the run's pairs: held in memory when the shards total at most
+    `distill.pairs_in_memory_mb` (read once, each shard's sha256 checked), else read lazily from the shards."""
     records = read_manifest(store, PAIRS_MANIFEST)
     if not records:
         raise FileNotFoundError(f"{store.url(PAIRS_MANIFEST)} is missing or empty: run the pairs stage first")
-    return ShardStream(store, records, batch_size, seed=seed)
+    if sum(r.n_bytes for r in records) > cfg.distill.pairs_in_memory_mb * 2**20:
+        return ShardStream(store, records, batch_size, seed=seed)
+    samples = sorted((s for r in records for s in read_shard(store, r)), key=lambda s: s["index"])
+    tensors = {"z": torch.from_numpy(np.stack([s["noise.npy"] for s in samples])).float(),
+               "y": torch.from_numpy(np.stack([s["image.npy"] for s in samples])).float()}
+    meta = samples[0].get("json") or {}
+    if meta.get("class") is not None:
+        tensors["cond"] = torch.tensor([s["json"]["class"] for s in samples], dtype=torch.long)
+    elif meta.get("prompt") is not None:
+        tensors["cond"] = [s["json"]["prompt"] for s in samples]
+    return TensorStream(tensors, batch_size, seed)
 
 
 def sample_noise(seed: int, index: int, shape: tuple) -> torch.Tensor:
