@@ -80,6 +80,8 @@ class PairsConfig(_Model):
     batch_size: int = Field(256, gt=0)
     dtype: Literal["float32", "float16"] = Field("float32", description="of the stored noise and outputs")
     seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast of the teacher's solver; auto = bf16 on CUDA, fp32 on CPU (kept in the manifest)")
 
 
 class GANConfig(_Model):
@@ -128,6 +130,9 @@ class DistillConfig(_Model):
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (DMD App. B.3)")
     concat_regression: bool = Field(False, description="DMD Alg. 1 line 7: the regression outputs join the DM "
                                                        "and fake-score batch (one generator forward)")
+    compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
+        "auto", description="torch.compile mode of the three networks; auto = reduce-overhead on CUDA, none on CPU")
+    channels_last: Optional[bool] = Field(None, description="NHWC activations and weights; default: on CUDA only")
 
     @field_validator("generator_timesteps")
     @classmethod

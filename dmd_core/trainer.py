@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import accel
 from .checkpoint import bytes_to_tensors, files_to_state, state_to_files, tensors_to_bytes
 from .conditions import ClassLabels, Conditions
 from .config import DistillConfig
@@ -89,7 +90,16 @@ class DMDTrainer:
                 unet = getattr(module, "unet", module)
                 if hasattr(unet, "enable_gradient_checkpointing"):
                     unet.enable_gradient_checkpointing()
+        self.compile_mode = accel.resolve_compile(cfg.compile, self.device)
+        if accel.resolve_channels_last(cfg.channels_last, self.device):
+            for module in (self.G.denoiser, self.mu_fake, teacher):
+                if isinstance(module, nn.Module):
+                    accel.channels_last(module)
         self.ema = copy.deepcopy(self.G.denoiser).requires_grad_(False).eval()
+        # Compiled after the EMA copy: the networks stay the same objects with the same state_dict keys.
+        accel.compile_in_place(self.G.denoiser, self.compile_mode)
+        accel.compile_in_place(self.mu_fake, self.compile_mode)
+        self.mu_real = accel.compiled(self.mu_real, self.compile_mode)
         fake_params = [p for p in self.mu_fake.parameters() if p.requires_grad]
         self.gan_head, self.features = None, None
         if cfg.gan.enabled:
@@ -98,9 +108,9 @@ class DMDTrainer:
             self.gan_head = GANHead(self.features.channels).to(self.device)
             fake_params += list(self.gan_head.parameters())
         adam = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        self.opt_G = torch.optim.AdamW(self.G.parameters(), lr=cfg.lr, **adam)
+        self.opt_G = accel.adamw(self.G.parameters(), self.device, lr=cfg.lr, **adam)
         # A fully frozen fake score (the real-score-only ablation, DMD Fig. 3a) has no optimizer.
-        self.opt_fake = torch.optim.AdamW(fake_params, lr=cfg.lr_fake or cfg.lr, **adam) if fake_params else None
+        self.opt_fake = accel.adamw(fake_params, self.device, lr=cfg.lr_fake or cfg.lr, **adam) if fake_params else None
         self.rng = torch.Generator(self.device).manual_seed(cfg.seed)
         self.step = 0
         self.nonfinite_skipped = 0
@@ -166,12 +176,13 @@ class DMDTrainer:
 
     # ---- one iteration ----------------------------------------------------------------------
     def _clip_and_step(self, loss: torch.Tensor, params, opt: torch.optim.Optimizer, lr: float) -> Optional[float]:
-        """Backward, clip (norm 10), step; returns the grad norm, or None if anything was non-finite."""
-        if not torch.isfinite(loss):
-            return None
+        """Backward, clip (norm 10), step; returns the grad norm, or None if anything was non-finite.
+
+        The loss and the norm are checked together after backward: one host synchronisation per update.
+        """
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        if not torch.isfinite(norm):
+        if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
             return None
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else lr
@@ -193,22 +204,27 @@ class DMDTrainer:
                 cond = cond_cat(cond, self._batch_cond(batch))
                 x = self.G.step(torch.cat([z, batch["z"]]) * self.schedule.init_noise_sigma, 0, cond)
                 x_ref = x[B:]
+            elif batch is not None and len(self.G.timesteps) == 1:
+                # One forward for the DM and the regression batch; unlike Alg. 1 line 7 the outputs stay apart.
+                x_all = self.G.step(torch.cat([z, batch["z"]]) * self.schedule.init_noise_sigma, 0,
+                                    cond_cat(cond, self._batch_cond(batch)))
+                x, x_ref = x_all[:B], x_all[B:]
             else:
                 x = self._generate(z, cond)
             loss_dm, _ = dm_loss(x.float(), self.mu_real, self.mu_fake, self.schedule, t, eps, cond, cfg.dm_weighting)
             loss_G = cfg.dm_weight * loss_dm.mean()
-            metrics["loss_dm"] = float(loss_dm.detach().mean())
+            metrics["loss_dm"] = loss_dm.detach().mean()
             if batch is not None:
-                if not concat:
+                if len(self.G.timesteps) > 1:
                     x_ref = self.G.step(batch["z"] * self.schedule.init_noise_sigma, 0, self._batch_cond(batch))
                 loss_reg = self._regression(x_ref.float(), batch["y"].float()).mean()
                 loss_G = loss_G + cfg.lambda_reg * loss_reg
-                metrics["loss_reg"] = float(loss_reg.detach())
+                metrics["loss_reg"] = loss_reg.detach()
             if cfg.gan.enabled:
                 loss_gan = gan_generator_loss(self._gan_logits(x.float(), cond)).mean()
                 loss_G = loss_G + cfg.gan.weight_generator * loss_gan
-                metrics["loss_gan_G"] = float(loss_gan.detach())
-        metrics["loss_G"] = float(loss_G.detach())
+                metrics["loss_gan_G"] = loss_gan.detach()
+        metrics["loss_G"] = loss_G.detach()
         norm = self._clip_and_step(loss_G, list(self.G.parameters()), self.opt_G, cfg.lr)
         if norm is None:
             return None
@@ -234,8 +250,8 @@ class DMDTrainer:
                 loss_d = gan_discriminator_loss(self._gan_logits(real["y"], self._batch_cond(real)),
                                                 self._gan_logits(x, cond)).mean()
                 loss = loss + cfg.gan.weight_discriminator * loss_d
-                metrics["loss_gan_D"] = float(loss_d.detach())
-        metrics["loss_fake"] = float(loss_fake.detach())
+                metrics["loss_gan_D"] = loss_d.detach()
+        metrics["loss_fake"] = loss_fake.detach()
         params = [p for g in self.opt_fake.param_groups for p in g["params"]]
         norm = self._clip_and_step(loss, params, self.opt_fake, cfg.lr_fake or cfg.lr)
         if norm is not None:
@@ -245,6 +261,8 @@ class DMDTrainer:
     def train_step(self) -> dict:
         """One iteration (DMD Alg. 1; DMD2 TTUR: G every `fake_updates_per_generator` iterations)."""
         metrics: dict = {"step": self.step}
+        if self.compile_mode == "reduce-overhead":
+            accel.mark_step()
         B = self.cfg.batch_size
         z, cond = self._randn(B), self._cond(B)
         if self.step % self.cfg.fake_updates_per_generator == 0:
@@ -255,7 +273,8 @@ class DMDTrainer:
         ok = out is not None and self._fake_update(*out, metrics)
         self._account(ok, metrics)
         self.step += 1
-        return metrics
+        # Losses stay on the device until here: one transfer for all of them.
+        return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
 
     def _account(self, ok: bool, metrics: dict) -> None:
         if ok:
@@ -276,8 +295,7 @@ class DMDTrainer:
         """theta_ema <- d theta_ema + (1 - d) theta, with the warm-up d = min(decay, (1 + n) / (10 + n))."""
         n = self.step // self.cfg.fake_updates_per_generator
         d = min(self.cfg.ema_decay, (1 + n) / (10 + n))
-        for p_ema, p in zip(self.ema.parameters(), self.G.denoiser.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - d)
+        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.G.denoiser.parameters()], 1.0 - d)
 
     def ema_generator(self) -> Generator:
         """The EMA weights as a generator with the same timesteps."""
@@ -314,8 +332,10 @@ class DMDTrainer:
         if self.gan_head is not None:
             self.gan_head.load_state_dict(bytes_to_tensors(files["gan_head.safetensors"]))
         self.opt_G.load_state_dict(files_to_state(files, "optim_generator"))
+        accel.match_state_layout(self.opt_G)
         if self.opt_fake is not None:
             self.opt_fake.load_state_dict(files_to_state(files, "optim_fake"))
+            accel.match_state_layout(self.opt_fake)
         rng = bytes_to_tensors(files["rng.safetensors"])
         self.rng.set_state(rng["trainer"])
         torch.set_rng_state(rng["torch_cpu"])

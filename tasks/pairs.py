@@ -5,6 +5,7 @@ for latent teachers) in `pairs.dtype`, and a json with the index and its class i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -44,6 +45,21 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
     return [i for i in range(n_shards) if i not in done], kept
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def solver_precision(cfg, device: torch.device) -> str:
+    """`pairs.precision` with auto resolved: bf16 autocast on CUDA, fp32 on the CPU."""
+    p = cfg.pairs.precision
+    return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST[precision])
+
+
 def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
     """Sample shard `shard_id`: z_i and the condition of sample i are pure functions of (seed, i)."""
     store, cfg = open_run(root, run_name)
@@ -55,11 +71,15 @@ def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
     if not indices:
         raise ValueError(f"shard {shard_id} is empty for pairs.n={p.n}, pairs.shard_size={p.shard_size}")
     dtype = np.dtype(p.dtype)
+    precision = solver_precision(cfg, device)
     samples = []
     for chunk in [indices[i:i + p.batch_size] for i in range(0, len(indices), p.batch_size)]:
         z = torch.stack([sample_noise(p.seed, i, teacher.sample_shape) for i in chunk])
         raw = batch_conditions(source, p.seed, chunk)
-        y = teacher.sample(p.solver, p.steps, z.to(device), teacher.encode(raw), p.guidance).float().cpu()
+        cond = teacher.encode(raw)  # the text encoder runs outside autocast, as in training
+        with _autocast(precision, device):
+            y = teacher.sample(p.solver, p.steps, z.to(device, non_blocking=True), cond, p.guidance)
+        y = y.float().cpu()
         for j, i in enumerate(chunk):
             meta = {"index": i, "class": int(raw[j]) if isinstance(raw, torch.Tensor) else None}
             if isinstance(raw, list):
@@ -79,7 +99,7 @@ def record_shards(root: str, run_name: str, records: list[ShardRecord], complete
     p = cfg.pairs
     write_manifest(store, PAIRS_MANIFEST, records, metadata={
         "solver": p.solver, "steps": p.steps, "guidance": p.guidance, "dtype": p.dtype, "seed": p.seed,
-        "teacher_kind": cfg.teacher.kind})
+        "teacher_kind": cfg.teacher.kind, "precision": solver_precision(cfg, device_for(cfg))})
     if complete:
         total = sum(r.n_samples for r in records)
         if total != p.n:

@@ -1,0 +1,70 @@
+"""Speed settings for CUDA: torch.compile modes, channels_last, fused AdamW. On the CPU each is a no-op by default."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+
+def resolve_compile(mode: str, device: torch.device) -> str:
+    """`auto` -> reduce-overhead (CUDA graphs of the compiled networks) on CUDA, none elsewhere."""
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" else "none"
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be auto or one of {COMPILE_MODES}, got {mode!r}")
+    return mode
+
+
+def resolve_channels_last(flag: Optional[bool], device: torch.device) -> bool:
+    """None -> on for CUDA (cuDNN's NHWC kernels skip the layout transposes), off elsewhere."""
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
+def compile_in_place(module: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
+    """`module.compile(...)`: forward is compiled, the module (and its state_dict keys) stay the same object."""
+    if mode != "none":
+        options = {"backend": backend, "dynamic": False}
+        if backend == "inductor":
+            options["mode"] = mode
+        module.compile(**options)
+    return module
+
+
+def compiled(fn: Callable, mode: str, backend: str = "inductor") -> Callable:
+    """A compiled wrapper of a module or function that must not be changed in place (a shared teacher)."""
+    if mode == "none":
+        return fn
+    if backend != "inductor":
+        return torch.compile(fn, backend=backend, dynamic=False)
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def channels_last(module: nn.Module) -> nn.Module:
+    """Store the module's 4-D weights as NHWC (values unchanged)."""
+    return module.to(memory_format=torch.channels_last)
+
+
+def adamw(params: Iterable[torch.nn.Parameter], device: torch.device, **options) -> torch.optim.AdamW:
+    """AdamW; the fused CUDA kernel (one launch for all parameters) when the parameters live on CUDA."""
+    params = list(params)
+    if device.type == "cuda":
+        options["fused"] = True
+    return torch.optim.AdamW(params, **options)
+
+
+def mark_step() -> None:
+    """Start a new CUDA-graph generation: outputs of the previous training step may now be overwritten."""
+    if hasattr(torch, "compiler") and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`: give each moment the memory layout of its parameter (a checkpoint is NCHW)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][name] = torch.empty_like(p).copy_(v)

@@ -1,0 +1,80 @@
+"""Speed settings (dmd_core.accel, dmd_core.inference): same numbers as the plain path, same checkpoints."""
+import copy
+
+import pytest
+import torch
+
+from dmd_core import accel
+from dmd_core.inference import OneStep, fast_modules
+from tests.helpers import make_trainer, tiny_teacher
+
+
+def test_auto_settings_are_off_on_the_cpu_and_on_for_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert accel.resolve_compile("auto", cpu) == "none" and accel.resolve_compile("auto", cuda) == "reduce-overhead"
+    assert accel.resolve_compile("default", cpu) == "default"
+    assert accel.resolve_channels_last(None, cpu) is False and accel.resolve_channels_last(None, cuda) is True
+    with pytest.raises(ValueError, match="compile"):
+        accel.resolve_compile("fastest", cpu)
+
+
+def test_compiled_in_place_module_keeps_its_state_dict_and_outputs():
+    denoiser = tiny_teacher()
+    keys = list(denoiser.state_dict())
+    x, t, c = torch.randn(4, 1, 8, 8), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, 10])
+    expected = denoiser(x, t, c)
+    accel.compile_in_place(denoiser, "default", backend="aot_eager")
+    assert list(denoiser.state_dict()) == keys  # checkpoints written from a compiled run load into a plain one
+    assert torch.allclose(denoiser(x, t, c), expected, atol=1e-5)
+
+
+def test_channels_last_training_matches_nchw_and_resumes_exactly():
+    """NHWC weights change memory layout only: the same losses, and a checkpoint round trip continues exactly."""
+    base = dict(generator_timesteps=[999], fake_updates_per_generator=1, gan={"enabled": False})
+    plain, nhwc = make_trainer(**base), make_trainer(**base, channels_last=True)
+    conv = nhwc.G.denoiser.unet.down_blocks[0].resnets[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for _ in range(3):
+        a, b = plain.train_step(), nhwc.train_step()
+        for key in ("loss_dm", "loss_reg", "loss_fake"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+    resumed = make_trainer(**base, channels_last=True)
+    resumed.load_state_files(nhwc.state_files())
+    moment = resumed.opt_G.state[resumed.G.denoiser.unet.down_blocks[0].resnets[0].conv1.weight]["exp_avg"]
+    assert moment.stride() == conv.stride()  # the checkpoint is NCHW; the moments follow the parameter
+    for _ in range(2):
+        a, b = nhwc.train_step(), resumed.train_step()
+        assert a == b
+
+
+def test_one_step_generator_runs_dm_and_regression_batches_in_one_forward():
+    """The DM batch and the regression batch share one generator call (no duplicated launches)."""
+    trainer = make_trainer(generator_timesteps=[999], fake_updates_per_generator=1, gan={"enabled": False})
+    batches = []
+    step = trainer.G.step
+    trainer.G.step = lambda x, i, cond=None: batches.append(x.shape[0]) or step(x, i, cond)
+    metrics = trainer.train_step()
+    assert batches == [trainer.cfg.batch_size + trainer.pairs.batch_size]
+    assert metrics["loss_reg"] > 0 and "loss_dm" in metrics  # loss_dm is 0 at init: fake score = real score
+
+
+def test_fast_modules_match_the_plain_one_step_path():
+    from diffusers import DDIMScheduler
+
+    from dmd_core.tiny import tiny_sd_components
+
+    parts = tiny_sd_components(latent_size=8)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    unet, vae = parts["unet"], parts["vae"]
+    plain = OneStep(unet, vae, sched, dtype=torch.float32)
+    fast = OneStep(*fast_modules(copy.deepcopy(unet), copy.deepcopy(vae), "none", torch.float32), sched,
+                   dtype=torch.float32)
+    z, ehs = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.config.cross_attention_dim)
+    # Independent computation of x0 = (z - sqrt(1 - abar) eps) / sqrt(abar) with the stock scheduler's abar.
+    abar = sched.alphas_cumprod[999]
+    eps = unet(z, torch.full((2,), 999), encoder_hidden_states=ehs).sample
+    x0 = (z - (1 - abar).sqrt() * eps) / abar.sqrt()
+    expected = vae.decode(x0 / vae.config.scaling_factor).sample
+    assert torch.allclose(plain(z, ehs), expected, atol=1e-5)
+    assert torch.allclose(fast(z, ehs), expected, atol=1e-4)  # fused QKV, NHWC: float32 rounding only
