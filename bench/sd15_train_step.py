@@ -61,7 +61,8 @@ def sd15_components() -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
 
 
-def build_teacher(tiny: bool, device: str) -> Teacher:
+def build_teacher(tiny: bool, device: str, decoder: str = "full") -> Teacher:
+    from diffusers import AutoencoderTiny
     from transformers import CLIPTokenizer
 
     parts = tiny_sd_components(latent_size=8) if tiny else sd15_components()
@@ -73,7 +74,8 @@ def build_teacher(tiny: bool, device: str) -> Teacher:
     teacher = Teacher(kind="sd", denoiser=UNetDenoiser(unet, schedule, "epsilon"), schedule=schedule,
                       sample_shape=shape, prediction_type="epsilon", text_encoder=parts["text_encoder"],
                       tokenizer=CLIPTokenizer.from_pretrained(folder), vae=parts["vae"],
-                      scheduler_config=dict(SD_SCHEDULER))
+                      scheduler_config=dict(SD_SCHEDULER),
+                      decoder=AutoencoderTiny() if decoder == "tiny" else None)
     return teacher.to(device).frozen()
 
 
@@ -97,6 +99,9 @@ class RandomPairs:
         self.calls = int(state["calls"])
 
 
+COMPILE = "none"
+
+
 def project_step(teacher: Teacher, lpips_model, batch: int, device: str):
     """The project's path: DMDTrainer.train_step (one G update + one fake update)."""
     from dmd_core.config import DistillConfig
@@ -105,7 +110,7 @@ def project_step(teacher: Teacher, lpips_model, batch: int, device: str):
     reg = max(batch // 2, 1)
     cfg = DistillConfig(batch_size=batch, regression="lpips", reg_batch_size=reg, lpips_random_trunk=True,
                         guidance=GUIDANCE, lambda_reg=LAMBDA_REG, lr=LR, grad_clip=CLIP, bf16=True,
-                        gradient_checkpointing=True, generator_timesteps=[999])
+                        gradient_checkpointing=True, generator_timesteps=[999], compile=COMPILE)
     trainer = DMDTrainer(cfg, teacher, conditions=Prompts(PROMPTS),
                          pairs=RandomPairs(reg, teacher.sample_shape, PROMPTS), lpips_model=lpips_model, device=device)
     return trainer.train_step
@@ -117,7 +122,8 @@ class EagerStep:
     def __init__(self, teacher: Teacher, lpips_model, batch: int, device: str) -> None:
         self.dev, self.B, self.R = torch.device(device), batch, max(batch // 2, 1)
         self.shape = teacher.sample_shape
-        self.real, self.vae, self.lpips = teacher.unet, teacher.vae, lpips_model
+        self.real, self.lpips = teacher.unet, lpips_model
+        self.vae = teacher.decoder if teacher.decoder is not None else teacher.vae  # the regression's decoder
         self.tok, self.clip = teacher.tokenizer, teacher.text_encoder
         self.G = copy.deepcopy(self.real).requires_grad_(True).train()
         self.fake = copy.deepcopy(self.real).requires_grad_(True).train()
@@ -286,6 +292,8 @@ def main() -> None:
     p.add_argument("--paths", default="project,eager")
     p.add_argument("--profile", action="store_true", help="profile one step of each path instead of timing")
     p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--decoder", default="full", choices=["full", "tiny"], help="regression decoder (tiny: AutoencoderTiny)")
+    p.add_argument("--compile", default="none", help="distill.compile of the project path")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sd15_train_step.json"))
     args = p.parse_args()
@@ -295,7 +303,9 @@ def main() -> None:
     from dmd_core.perceptual import build_lpips
 
     t0 = time.time()
-    teacher = build_teacher(args.tiny, device)
+    global COMPILE
+    COMPILE = args.compile
+    teacher = build_teacher(args.tiny, device, args.decoder)
     lpips_model = build_lpips("vgg", random_trunk=True).to(device)
     n_unet = sum(p.numel() for p in teacher.unet.parameters())
     result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
@@ -306,6 +316,7 @@ def main() -> None:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     result["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
+    result["decoder"], result["compile"] = args.decoder, args.compile
     for B in batches:
         paths = {"project": lambda: project_step(teacher, lpips_model, B, device),
                  "eager": lambda: EagerStep(teacher, lpips_model, B, device)}

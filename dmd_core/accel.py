@@ -10,9 +10,9 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 def resolve_compile(mode: str, device: torch.device) -> str:
-    """`auto` -> reduce-overhead (CUDA graphs of the compiled networks) on CUDA, none elsewhere."""
+    """`auto` -> default (inductor kernels, no CUDA graphs) on CUDA, none elsewhere."""
     if mode == "auto":
-        return "reduce-overhead" if device.type == "cuda" else "none"
+        return "default" if device.type == "cuda" else "none"
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be auto or one of {COMPILE_MODES}, got {mode!r}")
     return mode

@@ -131,7 +131,7 @@ class DistillConfig(_Model):
     concat_regression: bool = Field(False, description="DMD Alg. 1 line 7: the regression outputs join the DM "
                                                        "and fake-score batch (one generator forward)")
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
-        "auto", description="torch.compile mode of the three networks; auto = reduce-overhead on CUDA, none on CPU")
+        "auto", description="torch.compile mode of the three networks; auto = default on CUDA, none on CPU")
     channels_last: Optional[bool] = Field(None, description="NHWC activations and weights; default: on CUDA only")
 
     @field_validator("generator_timesteps")

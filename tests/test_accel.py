@@ -11,7 +11,7 @@ from tests.helpers import make_trainer, tiny_teacher
 
 def test_auto_settings_are_off_on_the_cpu_and_on_for_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert accel.resolve_compile("auto", cpu) == "none" and accel.resolve_compile("auto", cuda) == "reduce-overhead"
+    assert accel.resolve_compile("auto", cpu) == "none" and accel.resolve_compile("auto", cuda) == "default"
     assert accel.resolve_compile("default", cpu) == "default"
     assert accel.resolve_channels_last(None, cpu) is False and accel.resolve_channels_last(None, cuda) is True
     with pytest.raises(ValueError, match="compile"):
