@@ -310,13 +310,18 @@ def bench_infer(args, out: dict) -> None:
     for decoder_name, decoder in (("full_vae", vae), ("tiny_decoder", tiny)):
         if decoder_name == "tiny_decoder" and not args.infer_tiny:
             continue
-        eager = OneStep(unet, decoder, sched, dtype=torch.float16)
+        t0 = time.perf_counter()
         fast = OneStep(*fast_modules(copy.deepcopy(unet), copy.deepcopy(decoder), args.infer_mode), sched,
                        dtype=torch.float16)
+        eager = OneStep(copy.deepcopy(unet).half(), copy.deepcopy(decoder).half(), sched, dtype=torch.float16)
         for B in args.infer_batches:
             ehs = torch.randn(B, 77, 768, device=device, dtype=torch.float16)
             z = torch.randn(B, 4, 64, 64, device=device, dtype=torch.float16)
             row = {"eager_fp16": timed(lambda: eager(torch.randn_like(z), ehs), args.iters, args.warmup)}
+            t1 = time.perf_counter()
+            fast(z, ehs)  # first call at this batch: compilation (and CUDA-graph recording)
+            torch.cuda.synchronize()
+            row["fast_first_call_s"] = round(time.perf_counter() - t1, 1)
             row["fast"] = timed(lambda: fast(torch.randn_like(z), ehs), args.iters, max(args.warmup, 3))
             a, b = eager(z, ehs).float(), fast(z, ehs).float()
             row["max_abs_diff"] = float((a - b).abs().max())
@@ -325,6 +330,7 @@ def bench_infer(args, out: dict) -> None:
             row["fast_img_per_s"] = round(1000 * B / row["fast"]["median_ms"], 1)
             res[f"{decoder_name}_b{B}"] = row
             print(json.dumps(res, indent=1), flush=True)
+        res[f"{decoder_name}_section_s"] = round(time.perf_counter() - t0, 1)
         del eager, fast
         torch.compiler.reset()
         torch.cuda.empty_cache()

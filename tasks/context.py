@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dmd_core.accel import channels_last
 from dmd_core.conditions import Conditions, hash_seed
 from dmd_core.config import PipelineConfig, resolve_path
 from dmd_core.streams import Stream, TensorStream
@@ -55,6 +56,8 @@ def run_teacher(store: ArtifactStore, cfg: PipelineConfig, device: torch.device)
             while len(_TEACHERS) >= 2:  # keep memory bounded: at most two loaded teachers per process
                 _TEACHERS.pop(next(iter(_TEACHERS)))
             _TEACHERS[key] = teacher.to(device)
+            if device.type == "cuda":  # NHWC convolutions: cuDNN's fast layout for bf16/fp16 (values unchanged)
+                channels_last(teacher.denoiser)
         return _TEACHERS[key]
 
 
