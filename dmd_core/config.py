@@ -128,6 +128,15 @@ class DistillConfig(_Model):
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (DMD App. B.3)")
     concat_regression: bool = Field(False, description="DMD Alg. 1 line 7: the regression outputs join the DM "
                                                        "and fake-score batch (one generator forward)")
+    world_size: int = Field(1, ge=1, description="training processes (one GPU each) in all nodes; batch_size "
+                                                 "and reg_batch_size are global: each rank takes 1/world_size")
+    launcher: Literal["auto", "torchrun", "none"] = Field(
+        "auto", description="auto: torchrun when world_size > 1; torchrun: always start worker processes; none: "
+                            "this process is already one rank of an outside launcher (RANK/WORLD_SIZE set)")
+    nnodes: int = Field(1, ge=1, description="nodes of a multi-node run (world_size / nnodes processes each)")
+    rdzv_endpoint: Optional[str] = Field(None, description="host:port of the c10d rendezvous when nnodes > 1")
+    rdzv_id: str = Field("dmd", description="rendezvous id shared by the nodes of one run")
+    parallel: Literal["ddp"] = Field("ddp", description="DistributedDataParallel over generator and fake score")
 
     @field_validator("generator_timesteps")
     @classmethod
@@ -140,6 +149,19 @@ class DistillConfig(_Model):
     def _range(self) -> "DistillConfig":
         if self.dm_t_min >= self.dm_t_max:
             raise ValueError("dm_t_min must be below dm_t_max")
+        return self
+
+    @model_validator(mode="after")
+    def _split_by_rank(self) -> "DistillConfig":
+        for name in ("batch_size", "reg_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value % self.world_size:
+                raise ValueError(f"{name}={value} is the global batch: it must be divisible by "
+                                 f"world_size={self.world_size}")
+        if self.world_size % self.nnodes:
+            raise ValueError(f"world_size={self.world_size} must be divisible by nnodes={self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("rdzv_endpoint (host:port reachable from every node) is required when nnodes > 1")
         return self
 
 

@@ -8,7 +8,8 @@ from storage import ArtifactStore
 from storage.layout import EVAL_DIR, EXPORT, PAIRS_DIR, TEACHER, done_marker
 
 # Changing only these lets a run continue from its checkpoints (e.g. raise distill.steps to train longer).
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every"}
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every",
+                     "world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id"}  # how many processes: not what
 
 
 @dataclass(frozen=True)
