@@ -61,6 +61,23 @@ def check_device(cfg: PipelineConfig) -> None:
             raise PreflightError("device: 'cuda' but no CUDA device is available; set device=cpu or auto")
 
 
+def check_distributed(cfg: PipelineConfig, root: str) -> None:
+    """Ranks started by torchrun are other processes: they need a root they can open and GPUs enough."""
+    d = cfg.distill
+    if d.world_size == 1 and d.launcher != "torchrun":
+        return
+    if root.startswith("memory://"):
+        raise PreflightError(f"--root {root}: distill.world_size={d.world_size} starts other processes, which "
+                             "cannot see this process's memory:// store; use a folder or s3://")
+    if cfg.device != "cpu" and d.nnodes == 1 and d.launcher != "none":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus and gpus < d.world_size:
+            raise PreflightError(f"distill.world_size: {d.world_size} ranks on one node but {gpus} GPU(s) visible; "
+                                 "lower it, or set distill.nnodes and distill.rdzv_endpoint")
+
+
 def check_teacher(cfg: PipelineConfig) -> None:
     t = cfg.teacher
     if t.source == "path" and t.kind != "callable":
@@ -89,5 +106,6 @@ def preflight(cfg: PipelineConfig, root: str, run_name: Optional[str], stages: O
     except ValueError as err:
         raise PreflightError(f"--run-name: {err}") from None
     check_device(cfg)
+    check_distributed(cfg, root)
     check_teacher(cfg)
     check_run(root, run_name or cfg.name, stages)

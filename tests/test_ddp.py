@@ -142,3 +142,11 @@ def test_batch_must_split_over_ranks():
         load_config("digits-tiny", overrides=["distill.batch_size=6", "distill.world_size=4"])
     with pytest.raises(ConfigError, match="rdzv_endpoint"):
         load_config("digits-tiny", overrides=["distill.world_size=4", "distill.nnodes=2"])
+
+
+def test_ranks_need_a_root_other_processes_can_open():
+    from flows.preflight import PreflightError, preflight
+
+    cfg = load_config("digits-tiny", overrides=["distill.world_size=2"])
+    with pytest.raises(PreflightError, match=r"memory:// store; use a folder or s3://"):
+        preflight(cfg, "memory://dmd-ddp", "r", None)
