@@ -80,6 +80,12 @@ class PairsConfig(_Model):
     batch_size: int = Field(256, gt=0)
     dtype: Literal["float32", "float16"] = Field("float32", description="of the stored noise and outputs")
     seed: int = 0
+    runner: Literal["threads", "dask", "ray"] = Field("threads", description="Prefect task runner of the shard "
+                                                      "tasks: a thread pool, Dask (prefect-dask) or Ray (prefect-ray)")
+    runner_address: Optional[str] = Field(None, description="scheduler of an existing Dask or Ray cluster; "
+                                                            "default: start a local one")
+    runner_workers: int = Field(2, gt=0, description="threads, or workers of a local Dask/Ray cluster (one GPU "
+                                                     "each when there are GPUs)")
 
 
 class GANConfig(_Model):
@@ -227,8 +233,15 @@ class PipelineConfig(_Model):
         return self
 
     def section_hash(self, *sections: str) -> str:
-        """Short stable hash of the named sections (used to key cached stage outputs)."""
-        return stable_hash({s: getattr(self, s).model_dump(mode="json") for s in sections})
+        """Short stable hash of the named sections (used to key cached stage outputs); fields that only say how
+        the work is spread over processes (EXECUTION_FIELDS) are left out: they do not change the outputs."""
+        return stable_hash({s: getattr(self, s).model_dump(mode="json", exclude=EXECUTION_FIELDS.get(s))
+                            for s in sections})
+
+
+# How a stage's work is spread (threads, Dask, torchrun ranks), not what it computes.
+EXECUTION_FIELDS = {"pairs": {"runner", "runner_address", "runner_workers"},
+                    "distill": {"world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id"}}
 
 
 def resolve_path(path: str) -> str:

@@ -10,6 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dmd_core.config import STAGES, PipelineConfig, load_config
 from flows.preflight import preflight
+from flows.runners import one_gpu_per_task, pairs_task_runner
 from storage.layout import CONFIG, run_store
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
@@ -58,6 +59,14 @@ def pairs_stage(root: str, run_name: str, force: bool) -> int:
     return len(todo)
 
 
+@flow(name="dmd-pairs", log_prints=True)
+def pairs_subflow(root: str, run_name: str, force: bool = False) -> int:
+    """The pairs stage under the task runner of `pairs.runner` (a subflow carries its own runner)."""
+    cfg = PipelineConfig.model_validate(run_store(root, run_name).read_json(CONFIG))
+    with one_gpu_per_task(cfg):
+        return pairs_stage(root, run_name, force)
+
+
 @flow(name="dmd", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] = None, root: str = "./artifacts",
         run_name: Optional[str] = None, stages: Optional[list[Stage]] = None, force: bool = False,
@@ -73,7 +82,9 @@ def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] =
     if "teacher" in selected:
         out["teacher"] = teacher_task(root, run_name, force)
     if "pairs" in selected:
-        out["pairs_shards_written"] = pairs_stage(root, run_name, force)
+        runner = pairs_task_runner(cfg)
+        out["pairs_shards_written"] = (pairs_stage(root, run_name, force) if runner is None else
+                                       pairs_subflow.with_options(task_runner=runner)(root, run_name, force))
     if "distill" in selected:
         out["distill_steps"] = distill_task(root, run_name, force)
     if "export" in selected:

@@ -64,6 +64,9 @@ def check_device(cfg: PipelineConfig) -> None:
 def check_distributed(cfg: PipelineConfig, root: str) -> None:
     """Ranks started by torchrun are other processes: they need a root they can open and GPUs enough."""
     d = cfg.distill
+    if cfg.pairs.runner != "threads" and root.startswith("memory://"):
+        raise PreflightError(f"--root {root}: pairs.runner={cfg.pairs.runner} runs shard tasks in other processes, "
+                             "which cannot see this process's memory:// store; use a folder or s3://")
     if d.world_size == 1 and d.launcher != "torchrun":
         return
     if root.startswith("memory://"):
