@@ -204,6 +204,17 @@ class EvaluateConfig(_Model):
                                                        "extractors, no weights needed (numbers mean nothing)")
 
 
+class StorageConfig(_Model):
+    """The artifact root's object store: a custom S3 endpoint (MinIO, Ceph) and where credentials come from.
+    Credentials themselves never enter a config: the environment / AWS config files, or a Prefect Secret block."""
+
+    endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint, e.g. http://minio:9000; "
+                                                          "default: AWS (or AWS_ENDPOINT_URL)")
+    credentials_block: Optional[str] = Field(None, description="name of a Prefect Secret block holding JSON "
+                                                               '{"aws_access_key_id": ..., "aws_secret_access_key": '
+                                                               "...}; default: the environment")
+
+
 class PipelineConfig(_Model):
     """Everything one run needs; saved beside its artifacts."""
 
@@ -216,6 +227,7 @@ class PipelineConfig(_Model):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _timesteps_in_range(self) -> "PipelineConfig":

@@ -9,6 +9,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dmd_core.config import STAGES, PipelineConfig, load_config
+from flows.credentials import apply_storage
 from flows.preflight import preflight
 from flows.runners import one_gpu_per_task, pairs_task_runner
 from storage.layout import CONFIG, run_store
@@ -26,6 +27,7 @@ def resolve_config(preset, config, overrides, root: str, run_name: Optional[str]
     """The given preset/config/overrides; with none given, the config an existing run was made with."""
     explicit = preset is not None or config is not None or bool(overrides)
     cfg = load_config(preset, config, overrides)
+    apply_storage(cfg.storage)  # endpoint and credentials before the root is touched
     run_name = run_name or cfg.name
     store = run_store(root, run_name)
     if not explicit and store.exists(CONFIG):

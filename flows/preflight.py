@@ -17,8 +17,9 @@ class PreflightError(ValueError):
     """Bad input found before anything ran."""
 
 
-def check_root(root: str) -> None:
-    """Known scheme; a local root is (or can be made) a writable folder; object stores have credentials."""
+def check_root(root: str, env_credentials: bool = True) -> None:
+    """Known scheme; a local root is (or can be made) a writable folder; object stores have credentials (in the
+    environment, unless `env_credentials` is False: they come from a Prefect block)."""
     if not root or not root.strip():
         raise PreflightError("--root: empty; give a folder or a URL (file://, memory://, s3://, gs://)")
     scheme = root.split("://", 1)[0] if "://" in root else "file"
@@ -27,7 +28,7 @@ def check_root(root: str) -> None:
                              + ", ".join(f"{s}://" for s in SCHEMES))
     if scheme == "file":
         _check_local_root(Path(root.removeprefix("file://")).expanduser().absolute())
-    elif scheme == "s3":
+    elif scheme == "s3" and env_credentials:
         _check_s3_credentials(root)
 
 
@@ -103,7 +104,7 @@ def check_run(root: str, run_name: str, stages: Optional[list[str]]) -> None:
 
 def preflight(cfg: PipelineConfig, root: str, run_name: Optional[str], stages: Optional[list[str]]) -> None:
     """Every check, cheapest first; raises PreflightError with one line."""
-    check_root(root)
+    check_root(root, env_credentials=cfg.storage.credentials_block is None)
     try:
         run_store(root, run_name or cfg.name)
     except ValueError as err:
