@@ -108,7 +108,8 @@ def _inner(module: nn.Module) -> nn.Module:
 
 class DDPTrainer(DMDTrainer):
     """`DMDTrainer` on one rank of a DDP job: generator and fake score wrapped in DDP, the real score frozen and
-    unwrapped, global-batch draws sliced by rank (see the module docstring)."""
+    unwrapped, global-batch draws sliced by rank (see the module docstring). With the DMD2 GAN head the fake
+    score and the head average their gradients through per-parameter hooks instead of DDP."""
 
     def __init__(self, cfg: DistillConfig, teacher, *, pairs: Optional[Stream] = None, real: Optional[Stream] = None,
                  dist_env: Optional[DistEnv] = None, **kwargs) -> None:
@@ -123,8 +124,19 @@ class DDPTrainer(DMDTrainer):
         torch.manual_seed(rank_seed(cfg.seed, self.rank))
         ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
         self.G.denoiser = DistributedDataParallel(self.G.denoiser, device_ids=ids)
-        if self.opt_fake is not None:
+        if self.gan_head is not None:
+            # The GAN loss reaches the fake score through hooked bottleneck features, not its output, which DDP
+            # cannot follow: average the fake score's and the head's gradients as they accumulate instead.
+            for p in [*self.mu_fake.parameters(), *self.gan_head.parameters()]:
+                dist.broadcast(p.data, 0)  # start from rank 0's head (DDP does this for the modules it wraps)
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._average_grad)
+        elif self.opt_fake is not None:
             self.mu_fake = DistributedDataParallel(self.mu_fake, device_ids=ids)
+
+    def _average_grad(self, p: torch.Tensor) -> None:
+        dist.all_reduce(p.grad)
+        p.grad.div_(self.world_size)
 
     # ---- global-batch draws, this rank's slice ----------------------------------------------
     def _mine(self, x):
