@@ -94,6 +94,8 @@ def run_distill(root: str, run_name: str, force: bool = False,
         launch_distill(root, run_name, force, d)
         if not DISTILL_STAGE.is_done(store, cfg):
             raise RuntimeError(f"distill: the torchrun ranks exited without marking {store.url(DISTILL_STAGE.marker)}")
+        if progress is not None:
+            progress(d.steps, d.steps)
         return d.steps
     device, rank = device_for(cfg), 0
     if d.world_size > 1:
