@@ -82,6 +82,12 @@ class PairsConfig(_Model):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast of the teacher's solver; auto = bf16 on CUDA, fp32 on CPU (kept in the manifest)")
+    runner: Literal["threads", "dask", "ray"] = Field("threads", description="Prefect task runner of the shard "
+                                                      "tasks: a thread pool, Dask (prefect-dask) or Ray (prefect-ray)")
+    runner_address: Optional[str] = Field(None, description="scheduler of an existing Dask or Ray cluster; "
+                                                            "default: start a local one")
+    runner_workers: int = Field(2, gt=0, description="threads, or workers of a local Dask/Ray cluster (one GPU "
+                                                     "each when there are GPUs)")
 
 
 class GANConfig(_Model):
@@ -133,6 +139,15 @@ class DistillConfig(_Model):
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
         "auto", description="torch.compile mode of the three networks; auto = default on CUDA, none on CPU")
     channels_last: Optional[bool] = Field(None, description="NHWC activations and weights; default: on CUDA only")
+    world_size: int = Field(1, ge=1, description="training processes (one GPU each) in all nodes; batch_size "
+                                                 "and reg_batch_size are global: each rank takes 1/world_size")
+    launcher: Literal["auto", "torchrun", "none"] = Field(
+        "auto", description="auto: torchrun when world_size > 1; torchrun: always start worker processes; none: "
+                            "this process is already one rank of an outside launcher (RANK/WORLD_SIZE set)")
+    nnodes: int = Field(1, ge=1, description="nodes of a multi-node run (world_size / nnodes processes each)")
+    rdzv_endpoint: Optional[str] = Field(None, description="host:port of the c10d rendezvous when nnodes > 1")
+    rdzv_id: str = Field("dmd", description="rendezvous id shared by the nodes of one run")
+    parallel: Literal["ddp"] = Field("ddp", description="DistributedDataParallel over generator and fake score")
 
     @field_validator("generator_timesteps")
     @classmethod
@@ -145,6 +160,19 @@ class DistillConfig(_Model):
     def _range(self) -> "DistillConfig":
         if self.dm_t_min >= self.dm_t_max:
             raise ValueError("dm_t_min must be below dm_t_max")
+        return self
+
+    @model_validator(mode="after")
+    def _split_by_rank(self) -> "DistillConfig":
+        for name in ("batch_size", "reg_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value % self.world_size:
+                raise ValueError(f"{name}={value} is the global batch: it must be divisible by "
+                                 f"world_size={self.world_size}")
+        if self.world_size % self.nnodes:
+            raise ValueError(f"world_size={self.world_size} must be divisible by nnodes={self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("rdzv_endpoint (host:port reachable from every node) is required when nnodes > 1")
         return self
 
 
@@ -181,6 +209,17 @@ class EvaluateConfig(_Model):
                                                        "extractors, no weights needed (numbers mean nothing)")
 
 
+class StorageConfig(_Model):
+    """The artifact root's object store: a custom S3 endpoint (MinIO, Ceph) and where credentials come from.
+    Credentials themselves never enter a config: the environment / AWS config files, or a Prefect Secret block."""
+
+    endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint, e.g. http://minio:9000; "
+                                                          "default: AWS (or AWS_ENDPOINT_URL)")
+    credentials_block: Optional[str] = Field(None, description="name of a Prefect Secret block holding JSON "
+                                                               '{"aws_access_key_id": ..., "aws_secret_access_key": '
+                                                               "...}; default: the environment")
+
+
 class PipelineConfig(_Model):
     """Everything one run needs; saved beside its artifacts."""
 
@@ -193,6 +232,7 @@ class PipelineConfig(_Model):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _timesteps_in_range(self) -> "PipelineConfig":
@@ -210,8 +250,15 @@ class PipelineConfig(_Model):
         return self
 
     def section_hash(self, *sections: str) -> str:
-        """Short stable hash of the named sections (used to key cached stage outputs)."""
-        return stable_hash({s: getattr(self, s).model_dump(mode="json") for s in sections})
+        """Short stable hash of the named sections (used to key cached stage outputs); fields that only say how
+        the work is spread over processes (EXECUTION_FIELDS) are left out: they do not change the outputs."""
+        return stable_hash({s: getattr(self, s).model_dump(mode="json", exclude=EXECUTION_FIELDS.get(s))
+                            for s in sections})
+
+
+# How a stage's work is spread (threads, Dask, torchrun ranks) or sped up, not what it computes.
+EXECUTION_FIELDS = {"pairs": {"runner", "runner_address", "runner_workers"},
+                    "distill": {"world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id", "compile", "channels_last"}}
 
 
 def resolve_path(path: str) -> str:

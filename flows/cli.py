@@ -45,8 +45,12 @@ def run(
     force: bool = typer.Option(False, help="recompute stages even if complete"),
     all_checkpoints: bool = typer.Option(False, help="evaluate every checkpoint not yet in the results table"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+    s3_endpoint: Optional[str] = typer.Option(None, help="S3-compatible endpoint (MinIO), = --set "
+                                                         "storage.endpoint_url=URL"),
 ) -> None:
     """Run the pipeline (teacher, pairs, distill, export, evaluate) as the Prefect flow `dmd`."""
+    if s3_endpoint:
+        set_ = [*set_, f"storage.endpoint_url={s3_endpoint}"]
     try:
         cfg = load_config(preset, str(config) if config else None, set_)
     except ConfigError as err:
@@ -59,6 +63,9 @@ def run(
     from flows.preflight import PreflightError, preflight
     from tasks.evaluate import summary_markdown
 
+    from storage.endpoints import configure_s3
+
+    configure_s3(cfg.storage.endpoint_url)
     try:  # before a Prefect server starts or anything is written
         preflight(cfg, root, run_name, chosen)
     except PreflightError as err:

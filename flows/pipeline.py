@@ -9,7 +9,9 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dmd_core.config import STAGES, PipelineConfig, load_config
+from flows.credentials import apply_storage
 from flows.preflight import preflight
+from flows.runners import one_gpu_per_task, pairs_task_runner
 from storage.layout import CONFIG, run_store
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
@@ -25,6 +27,7 @@ def resolve_config(preset, config, overrides, root: str, run_name: Optional[str]
     """The given preset/config/overrides; with none given, the config an existing run was made with."""
     explicit = preset is not None or config is not None or bool(overrides)
     cfg = load_config(preset, config, overrides)
+    apply_storage(cfg.storage)  # endpoint and credentials before the root is touched
     run_name = run_name or cfg.name
     store = run_store(root, run_name)
     if not explicit and store.exists(CONFIG):
@@ -58,6 +61,14 @@ def pairs_stage(root: str, run_name: str, force: bool) -> int:
     return len(todo)
 
 
+@flow(name="dmd-pairs", log_prints=True)
+def pairs_subflow(root: str, run_name: str, force: bool = False) -> int:
+    """The pairs stage under the task runner of `pairs.runner` (a subflow carries its own runner)."""
+    cfg = PipelineConfig.model_validate(run_store(root, run_name).read_json(CONFIG))
+    with one_gpu_per_task(cfg):
+        return pairs_stage(root, run_name, force)
+
+
 @flow(name="dmd", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] = None, root: str = "./artifacts",
         run_name: Optional[str] = None, stages: Optional[list[Stage]] = None, force: bool = False,
@@ -73,7 +84,9 @@ def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] =
     if "teacher" in selected:
         out["teacher"] = teacher_task(root, run_name, force)
     if "pairs" in selected:
-        out["pairs_shards_written"] = pairs_stage(root, run_name, force)
+        runner = pairs_task_runner(cfg)
+        out["pairs_shards_written"] = (pairs_stage(root, run_name, force) if runner is None else
+                                       pairs_subflow.with_options(task_runner=runner)(root, run_name, force))
     if "distill" in selected:
         out["distill_steps"] = distill_task(root, run_name, force)
     if "export" in selected:

@@ -17,8 +17,9 @@ class PreflightError(ValueError):
     """Bad input found before anything ran."""
 
 
-def check_root(root: str) -> None:
-    """Known scheme; a local root is (or can be made) a writable folder; object stores have credentials."""
+def check_root(root: str, env_credentials: bool = True) -> None:
+    """Known scheme; a local root is (or can be made) a writable folder; object stores have credentials (in the
+    environment, unless `env_credentials` is False: they come from a Prefect block)."""
     if not root or not root.strip():
         raise PreflightError("--root: empty; give a folder or a URL (file://, memory://, s3://, gs://)")
     scheme = root.split("://", 1)[0] if "://" in root else "file"
@@ -27,7 +28,7 @@ def check_root(root: str) -> None:
                              + ", ".join(f"{s}://" for s in SCHEMES))
     if scheme == "file":
         _check_local_root(Path(root.removeprefix("file://")).expanduser().absolute())
-    elif scheme == "s3":
+    elif scheme == "s3" and env_credentials:
         _check_s3_credentials(root)
 
 
@@ -61,6 +62,26 @@ def check_device(cfg: PipelineConfig) -> None:
             raise PreflightError("device: 'cuda' but no CUDA device is available; set device=cpu or auto")
 
 
+def check_distributed(cfg: PipelineConfig, root: str) -> None:
+    """Ranks started by torchrun are other processes: they need a root they can open and GPUs enough."""
+    d = cfg.distill
+    if cfg.pairs.runner != "threads" and root.startswith("memory://"):
+        raise PreflightError(f"--root {root}: pairs.runner={cfg.pairs.runner} runs shard tasks in other processes, "
+                             "which cannot see this process's memory:// store; use a folder or s3://")
+    if d.world_size == 1 and d.launcher != "torchrun":
+        return
+    if root.startswith("memory://"):
+        raise PreflightError(f"--root {root}: distill.world_size={d.world_size} starts other processes, which "
+                             "cannot see this process's memory:// store; use a folder or s3://")
+    if cfg.device != "cpu" and d.nnodes == 1 and d.launcher != "none":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus and gpus < d.world_size:
+            raise PreflightError(f"distill.world_size: {d.world_size} ranks on one node but {gpus} GPU(s) visible; "
+                                 "lower it, or set distill.nnodes and distill.rdzv_endpoint")
+
+
 def check_teacher(cfg: PipelineConfig) -> None:
     t = cfg.teacher
     if t.source == "path" and t.kind != "callable":
@@ -83,11 +104,12 @@ def check_run(root: str, run_name: str, stages: Optional[list[str]]) -> None:
 
 def preflight(cfg: PipelineConfig, root: str, run_name: Optional[str], stages: Optional[list[str]]) -> None:
     """Every check, cheapest first; raises PreflightError with one line."""
-    check_root(root)
+    check_root(root, env_credentials=cfg.storage.credentials_block is None)
     try:
         run_store(root, run_name or cfg.name)
     except ValueError as err:
         raise PreflightError(f"--run-name: {err}") from None
     check_device(cfg)
+    check_distributed(cfg, root)
     check_teacher(cfg)
     check_run(root, run_name or cfg.name, stages)

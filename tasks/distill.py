@@ -10,6 +10,7 @@ from prefect.cache_policies import NONE
 from tqdm import tqdm
 
 from dmd_core.datasets import real_dataset
+from dmd_core.distributed import DDPTrainer, init_process_group
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
@@ -18,6 +19,7 @@ from storage.checkpoints import list_checkpoints, read_checkpoint, write_checkpo
 from storage.layout import METRICS, sample_grid_key
 from storage.plots import labelled_grid_png
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
+from tasks.ddp import launch_distill, wants_launch, writer_store
 from tasks.stages import DISTILL_STAGE, artifact_key, resume_key
 
 METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "loss_gan_D",
@@ -42,8 +44,9 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
     lpips_model = None
     if d.regression == "lpips":
         lpips_model = build_lpips(d.lpips_net, d.lpips_weights, d.lpips_random_trunk).to(device)
-    return DMDTrainer(d, teacher, conditions=conditions(teacher, cfg), pairs=pairs, real=real,
-                      lpips_model=lpips_model, device=device)
+    trainer_cls = DDPTrainer if d.world_size > 1 else DMDTrainer  # streams carry the global batch; DDP splits it
+    return trainer_cls(d, teacher, conditions=conditions(teacher, cfg), pairs=pairs, real=real,
+                       lpips_model=lpips_model, device=device)
 
 
 def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
@@ -87,8 +90,19 @@ def run_distill(root: str, run_name: str, force: bool = False,
     key, d = resume_key(cfg), cfg.distill
     if not force and DISTILL_STAGE.is_done(store, cfg):
         return d.steps
+    if wants_launch(d):  # torchrun starts distill.world_size ranks, each running this function
+        launch_distill(root, run_name, force, d)
+        if not DISTILL_STAGE.is_done(store, cfg):
+            raise RuntimeError(f"distill: the torchrun ranks exited without marking {store.url(DISTILL_STAGE.marker)}")
+        if progress is not None:
+            progress(d.steps, d.steps)
+        return d.steps
+    device, rank = device_for(cfg), 0
+    if d.world_size > 1:
+        rank = init_process_group(device.type).rank
+        device = torch.device(device.type, torch.cuda.current_device()) if device.type == "cuda" else device
+        store = writer_store(store)  # rank 0 writes checkpoints, metrics and samples
     DISTILL_STAGE.unmark(store)
-    device = device_for(cfg)
     trainer = build_trainer(store, cfg, device)
     start = 0 if force else resume(store, trainer, cfg)
     if start > d.steps:
@@ -99,7 +113,8 @@ def run_distill(root: str, run_name: str, force: bool = False,
     teacher = run_teacher(store, cfg, device)
     grid_cond, grid_cols = grid_conditions(cfg, teacher), 2 if teacher.vae is not None else 8
     t0 = time.time()
-    for _ in tqdm(range(start, d.steps), desc="distill", initial=start, total=d.steps):
+    writer = rank == 0
+    for _ in tqdm(range(start, d.steps), desc="distill", initial=start, total=d.steps, disable=not writer):
         m = trainer.train_step()
         if m["step"] % d.log_every == 0 or trainer.step == d.steps:
             rows.append({**{k: float(m.get(k, float("nan"))) for k in METRIC_COLUMNS}, "step": m["step"],
@@ -107,7 +122,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
         if trainer.step % d.checkpoint_every == 0 or trainer.step == d.steps:
             write_checkpoint(store, trainer.step, trainer.state_files(), key)
             store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
-        if trainer.step % d.sample_every == 0 or trainer.step == d.steps:
+        if writer and (trainer.step % d.sample_every == 0 or trainer.step == d.steps):
             store.write_bytes(sample_grid_key(trainer.step), sample_grid(trainer, grid_cond, cols=grid_cols))
         if progress is not None:
             progress(trainer.step, d.steps)

@@ -110,4 +110,7 @@ def record_shards(root: str, run_name: str, records: list[ShardRecord], complete
 @task(name="pairs-shard", retries=2, cache_policy=NONE, persist_result=False)
 def pairs_shard_task(root: str, run_name: str, shard_id: int) -> ShardRecord:
     """Prefect wrapper of run_pairs_shard (one shard per task, mapped over shard ids)."""
+    from tasks.workers import pin_worker_gpu
+
+    pin_worker_gpu()
     return run_pairs_shard(root, run_name, shard_id)

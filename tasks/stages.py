@@ -7,9 +7,10 @@ from dmd_core.config import PipelineConfig, stable_hash
 from storage import ArtifactStore
 from storage.layout import EVAL_DIR, EXPORT, PAIRS_DIR, TEACHER, done_marker
 
-# Changing only these lets a run continue from its checkpoints (e.g. raise distill.steps to train longer;
-# compile and channels_last change speed, not the result beyond bf16 rounding).
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every", "compile", "channels_last"}
+# Changing only these lets a run continue from its checkpoints (e.g. raise distill.steps to train longer); the
+# process count and the speed settings (compile, channels_last: bf16 rounding at most) change how, not what.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every",
+                     "world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id", "compile", "channels_last"}
 
 
 @dataclass(frozen=True)

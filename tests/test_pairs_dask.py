@@ -1,0 +1,62 @@
+"""The pairs stage on a local Dask cluster through prefect-dask: the manifest equals the thread pool's, shard for
+shard (sha256), and a worker killed in the middle of a shard loses nothing."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from storage import read_manifest
+from storage.layout import PAIRS_MANIFEST, run_store
+
+OVERRIDES = ["pairs.n=48", "pairs.shard_size=6", "pairs.steps=12", "pairs.batch_size=6"]
+
+
+def kill_a_busy_worker(client, store, done: threading.Event, killed: list) -> None:
+    """Once a shard is in the manifest, SIGKILL a worker process that is running a shard task."""
+    pids = client.run(os.getpid)
+    while not done.is_set():
+        if store.exists(PAIRS_MANIFEST) and read_manifest(store, PAIRS_MANIFEST):
+            busy = [addr for addr, keys in client.processing().items() if keys and addr in pids]
+            if busy:
+                os.kill(pids[busy[0]], signal.SIGKILL)
+                killed.append(busy[0])
+                return
+        time.sleep(0.05)
+
+
+def test_dask_pairs_equal_threads_and_survive_a_lost_worker(prefect_api, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from flows.pipeline import dmd
+
+    root = str(tmp_path)
+    dmd(preset="digits-tiny", root=root, run_name="threads", stages=["teacher", "pairs"], overrides=OVERRIDES)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        store, done, killed = run_store(root, "dask"), threading.Event(), []
+        killer = threading.Thread(target=kill_a_busy_worker, args=(client, store, done, killed), daemon=True)
+        killer.start()
+        try:
+            out = dmd(preset="digits-tiny", root=root, run_name="dask", stages=["teacher", "pairs"],
+                      overrides=OVERRIDES + ["pairs.runner=dask", f"pairs.runner_address={cluster.scheduler_address}"])
+        finally:
+            done.set()
+            killer.join()
+    assert killed, "no worker was busy to kill"
+    assert out["pairs_shards_written"] == 8
+    threads = read_manifest(run_store(root, "threads"), PAIRS_MANIFEST)
+    dask = read_manifest(store, PAIRS_MANIFEST)
+    assert sum(r.n_samples for r in dask) == 48
+    assert [(r.shard, r.sha256, r.n_samples, r.producer_hash) for r in dask] == \
+           [(r.shard, r.sha256, r.n_samples, r.producer_hash) for r in threads]
+
+
+def test_dask_runner_refuses_a_memory_root():
+    from dmd_core.config import load_config
+    from flows.preflight import PreflightError, preflight
+
+    cfg = load_config("digits-tiny", overrides=["pairs.runner=dask"])
+    with pytest.raises(PreflightError, match="pairs.runner=dask runs shard tasks in other processes"):
+        preflight(cfg, "memory://dmd-dask", "r", None)
