@@ -86,7 +86,7 @@ def train_worker(args) -> None:
                           "y": torch.randn((n_pairs, *teacher.sample_shape), generator=g).clamp(-1, 1)},
                          args.global_batch, seed=0)
     cfg = DistillConfig(batch_size=args.global_batch, regression="mse", lr=1e-5, bf16=True, world_size=world,
-                        generator_timesteps=[999], seed=0)
+                        generator_timesteps=[999], seed=0, compile=os.environ.get("DMD_BENCH_COMPILE", "none"))
     cls = DDPTrainer if world > 1 else DMDTrainer
     trainer = cls(cfg, teacher, pairs=pairs, device=device)
     times, losses = [], []
