@@ -78,3 +78,16 @@ def test_fast_modules_match_the_plain_one_step_path():
     expected = vae.decode(x0 / vae.config.scaling_factor).sample
     assert torch.allclose(plain(z, ehs), expected, atol=1e-5)
     assert torch.allclose(fast(z, ehs), expected, atol=1e-4)  # fused QKV, NHWC: float32 rounding only
+
+
+def test_fast_pipeline_leaves_a_cpu_pipeline_alone():
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    from tests.helpers import tiny_unet
+
+    pipe = DDIMPipeline(unet=tiny_unet(0), scheduler=DDIMScheduler())
+    from dmd_core.inference import fast_pipeline
+
+    assert fast_pipeline(pipe) is pipe and pipe.unet.dtype == torch.float32
+    assert not pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) or \
+        pipe.unet.conv_in.weight.shape[1] == 1
