@@ -10,6 +10,7 @@ from prefect.cache_policies import NONE
 from tqdm import tqdm
 
 from dmd_core.datasets import real_dataset
+from dmd_core.guidance import GuidedGenerator
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
@@ -43,7 +44,7 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
     if d.regression == "lpips":
         lpips_model = build_lpips(d.lpips_net, d.lpips_weights, d.lpips_random_trunk).to(device)
     return DMDTrainer(d, teacher, conditions=conditions(teacher, cfg), pairs=pairs, real=real,
-                      lpips_model=lpips_model, device=device)
+                      lpips_model=lpips_model, device=device, pairs_guidance=cfg.pairs.guidance)
 
 
 def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
@@ -74,7 +75,10 @@ def sample_grid(trainer: DMDTrainer, row_cond, rows: int = 8, cols: int = 8) -> 
         raw = ([c for c in row_cond for _ in range(cols)] if isinstance(row_cond, list)
                else row_cond.repeat_interleave(cols))
     renoise = torch.Generator(trainer.device).manual_seed(1)
-    x = trainer.decode(trainer.ema_generator()(z, trainer.encode(raw) if raw is not None else None, generator=renoise))
+    G = trainer.ema_generator()
+    if trainer.cfg.guidance_range is not None:  # a guided student is shown at `guidance`, clamped to its range
+        G = GuidedGenerator(G, min(max(trainer.cfg.guidance, trainer.cfg.guidance_range[0]), trainer.cfg.guidance_range[1]))
+    x = trainer.decode(G(z, trainer.encode(raw) if raw is not None else None, generator=renoise))
     x = x.float().cpu()
     labels = None if row_cond is None else [str(c) if isinstance(c, str) else f"class {int(c)}" for c in row_cond]
     return labelled_grid_png([(f"z{j}", x[j::cols]) for j in range(cols)], labels)
