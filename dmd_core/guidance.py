@@ -118,3 +118,22 @@ class GuidedGenerator(nn.Module):
     def forward(self, z: torch.Tensor, cond: Cond = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         w = torch.full((z.shape[0],), self.w, device=z.device)
         return self.generator(z, student_cond(self.generator.denoiser, cond, w), generator=generator)
+
+
+def shown_scale(d) -> float:
+    """The one w at which a guided student is shown when no scale is asked for: `guidance`, clamped to the range."""
+    return min(max(float(d.guidance), d.guidance_range[0]), d.guidance_range[1])
+
+
+def student_denoiser(teacher, weights: dict[str, torch.Tensor], d) -> nn.Module:
+    """A checkpoint's generator weights on the teacher's architecture, guided when `d.guidance_range` is set."""
+    if d.guidance_range is None:
+        return teacher.student(weights)
+    return load_guided_student(teacher.denoiser, weights, d.guidance_embedding_dim)
+
+
+def student_at(generator: nn.Module, d, w: Optional[float] = None) -> nn.Module:
+    """G(z, c) at scale w (default `shown_scale`) for a guided student; a fixed-guidance one is returned as is."""
+    if d.guidance_range is None:
+        return generator
+    return GuidedGenerator(generator, shown_scale(d) if w is None else w)

@@ -10,7 +10,7 @@ from prefect.cache_policies import NONE
 from tqdm import tqdm
 
 from dmd_core.datasets import real_dataset
-from dmd_core.guidance import GuidedGenerator
+from dmd_core.guidance import student_at
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
@@ -75,9 +75,7 @@ def sample_grid(trainer: DMDTrainer, row_cond, rows: int = 8, cols: int = 8) -> 
         raw = ([c for c in row_cond for _ in range(cols)] if isinstance(row_cond, list)
                else row_cond.repeat_interleave(cols))
     renoise = torch.Generator(trainer.device).manual_seed(1)
-    G = trainer.ema_generator()
-    if trainer.cfg.guidance_range is not None:  # a guided student is shown at `guidance`, clamped to its range
-        G = GuidedGenerator(G, min(max(trainer.cfg.guidance, trainer.cfg.guidance_range[0]), trainer.cfg.guidance_range[1]))
+    G = student_at(trainer.ema_generator(), trainer.cfg)
     x = trainer.decode(G(z, trainer.encode(raw) if raw is not None else None, generator=renoise))
     x = x.float().cpu()
     labels = None if row_cond is None else [str(c) if isinstance(c, str) else f"class {int(c)}" for c in row_cond]
