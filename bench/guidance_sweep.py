@@ -36,8 +36,8 @@ def dmd_run(root: str, name: str, overrides: list[str], stages: str) -> float:
         cmd += ["--set", item]
     print("$ dmd " + " ".join(cmd[3:]), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=PROJECT, env={**os.environ, "PYTHONPATH": str(PROJECT)},
-                   stdout=subprocess.DEVNULL)
+    env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", **os.environ, "PYTHONPATH": str(PROJECT)}
+    subprocess.run(cmd, check=True, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL)
     return time.time() - t0
 
 
