@@ -211,8 +211,9 @@ class DMDTrainer:
         n_dm = B + (batch["z"].shape[0] if concat else 0)
         t = self._randint(int(cfg.dm_t_min * T), int(cfg.dm_t_max * T), n_dm)
         eps = self._randn(n_dm)
-        w_ref = None if w is None or batch is None else torch.full_like(w[:1], self.pairs_guidance).expand(
-            batch["z"].shape[0])
+        # The regression pairs were made at pairs.guidance: a guided G regresses onto them at that w.
+        w_ref = None if w is None or batch is None else torch.full((batch["z"].shape[0],), self.pairs_guidance,
+                                                                   device=self.device)
         with self._autocast():
             if concat:  # Alg. 1 line 7: x = concat(x, x_ref), one generator forward for both
                 cond = cond_cat(cond, self._batch_cond(batch))
