@@ -41,6 +41,26 @@ def dmd_run(root: str, name: str, overrides: list[str], stages: str) -> float:
     return time.time() - t0
 
 
+def sweep_only(root: str, name: str) -> float:
+    """The evaluate stage's guidance sweep alone (no baseline rows) on a run's last checkpoint; its wall time."""
+    import torch
+
+    from dmd_core.datasets import real_dataset
+    from storage.checkpoints import list_checkpoints
+    from tasks.context import open_run, run_teacher
+    from tasks.eval_guidance import run_guidance_sweep
+    from tasks.evaluate import protocol_of
+    from tasks.stages import resume_key
+
+    t0 = time.time()
+    store, cfg = open_run(root, name)
+    device = torch.device("cpu")
+    step = list_checkpoints(store, resume_key(cfg))[-1]
+    run_guidance_sweep(root, store, cfg, name, run_teacher(store, cfg, device), protocol_of(cfg),
+                       real_dataset(cfg.data.name), step, device)
+    return time.time() - t0
+
+
 def sweep_rows(root: str, name: str) -> list[dict]:
     return pq.read_table(Path(root) / name / "eval" / "guidance.parquet").to_pylist()
 
@@ -53,7 +73,9 @@ def main() -> None:
     ap.add_argument("--range", default="1,3", help="w_min,w_max of the guided student")
     ap.add_argument("--law", default="uniform", choices=["uniform", "log-uniform"])
     ap.add_argument("--steps", type=int, default=400, help="distill.steps of every student")
-    ap.add_argument("--stages", default="teacher,pairs,distill,export,evaluate")
+    ap.add_argument("--stages", default="teacher,pairs,distill,export,evaluate", help="of the guided run")
+    ap.add_argument("--fixed-stages", default="teacher,pairs,distill",
+                    help="of the fixed-w runs, whose sweep then runs alone (their baseline rows are not needed)")
     ap.add_argument("--extra", action="append", default=[], help="more --set overrides for every run")
     args = ap.parse_args()
     scales = [float(w) for w in args.scales.split(",")]
@@ -66,7 +88,9 @@ def main() -> None:
     fixed = {w: f"fixed-w{w:g}-s{args.steps}" for w in scales}
     for w, name in fixed.items():
         times[name] = dmd_run(args.root, name, [*common, f"distill.guidance={w:g}",
-                                                f"evaluate.guidance_sweep=[{w:g}]"], args.stages)
+                                                f"evaluate.guidance_sweep=[{w:g}]"], args.fixed_stages)
+        if "evaluate" not in args.fixed_stages:
+            times[name] += sweep_only(args.root, name)
 
     def value(rows, model, w, metric):
         return next(r["value"] for r in rows if r["model"] == model and r["guidance"] == w and r["metric"] == metric)
