@@ -48,7 +48,8 @@ def sweep_students(store, cfg, teacher, step: int) -> Callable[[float], torch.nn
     return lambda w: student_at(G, cfg.distill, w)
 
 
-def _teacher_samples(root: str, store, cfg, teacher, z: torch.Tensor, y: torch.Tensor, w: float, device) -> torch.Tensor:
+def _teacher_samples(root: str, store, cfg, teacher, z: torch.Tensor, y: torch.Tensor, w: float,
+                     device) -> torch.Tensor:
     """The teacher's N-step samples at guidance w, computed once per (teacher, noise, labels, w) under the root."""
     e, marker = cfg.evaluate, store.read_json(TEACHER_STAGE.marker)
     key = stable_hash([marker.get("content", marker["hash"]), cfg.pairs.solver, e.teacher_steps, e.seed,
@@ -106,8 +107,10 @@ def image_sweep(root, store, cfg, run_name, teacher, protocol, step, device) -> 
     at, out = sweep_students(store, cfg, teacher, step), []
     for w in e.guidance_sweep:
         G, renoise = at(w), torch.Generator(device).manual_seed(1)
-        sample = lambda zb, rb: (teacher.decode(G(zb.to(device), teacher.encode(rb), generator=renoise)) / 2  # noqa: E731
-                                 + 0.5).clamp(0, 1)
+
+        def sample(zb: torch.Tensor, rb) -> torch.Tensor:
+            return (teacher.decode(G(zb.to(device), teacher.encode(rb), generator=renoise)) / 2 + 0.5).clamp(0, 1)
+
         scores = ImageScores(inception, e.fid_mode, device, clip)
         for batch, cond in generate_images(sample, z, raw, e.batch_size, protocol.resolution):
             scores.update(batch, cond)
