@@ -32,3 +32,26 @@ def test_guided_digits_through_the_flow(prefect_api, tmp_path):
                      for w in (1.0, 3.0))
     assert (low - high).abs().max() > 1e-4  # the trained guidance input is used
     assert "guidance_scale=w" in store.read_bytes(f"{EXPORT}/README.md").decode()
+
+
+def test_guided_text_student_sweeps_fid_and_clip(prefect_api, tmp_path):
+    """sd-tiny over a guidance range, scored on the coco30k protocol fixture at two scales: FID and CLIP per w,
+    the FID-against-CLIP plot, and a stock StableDiffusionPipeline export (checked at 3 scales by the stage)."""
+    from flows.pipeline import dmd
+    from tests.test_eval_coco import write_fixture
+
+    captions, images = write_fixture(tmp_path / "coco")
+    root = str(tmp_path / "artifacts")
+    dmd(preset="sd-tiny", root=root, run_name="sdg",
+        overrides=["distill.guidance_range=[1,4]", "distill.lr=1e-2", "distill.guidance_embedding_dim=32",
+                   "evaluate.guidance_sweep=[1,4]", "evaluate.protocol=coco30k", "evaluate.n_samples=4",
+                   "evaluate.batch_size=2", f"evaluate.captions={captions}", f"evaluate.reference_images={images}",
+                   "evaluate.random_extractors=true"])
+    store = run_store(root, "sdg")
+    rows = store.read_table("eval/guidance.parquet").to_pylist()
+    assert {(r["guidance"], r["metric"]) for r in rows} == {(1.0, "fid"), (1.0, "clip"), (4.0, "fid"), (4.0, "clip")}
+    fid = {r["guidance"]: r["value"] for r in rows if r["metric"] == "fid"}
+    assert fid[1.0] != fid[4.0]  # the student's samples depend on w
+    assert store.read_bytes("eval/guidance.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    marker = store.read_json(f"{EXPORT}/_complete.json")
+    assert marker["pipeline"] == "StableDiffusionPipeline" and marker["check_max_abs_diff"] <= 1e-5
