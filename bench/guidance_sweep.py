@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,15 @@ def dmd_run(root: str, name: str, overrides: list[str], stages: str) -> float:
     env = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300", **os.environ, "PYTHONPATH": str(PROJECT)}
     subprocess.run(cmd, check=True, cwd=PROJECT, env=env, stdout=subprocess.DEVNULL)
     return time.time() - t0
+
+
+def share_upstream(root: str, source: str, name: str) -> None:
+    """Copy the teacher and pairs folders of run `source` into run `name`: the same data, teacher and pairs
+    sections give the same bytes (their stage markers carry the config hash, so the stages are skipped)."""
+    for stage in ("teacher", "pairs"):
+        src, dst = Path(root) / source / stage, Path(root) / name / stage
+        if (src / "_complete.json").is_file() and not dst.exists():
+            shutil.copytree(src, dst)
 
 
 def sweep_only(root: str, name: str) -> float:
@@ -87,6 +97,7 @@ def main() -> None:
                                                  f"distill.guidance_law={args.law}", sweep], args.stages)}
     fixed = {w: f"fixed-w{w:g}-s{args.steps}" for w in scales}
     for w, name in fixed.items():
+        share_upstream(args.root, guided, name)
         times[name] = dmd_run(args.root, name, [*common, f"distill.guidance={w:g}",
                                                 f"evaluate.guidance_sweep=[{w:g}]"], args.fixed_stages)
         if "evaluate" not in args.fixed_stages:
