@@ -83,9 +83,10 @@ def main() -> None:
     ap.add_argument("--range", default="1,3", help="w_min,w_max of the guided student")
     ap.add_argument("--law", default="uniform", choices=["uniform", "log-uniform"])
     ap.add_argument("--steps", type=int, default=400, help="distill.steps of every student")
-    ap.add_argument("--stages", default="teacher,pairs,distill,export,evaluate", help="of the guided run")
-    ap.add_argument("--fixed-stages", default="teacher,pairs,distill",
-                    help="of the fixed-w runs, whose sweep then runs alone (their baseline rows are not needed)")
+    ap.add_argument("--stages", default="teacher,pairs,distill,export",
+                    help="of every run; without evaluate, the guidance sweep runs alone (no baseline rows)")
+    ap.add_argument("--only", choices=["guided", "fixed", "table"], default=None,
+                    help="one part (e.g. the guided and the fixed-w runs in two processes, then the table)")
     ap.add_argument("--extra", action="append", default=[], help="more --set overrides for every run")
     args = ap.parse_args()
     scales = [float(w) for w in args.scales.split(",")]
@@ -93,15 +94,24 @@ def main() -> None:
     sweep = f"evaluate.guidance_sweep=[{','.join(f'{w:g}' for w in scales)}]"
     common = [f"distill.steps={args.steps}", *args.extra]
     guided = f"guided-{args.law}-{w_min:g}-{w_max:g}-s{args.steps}"
-    times = {guided: dmd_run(args.root, guided, [*common, f"distill.guidance_range=[{w_min:g},{w_max:g}]",
-                                                 f"distill.guidance_law={args.law}", sweep], args.stages)}
     fixed = {w: f"fixed-w{w:g}-s{args.steps}" for w in scales}
-    for w, name in fixed.items():
-        share_upstream(args.root, guided, name)
-        times[name] = dmd_run(args.root, name, [*common, f"distill.guidance={w:g}",
-                                                f"evaluate.guidance_sweep=[{w:g}]"], args.fixed_stages)
-        if "evaluate" not in args.fixed_stages:
-            times[name] += sweep_only(args.root, name)
+    times = {}
+    if args.only in (None, "guided"):
+        times[guided] = dmd_run(args.root, guided, [*common, f"distill.guidance_range=[{w_min:g},{w_max:g}]",
+                                                    f"distill.guidance_law={args.law}", sweep], args.stages)
+        if "evaluate" not in args.stages:
+            times[guided] += sweep_only(args.root, guided)
+    if args.only in (None, "fixed"):
+        for w, name in fixed.items():
+            share_upstream(args.root, guided if (Path(args.root) / guided).is_dir() else fixed[scales[0]], name)
+            times[name] = dmd_run(args.root, name, [*common, f"distill.guidance={w:g}",
+                                                    f"evaluate.guidance_sweep=[{w:g}]"], args.stages)
+        for name in fixed.values():  # after all the distills: the teacher's samples at each w are cached by then
+            if "evaluate" not in args.stages:
+                times[name] += sweep_only(args.root, name)
+    if args.only not in (None, "table"):
+        print("\n".join(f"{name}: {t:.0f} s" for name, t in times.items()))
+        return
 
     def value(rows, model, w, metric):
         return next(r["value"] for r in rows if r["model"] == model and r["guidance"] == w and r["metric"] == metric)

@@ -14,10 +14,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
-def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B,) -> (B, embedding_dim): [sin(1000 w f_k), cos(1000 w f_k)], f_k = 10000^(-k / (half - 1)), zero-padded
-    to an odd dim (VDM's embedding, as diffusers' `StableDiffusionPipeline.get_guidance_scale_embedding`)."""
-    w = torch.as_tensor(w).reshape(-1) * 1000.0
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.dtype = torch.float32,
+                             scale: float = 1000.0) -> torch.Tensor:
+    """(B,) -> (B, embedding_dim): [sin(s w f_k), cos(s w f_k)], f_k = 10000^(-k / (half - 1)), zero-padded to an
+    odd dim; s = 1000 is VDM's embedding as diffusers' `StableDiffusionPipeline.get_guidance_scale_embedding`."""
+    w = torch.as_tensor(w).reshape(-1) * scale
     half = embedding_dim // 2
     step = torch.log(torch.tensor(10000.0)) / (half - 1)
     freqs = torch.exp(torch.arange(half, dtype=dtype) * -step).to(w.device)
@@ -27,16 +28,22 @@ def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.d
 
 
 class GuidanceEmbedding(ModelMixin, ConfigMixin):
-    """cond_proj(embedding(w - 1)), added to the input of a UNet's `time_embedding` (zero at initialisation)."""
+    """cond_proj(embedding(w - 1)), added to the input of a UNet's `time_embedding` (zero at initialisation).
+
+    `scale` multiplies w - 1 inside the sinusoids. The default 1 keeps every feature smooth over a range of a few
+    units of w (all frequencies <= 1), so what G learns at the w it was trained on carries to the w between them;
+    diffusers' 1000 (which Stable Diffusion students must use, for the stock pipeline) makes most of 256 features
+    oscillate many times over w in [1, 3].
+    """
 
     @register_to_config
-    def __init__(self, embedding_dim: int = 256, time_channels: int = 32) -> None:
+    def __init__(self, embedding_dim: int = 256, time_channels: int = 32, scale: float = 1.0) -> None:
         super().__init__()
         self.cond_proj = nn.Linear(embedding_dim, time_channels, bias=False)
         nn.init.zeros_(self.cond_proj.weight)
 
     def forward(self, guidance_scale: torch.Tensor) -> torch.Tensor:
-        emb = guidance_scale_embedding(guidance_scale - 1, self.config.embedding_dim)
+        emb = guidance_scale_embedding(guidance_scale - 1, self.config.embedding_dim, scale=self.config.scale)
         return self.cond_proj(emb.to(device=self.cond_proj.weight.device, dtype=self.cond_proj.weight.dtype))
 
     @contextlib.contextmanager
