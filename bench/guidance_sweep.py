@@ -7,6 +7,13 @@ student to the teacher's N-step samples at that same w and its class accuracy, a
 
     OMP_NUM_THREADS=2 python bench/guidance_sweep.py --root /tmp/guidance --out docs
 
+or in parts, in parallel processes (the fixed-w runs copy the guided run's teacher and pairs when it has them):
+
+    OMP_NUM_THREADS=1 python bench/guidance_sweep.py --root /tmp/guidance --only guided &
+    OMP_NUM_THREADS=1 python bench/guidance_sweep.py --root /tmp/guidance --only fixed --scales 1,1.5,2 &
+    OMP_NUM_THREADS=1 python bench/guidance_sweep.py --root /tmp/guidance --only fixed --scales 3
+    python bench/guidance_sweep.py --root /tmp/guidance --out docs --only table
+
 Acceptance (issue "one student for every guidance scale"): at every w, FD(guided) <= 1.5 x FD(fixed-w) and the
 guided student's class accuracy >= 95%.
 """
