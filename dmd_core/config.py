@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_DIR / "configs"
@@ -148,6 +148,28 @@ class DistillConfig(_Model):
     rdzv_endpoint: Optional[str] = Field(None, description="host:port of the c10d rendezvous when nnodes > 1")
     rdzv_id: str = Field("dmd", description="rendezvous id shared by the nodes of one run")
     parallel: Literal["ddp"] = Field("ddp", description="DistributedDataParallel over generator and fake score")
+    guidance_range: Optional[tuple[float, float]] = Field(
+        None, description="[w_min, w_max]: one student for every guidance scale in the range (each sample draws "
+                          "its own w; the real score runs CFG at it, G takes it as an input); None: fixed `guidance`")
+    guidance_law: Literal["uniform", "log-uniform"] = Field("uniform", description="how w is drawn from the range")
+    guidance_embedding_dim: int = Field(256, gt=1, description="sinusoidal embedding size of w fed to G "
+                                                               "(time_cond_proj_dim for Stable Diffusion students)")
+
+    @field_validator("guidance_range")
+    @classmethod
+    def _guidance_range(cls, v: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+        if v is not None and not 0 < v[0] < v[1]:
+            raise ValueError("must be [w_min, w_max] with 0 < w_min < w_max, e.g. [1, 3]")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_guidance_range(self, handler):
+        """Without a guidance range the section dumps (and hashes) exactly as before these fields existed."""
+        data = handler(self)
+        if self.guidance_range is None and isinstance(data, dict):
+            for key in ("guidance_range", "guidance_law", "guidance_embedding_dim"):
+                data.pop(key, None)
+        return data
 
     @field_validator("generator_timesteps")
     @classmethod
@@ -207,6 +229,23 @@ class EvaluateConfig(_Model):
     clip_resize: Optional[int] = Field(None, description="resize before CLIP's preprocess (DMD2: 256)")
     random_extractors: bool = Field(False, description="tests only: random-init Inception-shaped and CLIP "
                                                        "extractors, no weights needed (numbers mean nothing)")
+    guidance_sweep: Optional[list[float]] = Field(None, min_length=1, description="guidance scales at which "
+                                                  "the teacher and the student are scored (eval/guidance.parquet)")
+
+    @field_validator("guidance_sweep")
+    @classmethod
+    def _positive_scales(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and any(w <= 0 for w in v):
+            raise ValueError("guidance scales must be positive, e.g. [1, 1.5, 2, 3]")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_sweep(self, handler):
+        """Without a sweep the section dumps (and hashes) exactly as before the field existed."""
+        data = handler(self)
+        if self.guidance_sweep is None and isinstance(data, dict):
+            data.pop("guidance_sweep", None)
+        return data
 
 
 class StorageConfig(_Model):

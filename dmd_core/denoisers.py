@@ -112,15 +112,23 @@ class CFGDenoiser(nn.Module):
     `{"encoder_hidden_states": (1, L, D)}`); it is repeated to the batch and run with it in one call.
     """
 
-    def __init__(self, denoiser: Callable, w: float, null_cond: Cond | int) -> None:
+    def __init__(self, denoiser: Callable, w: float | torch.Tensor, null_cond: Cond | int) -> None:
         super().__init__()
         self.denoiser = denoiser
-        self.w = float(w)
+        # A tensor w of shape (B,) guides each sample at its own scale (broadcast over the sample dimensions).
+        self.w = w if isinstance(w, torch.Tensor) and w.ndim > 0 else float(w)
         self.null_cond = null_cond
         self.prediction_type = getattr(denoiser, "prediction_type", None)
 
+    def _scale(self, like: torch.Tensor) -> float | torch.Tensor:
+        if isinstance(self.w, float):
+            return self.w
+        if self.w.shape != like.shape[:1]:
+            raise ValueError(f"per-sample guidance: w has shape {tuple(self.w.shape)}, the batch is {like.shape[0]}")
+        return self.w.to(like).reshape(-1, *([1] * (like.ndim - 1)))
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-        if cond is None or self.w == 1.0:
+        if cond is None or (isinstance(self.w, float) and self.w == 1.0):
             return self.denoiser(x_t, t, cond)
         if self.null_cond is None:
             raise ValueError("classifier-free guidance needs the teacher's null condition")
@@ -128,7 +136,7 @@ class CFGDenoiser(nn.Module):
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         x0 = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(null, cond))
         x0_uncond, x0_cond = x0.chunk(2)
-        return x0_uncond + self.w * (x0_cond - x0_uncond)
+        return x0_uncond + self._scale(x0_cond) * (x0_cond - x0_uncond)
 
 
 def with_guidance(denoiser: Callable, w: float, null_cond) -> Callable:

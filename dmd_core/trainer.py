@@ -12,9 +12,10 @@ from . import accel
 from .checkpoint import bytes_to_tensors, files_to_state, state_to_files, tensors_to_bytes
 from .conditions import ClassLabels, Conditions
 from .config import DistillConfig
-from .denoisers import PREDICTION_TYPES, Cond, cond_cat, with_guidance
+from .denoisers import PREDICTION_TYPES, CFGDenoiser, Cond, cond_cat, with_guidance
 from .gan import BottleneckFeatures, GANHead
 from .generator import Generator
+from .guidance import guided_denoiser, sample_guidance, student_cond
 from .losses import (denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss, lpips_regression,
                      mse_regression, pseudo_huber_regression)
 from .schedules import NoiseSchedule
@@ -55,7 +56,8 @@ class DMDTrainer:
                  num_classes: int = 0, null_cond: Cond | int = None, prediction_type: Optional[str] = None,
                  pairs: Optional[Stream] = None, real: Optional[Stream] = None,
                  lpips_model: Optional[Callable] = None, generator_init: Optional[nn.Module] = None,
-                 fake_init: Optional[nn.Module] = None, device: torch.device | str = "cpu") -> None:
+                 fake_init: Optional[nn.Module] = None, device: torch.device | str = "cpu",
+                 pairs_guidance: float = 1.0) -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.encode: Callable = _identity_encode
         self.decode: Callable = _identity_encode
@@ -82,6 +84,12 @@ class DMDTrainer:
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.mu_real = with_guidance(teacher, cfg.guidance, null_cond)
+        # guidance_range: G(z, c, w) for every w in the range, against the real score's CFG at a per-sample w.
+        self.teacher_denoiser, self.null_cond, self.pairs_guidance = teacher, null_cond, float(pairs_guidance)
+        if cfg.guidance_range is not None and generator_init is None:
+            if not hasattr(teacher, "unet"):
+                raise TypeError("distill.guidance_range needs a diffusers UNet teacher, or `generator_init` taking w")
+            generator_init = guided_denoiser(teacher, cfg.guidance_embedding_dim)
         self.G = Generator(_trainable_copy(generator_init, teacher, "generator_init"), schedule,
                            cfg.generator_timesteps).to(self.device)
         self.mu_fake = _trainable_copy(fake_init, teacher, "fake_init").to(self.device)
@@ -151,6 +159,20 @@ class DMDTrainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.bf16)
 
+    def _guidance(self, n: int) -> Optional[torch.Tensor]:
+        """Per-sample guidance scales from the trainer's generator, or None for a fixed-guidance student."""
+        if self.cfg.guidance_range is None:
+            return None
+        return sample_guidance(n, self.cfg.guidance_range, self.cfg.guidance_law, self.rng, self.device)
+
+    def generator_cond(self, cond: Cond, w: Optional[torch.Tensor]) -> Cond:
+        """G's condition: `cond`, plus the guidance scales w (B,) for a guided student."""
+        return cond if w is None else student_cond(self.G.denoiser, cond, w)
+
+    def _real_score(self, w: Optional[torch.Tensor]) -> Callable:
+        """mu_real: CFG at the fixed `guidance`, or at each sample's own w (real score only; fake is unguided)."""
+        return self.mu_real if w is None else CFGDenoiser(self.teacher_denoiser, w, self.null_cond)
+
     def _generate(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x = G(z) with grad; a multi-step G trains one random step after backward simulation (DMD2 §4.3)."""
         n_steps = len(self.G.timesteps)
@@ -189,7 +211,8 @@ class DMDTrainer:
         opt.step()
         return float(norm)
 
-    def _generator_update(self, z: torch.Tensor, cond: Cond, metrics: dict) -> Optional[tuple[torch.Tensor, Cond]]:
+    def _generator_update(self, z: torch.Tensor, cond: Cond, metrics: dict,
+                          w: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, Cond]]:
         """DMD Alg. 1 lines 5-13; returns the (detached) samples and conditions the fake score trains on."""
         cfg, B = self.cfg, z.shape[0]
         self.opt_G.zero_grad(set_to_none=True)
@@ -199,24 +222,32 @@ class DMDTrainer:
         n_dm = B + (batch["z"].shape[0] if concat else 0)
         t = self._randint(int(cfg.dm_t_min * T), int(cfg.dm_t_max * T), n_dm)
         eps = self._randn(n_dm)
+        # The regression pairs were made at pairs.guidance: a guided G regresses onto them at that w.
+        w_ref = None if w is None or batch is None else torch.full((batch["z"].shape[0],), self.pairs_guidance,
+                                                                   device=self.device)
         with self._autocast():
             if concat:  # Alg. 1 line 7: x = concat(x, x_ref), one generator forward for both
                 cond = cond_cat(cond, self._batch_cond(batch))
-                x = self.G.step(torch.cat([z, batch["z"]]) * self.schedule.init_noise_sigma, 0, cond)
+                w = None if w is None else torch.cat([w, w_ref])
+                x = self.G.step(torch.cat([z, batch["z"]]) * self.schedule.init_noise_sigma, 0,
+                                self.generator_cond(cond, w))
                 x_ref = x[B:]
             elif batch is not None and len(self.G.timesteps) == 1:
                 # One forward for the DM and the regression batch; unlike Alg. 1 line 7 the outputs stay apart.
+                w_all = None if w is None else torch.cat([w, w_ref])
                 x_all = self.G.step(torch.cat([z, batch["z"]]) * self.schedule.init_noise_sigma, 0,
-                                    cond_cat(cond, self._batch_cond(batch)))
+                                    self.generator_cond(cond_cat(cond, self._batch_cond(batch)), w_all))
                 x, x_ref = x_all[:B], x_all[B:]
             else:
-                x = self._generate(z, cond)
-            loss_dm, _ = dm_loss(x.float(), self.mu_real, self.mu_fake, self.schedule, t, eps, cond, cfg.dm_weighting)
+                x = self._generate(z, self.generator_cond(cond, w))
+            loss_dm, _ = dm_loss(x.float(), self._real_score(w), self.mu_fake, self.schedule, t, eps, cond,
+                                 cfg.dm_weighting)
             loss_G = cfg.dm_weight * loss_dm.mean()
             metrics["loss_dm"] = loss_dm.detach().mean()
             if batch is not None:
                 if len(self.G.timesteps) > 1:
-                    x_ref = self.G.step(batch["z"] * self.schedule.init_noise_sigma, 0, self._batch_cond(batch))
+                    x_ref = self.G.step(batch["z"] * self.schedule.init_noise_sigma, 0,
+                                        self.generator_cond(self._batch_cond(batch), w_ref))
                 loss_reg = self._regression(x_ref.float(), batch["y"].float()).mean()
                 loss_G = loss_G + cfg.lambda_reg * loss_reg
                 metrics["loss_reg"] = loss_reg.detach()
@@ -265,11 +296,12 @@ class DMDTrainer:
             accel.mark_step()
         B = self.cfg.batch_size
         z, cond = self._randn(B), self._cond(B)
+        w = self._guidance(B)
         if self.step % self.cfg.fake_updates_per_generator == 0:
-            out = self._generator_update(z, cond, metrics)
+            out = self._generator_update(z, cond, metrics, w)
         else:
             with torch.no_grad(), self._autocast():
-                out = self._generate(z, cond).float(), cond
+                out = self._generate(z, self.generator_cond(cond, w)).float(), cond
         ok = out is not None and self._fake_update(*out, metrics)
         self._account(ok, metrics)
         self.step += 1

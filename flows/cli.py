@@ -107,6 +107,8 @@ def sample(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     compile: bool = typer.Option(False, "--compile", help="cuda: torch.compile the UNet and decoder (CUDA graphs; "
                                                           "pays off from a few hundred images on)"),
+    guidance_scale: Optional[float] = typer.Option(None, help="students distilled over a guidance range: the w to "
+                                                               "run at (default: the export's, in dmd.json)"),
 ) -> None:
     """Sample a grid from an export: classes 0, 1, 2, ... for class-conditional models, prompts for text ones."""
     import json
@@ -141,7 +143,8 @@ def sample(
             fail(f"--export: {meta} not found (it says how many steps the student takes)")
         steps = int(json.loads(meta.read_text())["num_inference_steps"])
         pipe = fast(StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device))
-        images = torch.cat([pipe(texts[i:i + 8], num_inference_steps=steps, guidance_scale=1.0, generator=g,
+        w = guidance_scale if guidance_scale is not None else float(json.loads(meta.read_text()).get("guidance_scale", 1.0))
+        images = torch.cat([pipe(texts[i:i + 8], num_inference_steps=steps, guidance_scale=w, generator=g,
                                  output_type="pt").images.cpu() for i in range(0, n, 8)])
     elif kind == "DDIMPipeline":
         from diffusers import DDIMPipeline
@@ -152,10 +155,12 @@ def sample(
     else:
         from dmd_core.pipeline import DMDPipeline
 
-        pipe = DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device)
+        # trust_remote_code: a guided student's guidance/ component ships its own module file
+        pipe = DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, trust_remote_code=True).to(device)
         classes = pipe.unet.config.num_class_embeds
         labels = torch.arange(n) % (classes - 1) if classes else None
-        images = pipe(batch_size=n, class_labels=labels, generator=g, output_type="pt").images
+        images = pipe(batch_size=n, class_labels=labels, generator=g, output_type="pt",
+                      guidance_scale=guidance_scale).images
     out = output.resolve()
     ArtifactStore("file://" + str(out.parent)).write_bytes(out.name, grid_png(images.float().cpu() * 2 - 1))
     typer.echo(f"wrote {n} samples to {out}")

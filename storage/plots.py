@@ -248,3 +248,58 @@ def labelled_grid_png(columns: Sequence[tuple[str, torch.Tensor]], row_labels: O
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
+
+
+GUIDANCE_METRICS = ("fd_teacher", "fd", "accuracy", "fid", "clip")
+GUIDANCE_TITLES = {"fd_teacher": "FD to the teacher's N-step samples at the same w", "fd": "FD to the real data",
+                   "accuracy": "class accuracy", "fid": "FID", "clip": "CLIP score"}
+
+
+def guidance_figure(rows: Iterable[Mapping], title: str = "guidance sweep") -> Figure:
+    """Metrics against the guidance scale w, one line per `label`; for text models also FID against CLIP
+    (the trade-off curve, each point marked with its w). Rows: label, guidance, metric, value."""
+    rows = [dict(r) for r in rows]
+    if not rows:
+        raise ValueError("no guidance sweep rows to plot")
+    metrics = [m for m in GUIDANCE_METRICS if any(r["metric"] == m for r in rows)]
+    tradeoff = "fid" in metrics and "clip" in metrics
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    panels = len(metrics) + tradeoff
+    with style.context("default"):
+        fig = _new_figure(4.6 * panels, 3.8)
+        axes = fig.subplots(1, panels, squeeze=False).ravel()
+        colors = dict(zip(labels, ["tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:red"] * 4))
+        for ax, metric in zip(axes, metrics):
+            for label in labels:
+                pts = sorted((r["guidance"], r["value"]) for r in rows if r["label"] == label and r["metric"] == metric)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[label], label=label)
+            better = {True: " ↓", False: " ↑"}.get(LOWER_IS_BETTER.get(metric.split("_")[0]), "")
+            ax.set_title(GUIDANCE_TITLES[metric] + better, fontsize=10)
+            ax.set_xlabel("guidance scale w")
+            ax.set_ylabel(metric)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, loc="best")
+        if tradeoff:
+            ax = axes[-1]
+            for label in labels:
+                by = {(r["guidance"], r["metric"]): r["value"] for r in rows if r["label"] == label}
+                ws = sorted(w for w, m in by if m == "fid" and (w, "clip") in by)
+                if ws:
+                    ax.plot([by[(w, "clip")] for w in ws], [by[(w, "fid")] for w in ws], marker="o",
+                            color=colors[label], label=label)
+                    for w in ws:
+                        ax.annotate(f"w={w:g}", (by[(w, "clip")], by[(w, "fid")]), fontsize=7,
+                                    textcoords="offset points", xytext=(3, 3))
+            ax.set_title("FID against CLIP score", fontsize=10)
+            ax.set_xlabel("CLIP score")
+            ax.set_ylabel("FID")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, loc="best")
+        fig.suptitle(title)
+    return fig
+
+
+def guidance_png(rows: Iterable[Mapping], title: str = "guidance sweep") -> bytes:
+    """PNG of guidance_figure."""
+    return figure_png(guidance_figure(rows, title))

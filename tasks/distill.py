@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from dmd_core.datasets import real_dataset
 from dmd_core.distributed import DDPTrainer, init_process_group
+from dmd_core.guidance import student_at
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
@@ -46,7 +47,7 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
         lpips_model = build_lpips(d.lpips_net, d.lpips_weights, d.lpips_random_trunk).to(device)
     trainer_cls = DDPTrainer if d.world_size > 1 else DMDTrainer  # streams carry the global batch; DDP splits it
     return trainer_cls(d, teacher, conditions=conditions(teacher, cfg), pairs=pairs, real=real,
-                       lpips_model=lpips_model, device=device)
+                       lpips_model=lpips_model, device=device, pairs_guidance=cfg.pairs.guidance)
 
 
 def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
@@ -77,7 +78,8 @@ def sample_grid(trainer: DMDTrainer, row_cond, rows: int = 8, cols: int = 8) -> 
         raw = ([c for c in row_cond for _ in range(cols)] if isinstance(row_cond, list)
                else row_cond.repeat_interleave(cols))
     renoise = torch.Generator(trainer.device).manual_seed(1)
-    x = trainer.decode(trainer.ema_generator()(z, trainer.encode(raw) if raw is not None else None, generator=renoise))
+    G = student_at(trainer.ema_generator(), trainer.cfg)
+    x = trainer.decode(G(z, trainer.encode(raw) if raw is not None else None, generator=renoise))
     x = x.float().cpu()
     labels = None if row_cond is None else [str(c) if isinstance(c, str) else f"class {int(c)}" for c in row_cond]
     return labelled_grid_png([(f"z{j}", x[j::cols]) for j in range(cols)], labels)

@@ -14,6 +14,7 @@ from dmd_core.denoisers import with_guidance
 from dmd_core.evaluation import ClipScorer, ImageScores, generate_images, reference_stats
 from dmd_core.fid import frechet_distance
 from dmd_core.generator import Generator
+from dmd_core.guidance import student_at, student_denoiser
 from dmd_core.metrics import DigitsClassifier, features_and_predictions, gaussian_stats, train_classifier
 from dmd_core.protocols import class_balanced_labels, sample_captions
 from storage import ArtifactStore
@@ -42,9 +43,10 @@ def result_hashes(cfg) -> dict[str, str]:
 
 
 def student(store: ArtifactStore, cfg, teacher, step: int) -> Generator:
-    """The checkpoint's generator (EMA or raw, as the export uses) on a copy of the teacher's denoiser."""
-    D = teacher.student(checkpoint_weights(store, step, cfg.export.use_ema))
-    return Generator(D, teacher.schedule, cfg.distill.generator_timesteps)
+    """The checkpoint's generator (EMA or raw, as the export uses) on a copy of the teacher's denoiser; a guided
+    student at its shown scale (a GuidedGenerator over the Generator)."""
+    D = student_denoiser(teacher, checkpoint_weights(store, step, cfg.export.use_ema), cfg.distill)
+    return student_at(Generator(D, teacher.schedule, cfg.distill.generator_timesteps), cfg.distill)
 
 
 class Models:

@@ -19,6 +19,7 @@ from storage.images import grid_png
 from storage.layout import EVAL_COMPARE, EVAL_GRID, RESULTS, SUMMARY
 from storage.plots import labelled_grid_png
 from tasks.context import device_for, open_run, run_teacher
+from tasks.eval_guidance import run_guidance_sweep
 from tasks.eval_protocols import COLUMNS, KEY_COLUMNS, classifier_protocol, image_protocol, result_hashes
 from tasks.stages import artifact_key, resume_key
 
@@ -56,6 +57,9 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
     else:
         new, pictures = image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device)
     write_pictures(store, pictures)
+    if cfg.evaluate.guidance_sweep and steps:  # eval/guidance.parquet and eval/guidance.png
+        run_guidance_sweep(root, store, cfg, run_name, teacher, protocol,
+                           real_dataset(cfg.data.name) if protocol.classifier else None, steps[-1], device)
     if not new:
         return summarize(store, existing, run_name, hashes)
     rows = existing + new

@@ -13,9 +13,11 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
+import dmd_core.guidance_embedding as guidance_module
 import dmd_core.pipeline as pipeline_module
 from dmd_core.exports import ddim_export, stable_diffusion_export
 from dmd_core.generator import Generator
+from dmd_core.guidance import GuidedUNet2D, shown_scale, student_at, student_denoiser
 from dmd_core.pipeline import DMDPipeline
 from storage.checkpoints import checkpoint_weights, list_checkpoints
 from storage.layout import EXPORT, METRICS
@@ -26,25 +28,27 @@ from tasks.stages import DISTILL_STAGE, EXPORT_STAGE, resume_key
 USAGE = {
     "StableDiffusionPipeline": ['from diffusers import StableDiffusionPipeline',
                                 'pipe = StableDiffusionPipeline.from_pretrained("PATH")',
-                                'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale=1.0).images[0]'],
+                                'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={w}).images[0]'],
     "DDIMPipeline": ['from diffusers import DDIMPipeline', 'pipe = DDIMPipeline.from_pretrained("PATH")',
                      'images = pipe(batch_size=16, num_inference_steps={n}).images'],
     "DMDPipeline": ['from diffusers import DiffusionPipeline',
                     'pipe = DiffusionPipeline.from_pretrained("PATH", custom_pipeline="PATH", trust_remote_code=True)',
                     'images = pipe(batch_size=16, class_labels=list(range(16))).images'],
+    "guided": ['# one student for every guidance scale in {range}: pass guidance_scale=w (one network call, no CFG)'],
 }
 
 
 def model_card(cfg, step: int, final_metrics: dict, pipeline: str) -> str:
     """README.md of the export: how to load it, what it was distilled from, the config and metrics."""
     d = cfg.distill
-    n = len(d.generator_timesteps)
+    n, w = len(d.generator_timesteps), shown_scale(d) if d.guidance_range else 1.0
+    usage = USAGE[pipeline] + (USAGE["guided"] if d.guidance_range else [])
     lines = [
         "---", "library_name: diffusers", "tags: [dmd, distribution-matching-distillation, one-step]", "---",
         f"# {cfg.name}: {n}-step DMD generator", "",
         f"Distilled with Distribution Matching Distillation for {step} steps from a `{cfg.teacher.kind}` teacher, "
         f"conditioned at timesteps {d.generator_timesteps}. Loads in stock diffusers as `{pipeline}`:", "",
-        "```python", *[line.format(n=n) for line in USAGE[pipeline]], "```", "",
+        "```python", *[line.format(n=n, w=w, range=list(d.guidance_range or [])) for line in usage], "```", "",
         "## Configuration", "", "```json",
         json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True), "```", "",
         "## Final training metrics", "", "| metric | value |", "|---|---|",
@@ -57,16 +61,19 @@ def model_card(cfg, step: int, final_metrics: dict, pipeline: str) -> str:
 def student_pipeline(teacher, unet, cfg):
     """The export pipeline: stock where one fits the student exactly, else DMDPipeline."""
     ts = cfg.distill.generator_timesteps
-    if teacher.kind == "sd":
+    if teacher.kind == "sd":  # a guided student's UNet has time_cond_proj_dim: the stock pipeline embeds w itself
         return stable_diffusion_export(unet, teacher.vae, teacher.text_encoder, teacher.tokenizer,
                                        teacher.scheduler_config, ts, teacher.prediction_type)
+    from diffusers import DDPMScheduler
+
+    if isinstance(unet, GuidedUNet2D):
+        return DMDPipeline(unet.unet, DDPMScheduler.from_config(teacher.scheduler_config), ts, teacher.prediction_type,
+                           guidance=unet.guidance, guidance_scale=shown_scale(cfg.distill))
     if not teacher.num_classes:
         try:
             return ddim_export(unet, teacher.scheduler_config, ts, teacher.prediction_type)
         except ValueError:
             pass
-    from diffusers import DDPMScheduler
-
     return DMDPipeline(unet, DDPMScheduler.from_config(teacher.scheduler_config), ts, teacher.prediction_type)
 
 
@@ -81,10 +88,11 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
         raise FileNotFoundError(f"no final checkpoint (step {cfg.distill.steps}) in {store.url('distill')}: "
                                 "run the distill stage first")
     teacher = run_teacher(store, cfg, torch.device("cpu"))
-    D = teacher.student(checkpoint_weights(store, steps[-1], cfg.export.use_ema))
+    D = student_denoiser(teacher, checkpoint_weights(store, steps[-1], cfg.export.use_ema), cfg.distill)
     unet = D.unet
     pipe = student_pipeline(teacher, unet, cfg)
     kind = type(pipe).__name__
+    scales = export_scales(cfg.distill)
     rows = store.read_table(METRICS).to_pylist() if store.exists(METRICS) else []
     card = model_card(cfg, steps[-1], {k: v for k, v in (rows[-1] if rows else {}).items() if k != "step"}, kind)
 
@@ -93,9 +101,12 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
         Path(tmp, "README.md").write_text(card)
         Path(tmp, "dmd.json").write_text(json.dumps({  # how to call the stock pipeline for this student
             "pipeline": kind, "generator_timesteps": cfg.distill.generator_timesteps,
-            "num_inference_steps": len(cfg.distill.generator_timesteps), "guidance_scale": 1.0}, indent=2))
+            "num_inference_steps": len(cfg.distill.generator_timesteps), "guidance_scale": scales[0],
+            "guidance_range": cfg.distill.guidance_range}, indent=2))
         if kind == "DMDPipeline":
             Path(tmp, "pipeline.py").write_text(Path(pipeline_module.__file__).read_text())
+            if getattr(pipe, "guidance", None) is not None:
+                ship_guidance_component(tmp)
 
     save_folder(store, EXPORT, write)
     err = check_export(store, cfg, teacher, D, kind)
@@ -103,12 +114,33 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
     return store.url(EXPORT)
 
 
+def export_scales(d) -> list[float]:
+    """The guidance scales the export is checked at: the shown one and both ends of a guided student's range."""
+    return [1.0] if d.guidance_range is None else [shown_scale(d), *d.guidance_range]
+
+
+def ship_guidance_component(folder: str) -> None:
+    """guidance/ as a custom component stock diffusers loads (trust_remote_code): its module file beside its weights."""
+    Path(folder, "guidance", "guidance_embedding.py").write_text(Path(guidance_module.__file__).read_text())
+    index = Path(folder, "model_index.json")
+    config = json.loads(index.read_text())
+    config["guidance"] = ["guidance_embedding", "GuidanceEmbedding"]
+    index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 @torch.no_grad()
 def check_export(store, cfg, teacher, student, kind: str, n: int = 4) -> float:
-    """The reloaded export must reproduce the trainer's generator (+ decode) on fixed noise within check_atol."""
+    """The reloaded export must reproduce the trainer's generator (+ decode) on fixed noise within check_atol,
+    at every scale of `export_scales`."""
+    return max(check_export_at(store, cfg, teacher, student, kind, w, n) for w in export_scales(cfg.distill))
+
+
+@torch.no_grad()
+def check_export_at(store, cfg, teacher, student, kind: str, w: float, n: int = 4) -> float:
+    """check_export at one guidance scale w (passed as guidance_scale; 1.0 for a fixed-guidance student)."""
     from diffusers import DDIMPipeline, StableDiffusionPipeline
 
-    G = Generator(student, teacher.schedule, cfg.distill.generator_timesteps)
+    G = student_at(Generator(student, teacher.schedule, cfg.distill.generator_timesteps), cfg.distill, w)
     z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
     raw = None
     if teacher.conditioning == "text":
@@ -122,7 +154,7 @@ def check_export(store, cfg, teacher, student, kind: str, n: int = 4) -> float:
     with local_folder(store, EXPORT) as path:
         if kind == "StableDiffusionPipeline":
             pipe = StableDiffusionPipeline.from_pretrained(path, low_cpu_mem_usage=False)
-            got = pipe(raw, num_inference_steps=steps, guidance_scale=1.0, latents=z, output_type="pt",
+            got = pipe(raw, num_inference_steps=steps, guidance_scale=w, latents=z, output_type="pt",
                        generator=torch.Generator().manual_seed(1)).images
         elif kind == "DDIMPipeline":
             pipe = DDIMPipeline.from_pretrained(path, low_cpu_mem_usage=False)
@@ -130,11 +162,13 @@ def check_export(store, cfg, teacher, student, kind: str, n: int = 4) -> float:
                        output_type="np").images
             got = torch.from_numpy(np.asarray(got)).permute(0, 3, 1, 2)
         else:
-            pipe = DMDPipeline.from_pretrained(path, low_cpu_mem_usage=False)
-            got = pipe(latents=z, class_labels=raw, generator=torch.Generator().manual_seed(1), output_type="pt").images
+            pipe = DMDPipeline.from_pretrained(path, low_cpu_mem_usage=False, trust_remote_code=True)
+            got = pipe(latents=z, class_labels=raw, generator=torch.Generator().manual_seed(1), output_type="pt",
+                       guidance_scale=w if cfg.distill.guidance_range else None).images
     err = float((got.float() - expected.float()).abs().max())
     if not err <= cfg.export.check_atol:
-        raise RuntimeError(f"export check failed: reloaded {kind} differs from the generator by {err:.3g} "
+        raise RuntimeError(f"export check failed: reloaded {kind} at guidance_scale={w:g} differs from the "
+                           f"generator by {err:.3g} "
                            f"(> export.check_atol={cfg.export.check_atol})")
     return err
 

@@ -1,0 +1,225 @@
+"""One student for every guidance scale: per-sample CFG, the zero-initialised guidance input, the exports that
+honour `guidance_scale` in stock diffusers, and the unchanged default path."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmd_core.config import ConfigError, DistillConfig, load_config
+from dmd_core.denoisers import CFGDenoiser, UNetDenoiser
+from dmd_core.guidance import (GuidedGenerator, guided_denoiser, sample_guidance, shown_scale, student_cond)
+from dmd_core.guidance_embedding import guidance_scale_embedding
+from dmd_core.schedules import VPSchedule
+from dmd_core.teachers import load_teacher
+from tests.helpers import make_trainer, tiny_teacher
+
+PROJECT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def sd_teacher():
+    return load_teacher("sd", PROJECT / "teachers" / "sd-tiny")
+
+
+def _randomise(module: torch.nn.Module, name: str, seed: int = 0) -> None:
+    """Give the zero-initialised guidance projection random weights, so that w changes the output."""
+    weight = dict(module.named_parameters())[name]
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+
+
+@torch.no_grad()
+def test_per_sample_cfg_equals_scalar_cfg_sample_by_sample():
+    D = tiny_teacher()
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(5, 1, 8, 8, generator=g), torch.tensor([999, 700, 500, 100, 3])
+    cond, w = torch.tensor([0, 3, 9, 4, 4]), torch.tensor([1.0, 1.5, 2.0, 3.0, 7.5])
+    batched = CFGDenoiser(D, w, 10)(x_t, t, cond)
+    for i in range(5):
+        one = CFGDenoiser(D, float(w[i]), 10)(x_t[i:i + 1], t[i:i + 1], cond[i:i + 1])
+        torch.testing.assert_close(batched[i:i + 1], one, rtol=1e-5, atol=1e-5)
+    by_hand = D(x_t, t, torch.full_like(cond, 10)) + w.reshape(-1, 1, 1, 1) * (D(x_t, t, cond) - D(x_t, t, torch.full_like(cond, 10)))
+    torch.testing.assert_close(batched, by_hand, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="per-sample guidance"):
+        CFGDenoiser(D, w[:3], 10)(x_t, t, cond)
+
+
+@torch.no_grad()
+def test_per_sample_cfg_on_text_conditions(sd_teacher):
+    D, null = sd_teacher.denoiser, sd_teacher.null_cond
+    cond = sd_teacher.encode(["a red square", "two digits"])
+    x_t = torch.randn(2, *sd_teacher.sample_shape, generator=torch.Generator().manual_seed(1))
+    t, w = torch.tensor([900, 300]), torch.tensor([1.5, 4.0])
+    batched = CFGDenoiser(D, w, null)(x_t, t, cond)
+    for i in range(2):
+        one = CFGDenoiser(D, float(w[i]), null)(x_t[i:i + 1], t[i:i + 1],
+                                                {"encoder_hidden_states": cond["encoder_hidden_states"][i:i + 1]})
+        torch.testing.assert_close(batched[i:i + 1], one, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_embedding_is_the_stock_pipelines():
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.tensor([1.0, 1.5, 2.0, 3.0, 7.5])
+    for dim in (256, 33):
+        expected = StableDiffusionPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=dim)
+        assert torch.equal(guidance_scale_embedding(w - 1, dim), expected)
+
+
+def test_guidance_draws_are_in_range_and_seeded():
+    for law in ("uniform", "log-uniform"):
+        a = sample_guidance(4096, (1.0, 3.0), law, torch.Generator().manual_seed(0))
+        b = sample_guidance(4096, (1.0, 3.0), law, torch.Generator().manual_seed(0))
+        assert torch.equal(a, b) and a.min() >= 1.0 and a.max() <= 3.0
+        median = float(a.median())
+        assert abs(median - (2.0 if law == "uniform" else 3 ** 0.5)) < 0.05  # closed-form medians
+
+
+@torch.no_grad()
+def test_zero_initialised_guidance_input_starts_as_the_teacher(sd_teacher):
+    D = UNetDenoiser(tiny_teacher().unet, VPSchedule.linear(), "v_prediction")
+    S = guided_denoiser(D, 32)
+    x_t, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([999, 500, 10])
+    cond = torch.tensor([1, 2, 10])
+    for w in (1.0, 2.5):
+        assert torch.equal(S(x_t, t, student_cond(S, cond, torch.full((3,), w))), D(x_t, t, cond))
+    _randomise(S, "unet.guidance.cond_proj.weight")
+    assert not torch.equal(S(x_t, t, student_cond(S, cond, torch.full((3,), 2.5))), D(x_t, t, cond))
+
+    T = sd_teacher.denoiser
+    S = guided_denoiser(T, 256)
+    assert S.unet.config.time_cond_proj_dim == 256 and not S.unet.time_embedding.cond_proj.weight.any()
+    cond = sd_teacher.encode(["a cat", "a mat", ""])
+    x_t = torch.randn(3, *sd_teacher.sample_shape, generator=torch.Generator().manual_seed(3))
+    for w in (1.0, 3.0):
+        assert torch.equal(S(x_t, t, student_cond(S, cond, torch.full((3,), w))), T(x_t, t, cond))
+
+
+def test_guided_trainer_resumes_exactly():
+    steps = 2
+    a = make_trainer(guidance_range=(1.0, 3.0), guidance_law="log-uniform")
+    for _ in range(steps):
+        a.train_step()
+    files = a.state_files()
+    b = make_trainer(guidance_range=(1.0, 3.0), guidance_law="log-uniform")
+    b.load_state_files(files)
+    for _ in range(steps):
+        a.train_step(), b.train_step()
+    for (k, p), q in zip(a.G.denoiser.state_dict().items(), b.G.denoiser.state_dict().values()):
+        assert torch.equal(p, q), k
+    assert any("guidance" in k for k in a.G.denoiser.state_dict())
+
+
+def _trainer_at(commit: str):
+    """DMDTrainer as dmd_core/trainer.py was at `commit`, imported from git inside the current package."""
+    source = subprocess.run(["git", "show", f"{commit}:dmd_core/trainer.py"], cwd=PROJECT, capture_output=True,
+                            text=True)
+    if source.returncode != 0:
+        pytest.skip(f"git history without {commit}")
+    spec = importlib.util.spec_from_loader("dmd_core._trainer_before_guidance", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "dmd_core"
+    sys.modules[spec.name] = module
+    exec(compile(source.stdout, f"{commit}:dmd_core/trainer.py", "exec"), module.__dict__)
+    return module.DMDTrainer
+
+
+def test_without_guidance_range_training_is_bit_identical_to_before(monkeypatch):
+    """The trainer as it was before guidance ranges existed and the current one, on the default path (guidance 1.5,
+    TTUR, GAN, two-step G): identical generator and fake-score weights after a few steps."""
+    import dmd_core.trainer as trainer_module
+
+    before = _trainer_at("1fad61b")
+    now = make_trainer(guidance=1.5)
+    monkeypatch.setattr(trainer_module, "DMDTrainer", before)
+    old = make_trainer(guidance=1.5)
+    assert type(old) is before and type(now) is not before
+    for _ in range(4):
+        m_now, m_old = now.train_step(), old.train_step()
+        assert m_now == m_old
+    for a, b in ((now.G.denoiser, old.G.denoiser), (now.mu_fake, old.mu_fake)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert set(now.state_files()) == set(old.state_files())
+
+
+def test_unset_guidance_fields_leave_the_config_hash_alone():
+    cfg = load_config("digits")
+    assert "guidance_range" not in cfg.model_dump()["distill"] and "guidance_sweep" not in cfg.model_dump()["evaluate"]
+    guided = load_config("digits", overrides=["distill.guidance_range=[1,3]", "evaluate.guidance_sweep=[1,2]"])
+    assert guided.section_hash("distill") != cfg.section_hash("distill")
+    assert shown_scale(guided.distill) == 1.25
+    with pytest.raises(ConfigError, match="distill.guidance_range"):
+        load_config("digits", overrides=["distill.guidance_range=[3,1]"])
+    with pytest.raises(ConfigError, match="evaluate.guidance_sweep"):
+        load_config("digits", overrides=["evaluate.guidance_sweep=[0,1]"])
+    with pytest.raises(ValueError):
+        DistillConfig(guidance_range=(0.0, 2.0))
+
+
+@torch.no_grad()
+def test_pixel_export_honours_guidance_scale_in_stock_diffusers(tmp_path):
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    from dmd_core.generator import Generator
+    from dmd_core.pipeline import DMDPipeline
+    from tasks.export import ship_guidance_component
+
+    teacher = UNetDenoiser(tiny_teacher().unet, VPSchedule.linear(), "v_prediction")
+    S = guided_denoiser(teacher, 16).eval()
+    _randomise(S, "unet.guidance.cond_proj.weight", seed=4)
+    pipe = DMDPipeline(S.unet.unet, DDPMScheduler(), [999], "v_prediction", guidance=S.unet.guidance,
+                       guidance_scale=2.0)
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    (tmp_path / "pipeline.py").write_text((PROJECT / "dmd_core" / "pipeline.py").read_text())
+    ship_guidance_component(str(tmp_path))
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=str(tmp_path), trust_remote_code=True)
+    assert type(loaded.guidance).__module__ != "dmd_core.guidance_embedding"  # the shipped file, not ours
+    z, labels = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 2, 3])
+    G = Generator(S, teacher.schedule, (999,))
+    out = {}
+    for w in (1.0, 3.0):
+        out[w] = loaded(latents=z, class_labels=labels, guidance_scale=w, output_type="pt").images
+        expected = (GuidedGenerator(G, w)(z, labels) / 2 + 0.5).clamp(0, 1)
+        torch.testing.assert_close(out[w], expected, rtol=0, atol=1e-5)
+    assert (out[1.0] - out[3.0]).abs().max() > 1e-3
+    default = loaded(latents=z, class_labels=labels, output_type="pt").images  # the export's own scale, 2.0
+    torch.testing.assert_close(default, (GuidedGenerator(G, 2.0)(z, labels) / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_stable_diffusion_export_honours_guidance_scale_in_the_stock_pipeline(sd_teacher, tmp_path):
+    """A guided SD student trained a step, exported, reloaded offline with plain StableDiffusionPipeline: at two
+    guidance scales the outputs differ, and each equals the trainer's G at that w on the same noise and prompt."""
+    from diffusers import StableDiffusionPipeline
+
+    from dmd_core.exports import stable_diffusion_export
+    from dmd_core.trainer import DMDTrainer
+
+    cfg = DistillConfig(batch_size=2, lr=5e-2, regression="none", guidance_range=(1.0, 4.0), guidance_embedding_dim=64,
+                        bf16=False)
+    trainer = DMDTrainer(cfg, sd_teacher, conditions=sd_teacher.conditions(["a red square", "two digits"]))
+    with torch.enable_grad():
+        trainer.train_step()
+    unet = trainer.G.denoiser.unet
+    assert unet.time_embedding.cond_proj.weight.any()  # the step moved the guidance projection off zero
+    stable_diffusion_export(unet, sd_teacher.vae, sd_teacher.text_encoder, sd_teacher.tokenizer,
+                            sd_teacher.scheduler_config, [999], sd_teacher.prediction_type).save_pretrained(tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert pipe.unet.config.time_cond_proj_dim == 64
+    prompts = ["a red square", "two digits"]
+    z = torch.randn((2, *sd_teacher.sample_shape), generator=torch.Generator().manual_seed(6))
+    out = {}
+    for w in (1.5, 4.0):
+        x0 = trainer.G(z, trainer.generator_cond(sd_teacher.encode(prompts), torch.full((2,), w)))
+        atol = 1e-5 * max(1.0, float(x0.abs().max()))
+        out[w] = pipe(prompts, num_inference_steps=1, guidance_scale=w, latents=z, output_type="latent").images
+        assert pipe.do_classifier_free_guidance is False  # one UNet call per step: w goes in through timestep_cond
+        torch.testing.assert_close(out[w], x0, rtol=0, atol=atol)
+        images = pipe(prompts, num_inference_steps=1, guidance_scale=w, latents=z, output_type="pt").images
+        torch.testing.assert_close(images, (sd_teacher.decode(x0) / 2 + 0.5).clamp(0, 1), rtol=0, atol=atol)
+    assert (out[1.5] - out[4.0]).abs().max() > 10 * atol
