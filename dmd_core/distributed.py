@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import bytes_to_tensors, tensors_to_bytes
 from .conditions import hash_seed
 from .config import DistillConfig
+from .guidance import sample_guidance
 from .denoisers import Cond
 from .streams import Stream
 from .trainer import DMDTrainer
@@ -154,6 +155,12 @@ class DDPTrainer(DMDTrainer):
         if self.conditions is None:
             return None
         return self.encode(self._mine(self.conditions.sample(n * self.world_size, self.rng, self.device)))
+
+    def _guidance(self, n: int) -> Optional[torch.Tensor]:
+        if self.cfg.guidance_range is None:
+            return None
+        return self._mine(sample_guidance(n * self.world_size, self.cfg.guidance_range, self.cfg.guidance_law,
+                                          self.rng, self.device))
 
     def _generate(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """DMD2 backward simulation as `Generator.backward_simulate`, re-noising with global-batch draws."""
