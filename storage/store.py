@@ -182,6 +182,7 @@ class ArtifactStore:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+            os.chmod(f.name, 0o666 & ~current_umask())  # mkstemp makes 0600; published files follow the umask
             os.replace(f.name, path)
             _fsync_dir(folder)
 
@@ -273,6 +274,27 @@ class ArtifactStore:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 digest.update(chunk)
         return digest.hexdigest()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def sweep_temporaries(store: ArtifactStore) -> list[str]:
+    """Remove the temporary files that killed local writers left under the store; returns their paths.
+
+    Call it only while no writer of this store is running (e.g. as a run starts)."""
+    if not store._local or not os.path.isdir(store._root):
+        return []
+    stale = []
+    for folder, _, files in os.walk(store._root):
+        stale += [os.path.join(folder, f) for f in files if f.startswith(TMP_PREFIX)]
+    for path in stale:
+        os.unlink(path)
+    return sorted(stale)
 
 
 def _fsync_dir(folder: str) -> None:

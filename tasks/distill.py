@@ -13,7 +13,7 @@ from dmd_core.datasets import real_dataset
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
-from storage import ArtifactStore
+from storage import ArtifactStore, ChecksumError
 from storage.checkpoints import list_checkpoints, read_checkpoint, write_checkpoint
 from storage.layout import METRICS, sample_grid_key
 from storage.plots import labelled_grid_png
@@ -47,12 +47,19 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
 
 
 def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
-    """Load the latest complete checkpoint written with this config; returns its step (0 if none)."""
+    """Load the latest valid checkpoint written with this config; returns its step (0 if none). A damaged one
+    (a file whose sha256 differs from its marker's) is named and skipped for the one before it."""
     steps = list_checkpoints(store, resume_key(cfg))
-    if not steps:
-        return 0
-    trainer.load_state_files(read_checkpoint(store, steps[-1]))
-    return steps[-1]
+    for i in reversed(range(len(steps))):
+        try:
+            files = read_checkpoint(store, steps[i])
+        except ChecksumError as err:
+            previous = f"step {steps[i - 1]}" if i else "the start"
+            print(f"checkpoint step {steps[i]} is damaged ({err}); falling back to {previous}")
+            continue
+        trainer.load_state_files(files)
+        return steps[i]
+    return 0
 
 
 def grid_conditions(cfg, teacher, rows: int = 8):

@@ -28,7 +28,7 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
         return list(range(n_shards)), []
     if PAIRS_STAGE.is_done(store, cfg):
         records = read_manifest(store, PAIRS_MANIFEST)
-        if sum(r.n_samples for r in records) == cfg.pairs.n:
+        if sum(r.n_samples for r in records) == cfg.pairs.n and all(_intact(store, r) for r in records):
             return [], records
         PAIRS_STAGE.unmark(store)
     kept = []
@@ -37,11 +37,21 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
             continue
         try:
             verify_shard(store, rec)
-        except (ChecksumError, FileNotFoundError):
+        except (ChecksumError, FileNotFoundError) as err:
+            print(f"pairs: {store.url(rec.shard)} is damaged or missing ({err}); regenerating it")
             continue
         kept.append(rec)
     done = {int(r.shard.rsplit("-", 1)[1].split(".")[0]) for r in kept}
     return [i for i in range(n_shards) if i not in done], kept
+
+
+def _intact(store, record: ShardRecord) -> bool:
+    """The shard exists with the sha256 its manifest row records."""
+    try:
+        verify_shard(store, record)
+        return True
+    except (ChecksumError, FileNotFoundError):
+        return False
 
 
 def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
