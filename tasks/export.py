@@ -114,6 +114,7 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
 
     def write(tmp: str) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        drop_load_paths(Path(tmp))
         Path(tmp, "README.md").write_text(card)
         Path(tmp, "dmd.json").write_text(json.dumps({  # how to call the stock pipeline for this student
             "pipeline": kind, "generator_timesteps": cfg.distill.generator_timesteps,
@@ -126,6 +127,15 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
     err = check_export(store, cfg, teacher, D, kind)
     EXPORT_STAGE.mark(store, cfg, step=steps[-1], pipeline=kind, check_max_abs_diff=err)
     return store.url(EXPORT)
+
+
+def drop_load_paths(folder: Path) -> None:
+    """Remove `_name_or_path` (where a component was loaded from, a temporary path) from every config.json,
+    so identical checkpoints give byte-identical exports."""
+    for path in sorted(folder.rglob("config.json")):
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()
