@@ -202,14 +202,14 @@ def load_export(export: Path, kind: Optional[str]):
         if not meta.is_file():
             fail(f"--export: {meta} not found (it says how many steps the student takes)")
         steps = int(json.loads(meta.read_text())["num_inference_steps"])
-        return StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False), steps
+        return StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True), steps
     if kind == "DDIMPipeline":
         from diffusers import DDIMPipeline
 
-        return DDIMPipeline.from_pretrained(str(export), low_cpu_mem_usage=False), 1
+        return DDIMPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True), 1
     from dmd_core.pipeline import DMDPipeline
 
-    return DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False), 1
+    return DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True), 1
 
 
 @app.command("make-teacher")

@@ -12,10 +12,10 @@ from tqdm import tqdm
 from dmd_core.datasets import real_dataset
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
-from dmd_core.trainer import DMDTrainer
+from dmd_core.trainer import DMDTrainer, NonFiniteError
 from storage import ArtifactStore, ChecksumError
 from storage.checkpoints import list_checkpoints, read_checkpoint, write_checkpoint
-from storage.layout import METRICS, sample_grid_key
+from storage.layout import METRICS, checkpoint_prefix, sample_grid_key
 from storage.plots import labelled_grid_png
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
 from tasks.stages import DISTILL_STAGE, artifact_key, resume_key
@@ -87,6 +87,17 @@ def sample_grid(trainer: DMDTrainer, row_cond, rows: int = 8, cols: int = 8) -> 
     return labelled_grid_png([(f"z{j}", x[j::cols]) for j in range(cols)], labels)
 
 
+def train_step_or_stop(store: ArtifactStore, trainer: DMDTrainer, cfg) -> dict:
+    """One step; after distill.max_consecutive_nonfinite non-finite steps in a row, stop naming the last checkpoint."""
+    try:
+        return trainer.train_step()
+    except NonFiniteError as err:
+        steps = list_checkpoints(store, resume_key(cfg))
+        last = f"step {steps[-1]} ({store.url(checkpoint_prefix(steps[-1]))})" if steps else "none yet"
+        raise NonFiniteError(f"distill stopped: {err} (distill.max_consecutive_nonfinite="
+                             f"{cfg.distill.max_consecutive_nonfinite}); last good checkpoint: {last}") from None
+
+
 def run_distill(root: str, run_name: str, force: bool = False,
                 progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Train to distill.steps, checkpointing every K steps; resumes from the latest checkpoint."""
@@ -107,7 +118,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
     grid_cond, grid_cols = grid_conditions(cfg, teacher), 2 if teacher.vae is not None else 8
     t0 = time.time()
     for _ in tqdm(range(start, d.steps), desc="distill", initial=start, total=d.steps):
-        m = trainer.train_step()
+        m = train_step_or_stop(store, trainer, cfg)
         if m["step"] % d.log_every == 0 or trainer.step == d.steps:
             rows.append({**{k: float(m.get(k, float("nan"))) for k in METRIC_COLUMNS}, "step": m["step"],
                          "seconds": time.time() - t0})
