@@ -5,8 +5,18 @@ from __future__ import annotations
 import os
 import tempfile
 
-# Prefect, torch and the hub write under HOME unless told otherwise: keep every byte of a test run in /tmp.
+# Prefect, torch and the hub write under HOME unless told otherwise: keep every byte of a test run in one
+# temporary folder (temporary files of this process and its subprocesses included), removed when the session ends.
 _HOME = tempfile.mkdtemp(prefix="dmd-tests-")
+os.environ["TMPDIR"] = _HOME
+tempfile.tempdir = None  # recomputed from TMPDIR on next use
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's temporary folder (pytest's tmp_path folders live inside it)."""
+    import shutil
+
+    shutil.rmtree(_HOME, ignore_errors=True)
 os.environ.setdefault("PREFECT_HOME", os.path.join(_HOME, "prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -61,17 +61,15 @@ def test_retries_back_off(s3_endpoint):
 def test_a_permanent_failure_raises_and_leaves_no_object(s3_endpoint, fault):
     prefix = uuid.uuid4().hex[:8]
     with FlakyProxy(s3_endpoint, lambda m, p, n: fault if m in ("PUT", "POST") else "ok") as proxy:
-        # fewer attempts than the defaults (s3fs 5 x botocore 5, about 40 s before giving up) to keep the test short
-        store = ArtifactStore(f"s3://{S3_BUCKET}/{prefix}", endpoint_url=proxy.url, retries=2,
+        # fewer botocore attempts than its default (about 40 s before giving up) to keep the test short
+        store = ArtifactStore(f"s3://{S3_BUCKET}/{prefix}", endpoint_url=proxy.url,
                               config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}})
         t0 = time.time()
         with pytest.raises(Exception) as err:
             store.write_bytes("gone.bin", b"y" * 1000)
         assert time.time() - t0 < 120
-        samples = [{"__key__": f"{i:08d}", "json": {"index": i}} for i in range(4)]
-        with pytest.raises(Exception):
-            write_shard(store, "pairs/shard-000000.tar", samples)
-    assert not isinstance(err.value, AssertionError)
+    # a clean error the task fails with: S3's own answer, or the dropped connection naming the object
+    assert "reduce your request rate" in str(err.value) or "gone.bin" in str(err.value), err.value
     assert len([1 for m, _, _ in proxy.log if m == "PUT"]) > 2  # it was retried before giving up
     after = direct(s3_endpoint, prefix)
     assert after.ls() == []  # no object, whole or partial
