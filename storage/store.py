@@ -277,10 +277,14 @@ class ArtifactStore:
 
 
 def current_umask() -> int:
-    """The process umask (read by setting it and restoring it at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process umask: from /proc on Linux, else by setting it and restoring it at once."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def sweep_temporaries(store: ArtifactStore) -> list[str]:

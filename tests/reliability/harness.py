@@ -24,7 +24,7 @@ def record_figures(section: str, **counts) -> None:
     if FIGURES is None:
         return
     data = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
-    data[section] = {**counts, "soak": SOAK}
+    data[f"{section}-soak" if SOAK else section] = counts
     FIGURES.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -80,14 +80,15 @@ def temporaries(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob(".dmd-tmp-*"))
 
 
-WEIGHTS = ("generator.safetensors", "fake.safetensors", "ema.safetensors")
+# rng.safetensors also holds the process-wide torch RNG, which depends on what else ran in the process.
+UNSTABLE = ("rng.safetensors", "_complete.json")
 
 
 def outputs(run: Path) -> dict[str, str]:
-    """The bytes a run must reproduce: pair shards, final checkpoint weights, the export folder."""
+    """The bytes a run must reproduce: pair shards, checkpoints (weights, optimizer and stream state), export/."""
     keep = {}
     for rel, digest in files(run).items():
         if rel.startswith("pairs/shard-") or rel.startswith("export/") or (
-                rel.startswith("distill/checkpoints/") and rel.rsplit("/", 1)[1] in WEIGHTS):
+                rel.startswith("distill/checkpoints/") and rel.rsplit("/", 1)[1] not in UNSTABLE):
             keep[rel] = digest
     return keep
