@@ -1,6 +1,7 @@
 """Flow runs of a run folder whose process died (SIGKILL, power loss) stay RUNNING in Prefect: as the next flow
-run of the same run folder starts, it marks them CRASHED. Each flow run tags itself with its run folder and
-records `host:pid` as its infrastructure pid; a RUNNING one on this host whose pid is gone has crashed."""
+run of the same run folder starts, it marks them CRASHED. Each flow run tags itself with its run folder and its
+process (`dmd-process:host:pid`; the infrastructure pid is left to workers, which cancel through it); a RUNNING
+one on this host whose process is gone has crashed."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +13,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, Fl
 from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run
 from prefect.states import Crashed
+
+
+PROCESS = "dmd-process:"
 
 
 def run_tag(run_url: str) -> str:
@@ -38,13 +42,13 @@ def claim_run(run_url: str) -> list[str]:
     marked = []
     with get_client(sync_client=True) as client:
         current = client.read_flow_run(me)
-        client.update_flow_run(me, tags=sorted({*current.tags, tag}),
-                               infrastructure_pid=current.infrastructure_pid or f"{host}:{os.getpid()}")
+        client.update_flow_run(me, tags=sorted({*current.tags, tag, f"{PROCESS}{host}:{os.getpid()}"}))
         running = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
             tags=FlowRunFilterTags(all_=[tag])))
         for other in running:
-            owner, _, pid = (other.infrastructure_pid or "").rpartition(":")
+            process = next((t[len(PROCESS):] for t in other.tags if t.startswith(PROCESS)), "")
+            owner, _, pid = process.rpartition(":")
             if str(other.id) == str(me) or owner != host or not pid.isdigit() or _alive(int(pid)):
                 continue
             client.set_flow_run_state(other.id, Crashed(message=f"process {pid} on {host} is gone; marked "
