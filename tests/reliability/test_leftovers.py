@@ -37,12 +37,32 @@ def test_run_files_follow_the_umask(tiny_run):
     assert modes == {expected}, sorted(oct(m) for m in modes)
 
 
-def test_a_killed_writers_temporary_is_invisible_and_swept(tmp_path):
-    store = ArtifactStore(f"file://{tmp_path}/run")
-    writer = store.open("pairs/shard-000000.tar", "wb")
-    writer.write(b"partial")  # the process dies here: the temporary stays on disk
-    leftover = [p for p in (tmp_path / "run" / "pairs").iterdir() if p.name.startswith(TMP_PREFIX)]
-    assert len(leftover) == 1 and store.ls() == [] and not store.exists("pairs/shard-000000.tar")
-    assert sweep_temporaries(store) == [str(leftover[0])]
-    assert list((tmp_path / "run" / "pairs").iterdir()) == []
-    writer.abort()
+DEAD_WRITER = """
+import os, sys
+from storage import ArtifactStore
+writer = ArtifactStore(sys.argv[1]).open("pairs/shard-000000.tar", "wb")
+writer.write(b"partial")
+writer.flush()
+os._exit(0)  # dies mid-write: the temporary stays on disk
+"""
+
+
+def test_a_killed_writers_temporary_is_invisible_and_swept_a_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.reliability.harness import REPO
+
+    url = f"file://{tmp_path}/run"
+    subprocess.run([sys.executable, "-c", DEAD_WRITER, url], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    store = ArtifactStore(url)
+    live = store.open("pairs/shard-000001.tar", "wb")
+    live.write(b"in progress")
+    temporaries = sorted(p.name for p in (tmp_path / "run" / "pairs").iterdir())
+    assert len(temporaries) == 2 and all(n.startswith(TMP_PREFIX) for n in temporaries)
+    assert store.ls() == [] and not store.exists("pairs/shard-000000.tar")
+    swept = sweep_temporaries(store)
+    assert len(swept) == 1 and "shard-000000.tar" in swept[0]
+    live.close()
+    assert store.ls() == ["pairs/shard-000001.tar"] and store.read_bytes("pairs/shard-000001.tar") == b"in progress"
