@@ -202,7 +202,8 @@ def load_export(export: Path, kind: Optional[str]):
         if not meta.is_file():
             fail(f"--export: {meta} not found (it says how many steps the student takes)")
         steps = int(json.loads(meta.read_text())["num_inference_steps"])
-        return StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True), steps
+        pipe = StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True)
+        return pipe, steps
     if kind == "DDIMPipeline":
         from diffusers import DDIMPipeline
 

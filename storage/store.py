@@ -302,7 +302,8 @@ def sweep_temporaries(store: ArtifactStore, max_age_s: float = 86400.0) -> list[
         return []
     stale = []
     for folder, _, files in os.walk(store._root):
-        stale += [os.path.join(folder, f) for f in files if f.startswith(TMP_PREFIX) and _abandoned(folder, f, max_age_s)]
+        stale += [os.path.join(folder, f) for f in files
+                  if f.startswith(TMP_PREFIX) and _abandoned(folder, f, max_age_s)]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -1,7 +1,6 @@
 """Bad input, table-driven: every case exits 2 with one line naming the field or file, and writes nothing
 (a snapshot of the workspace, an existing run and an export included, is the same before and after)."""
 import hashlib
-import json
 import os
 import shutil
 
@@ -24,7 +23,8 @@ SAMPLE = ["sample", "--export", "{export}", "--n", "2"]
 CONFIG_VALUES = [  # (override, field named): values the config model rejects
     ("distill.lr=-1", "distill.lr"), ("distill.lr=abc", "distill.lr"), ("pairs.solver=euler2", "pairs.solver"),
     ("distill.generator_timesteps=[5,9]", "distill.generator_timesteps"), ("distill.steps=0", "distill.steps"),
-    ("distill.batch_size=0", "distill.batch_size"), ("pairs.n=0", "pairs.n"), ("pairs.shard_size=-3", "pairs.shard_size"),
+    ("distill.batch_size=0", "distill.batch_size"), ("pairs.n=0", "pairs.n"),
+    ("pairs.shard_size=-3", "pairs.shard_size"),
     ("pairs.steps=0", "pairs.steps"), ("pairs.dtype=int8", "pairs.dtype"), ("data.image_size=0", "data.image_size"),
     ("data.channels=0", "data.channels"), ("data.num_classes=-1", "data.num_classes"), ("device=tpu", "device"),
     ("distill.regression=l3", "distill.regression"), ("teacher.kind=vae", "teacher.kind"),
