@@ -123,8 +123,9 @@ def run_distill(root: str, run_name: str, force: bool = False,
             rows.append({**{k: float(m.get(k, float("nan"))) for k in METRIC_COLUMNS}, "step": m["step"],
                          "seconds": time.time() - t0})
         if trainer.step % d.checkpoint_every == 0 or trainer.step == d.steps:
-            write_checkpoint(store, trainer.step, trainer.state_files(), key)
+            # metrics first: a kill between the two leaves rows that a resume from the previous checkpoint drops
             store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
+            write_checkpoint(store, trainer.step, trainer.state_files(), key)
         if trainer.step % d.sample_every == 0 or trainer.step == d.steps:
             store.write_bytes(sample_grid_key(trainer.step), sample_grid(trainer, grid_cond, cols=grid_cols))
         if progress is not None:
