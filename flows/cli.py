@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -16,11 +18,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distribution Matching Distillation of diffusion models into one-step generators.")
 REPO = Path(__file__).resolve().parent.parent
 GPU_LIMIT = "gpu"  # the Prefect global concurrency limit that GPU-heavy tasks (evaluation) hold a slot of
+DEBUG = {"on": False}  # set by --debug: expected errors print their traceback too
+
+
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help="print the traceback of expected errors too")) -> None:
+    """Options of every command."""
+    DEBUG["on"] = debug
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one line to stderr and exit non-zero."""
-    typer.echo(f"error: {message}", err=True)
+    """Print one line to stderr (after the traceback being handled, with --debug) and exit non-zero."""
+    if DEBUG["on"] and sys.exc_info()[0] is not None:
+        typer.echo(traceback.format_exc().rstrip(), err=True)
+    first = str(message).strip().splitlines()
+    typer.echo(f"error: {first[0] if first else message}", err=True)
     raise typer.Exit(code)
 
 
@@ -67,7 +79,7 @@ def run(
 
     configure_s3(cfg.storage.endpoint_url)
     try:  # before a Prefect server starts or anything is written
-        preflight(cfg, root, run_name, chosen)
+        preflight(cfg, root, run_name, chosen, force)
     except PreflightError as err:
         fail(str(err))
 
@@ -88,12 +100,28 @@ def deploy(pool: str = typer.Option("dmd", help="process work pool the deploymen
     """Register every deployment in prefect.yaml and create the `gpu` concurrency limit evaluation holds."""
     env = {**os.environ, "DMD_WORK_POOL": pool, "DMD_PROJECT_DIR": str(REPO)}
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    if subprocess.call([*prefect, "work-pool", "inspect", pool], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL) != 0:
+        fail(f"--pool: work pool {pool!r} not found; create it with `prefect work-pool create {pool} --type process`")
     if subprocess.call([*prefect, "gcl", "inspect", GPU_LIMIT], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL) != 0:
         created = subprocess.call([*prefect, "gcl", "create", GPU_LIMIT, "--limit", str(gpu_limit)], cwd=REPO, env=env)
         if created != 0:
             raise typer.Exit(created)
-    raise typer.Exit(subprocess.call([*prefect, "deploy", "--all"], cwd=REPO, env=env))
+    with tempfile.TemporaryDirectory(prefix="dmd-deploy-") as tmp:
+        prefect_file = pool_prefect_file(pool, Path(tmp))
+        raise typer.Exit(subprocess.call([*prefect, "deploy", "--all", "--prefect-file", str(prefect_file)],
+                                         cwd=REPO, env=env))
+
+
+def pool_prefect_file(pool: str, folder: Path) -> Path:
+    """prefect.yaml with every deployment on `pool` (`prefect deploy --all` ignores --pool for several)."""
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for deployment in spec.get("deployments", []):
+        deployment["work_pool"] = {**(deployment.get("work_pool") or {}), "name": pool}
+    out = folder / "prefect.yaml"
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
 
 
 @app.command()
@@ -121,49 +149,88 @@ def sample(
     index = export / "model_index.json"
     if not index.is_file():
         fail(f"--export: {index} not found (not an exported pipeline folder)")
-    kind = json.loads(index.read_text()).get("_class_name")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        fail(f"--device: choose cpu or cuda, got {device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device is available; use --device cpu")
+    out = output.expanduser().absolute()
+    check_output_folder(out)
+    try:
+        kind = json.loads(index.read_text()).get("_class_name")
+    except ValueError as err:
+        fail(f"--export: {index} is not valid JSON ({err})")
     g = torch.Generator(device).manual_seed(seed)
-
-    def fast(pipe):
-        """On CUDA: fp16, NHWC, fused QKV projections (and torch.compile with --compile); unchanged on the CPU."""
-        from dmd_core.inference import fast_pipeline
-
-        return fast_pipeline(pipe, "reduce-overhead" if compile else "none")
+    texts = None
     if kind == "StableDiffusionPipeline":
-        from diffusers import StableDiffusionPipeline
-
         from storage.captions import read_captions
 
         texts = [prompt] if prompt else (read_captions(str(prompts)) if prompts else None)
         if not texts:
             fail("--prompt or --prompts is required for a text-to-image export")
         texts = [texts[i % len(texts)] for i in range(n)]
-        meta = export / "dmd.json"
-        if not meta.is_file():
-            fail(f"--export: {meta} not found (it says how many steps the student takes)")
-        steps = int(json.loads(meta.read_text())["num_inference_steps"])
-        pipe = fast(StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device))
-        w = guidance_scale if guidance_scale is not None else float(json.loads(meta.read_text()).get("guidance_scale", 1.0))
+    try:
+        pipe, steps = load_export(export, kind)
+        pipe = pipe.to(device)
+        if device != "cpu":  # fp16, NHWC, fused QKV projections (and torch.compile with --compile)
+            from dmd_core.inference import fast_pipeline
+
+            pipe = fast_pipeline(pipe, "reduce-overhead" if compile else "none")
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # missing or damaged files, unreadable weights
+        fail(f"--export: cannot load {export}: {type(err).__name__}: {err}")
+    if kind == "StableDiffusionPipeline":
+        w = guidance_scale if guidance_scale is not None else \
+            float(json.loads((export / "dmd.json").read_text()).get("guidance_scale", 1.0))
         images = torch.cat([pipe(texts[i:i + 8], num_inference_steps=steps, guidance_scale=w, generator=g,
                                  output_type="pt").images.cpu() for i in range(0, n, 8)])
     elif kind == "DDIMPipeline":
-        from diffusers import DDIMPipeline
-
-        pipe = fast(DDIMPipeline.from_pretrained(str(export), low_cpu_mem_usage=False).to(device))
         images = torch.from_numpy(pipe(batch_size=n, generator=g, num_inference_steps=1, output_type="np").images)
         images = images.permute(0, 3, 1, 2)
     else:
-        from dmd_core.pipeline import DMDPipeline
-
-        # trust_remote_code: a guided student's guidance/ component ships its own module file
-        pipe = DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, trust_remote_code=True).to(device)
         classes = pipe.unet.config.num_class_embeds
         labels = torch.arange(n) % (classes - 1) if classes else None
         images = pipe(batch_size=n, class_labels=labels, generator=g, output_type="pt",
                       guidance_scale=guidance_scale).images
-    out = output.resolve()
-    ArtifactStore("file://" + str(out.parent)).write_bytes(out.name, grid_png(images.float().cpu() * 2 - 1))
+    try:
+        ArtifactStore("file://" + str(out.parent)).write_bytes(out.name, grid_png(images.float().cpu() * 2 - 1))
+    except OSError as err:
+        fail(f"-o {out}: cannot write ({err.strerror or err})")
     typer.echo(f"wrote {n} samples to {out}")
+
+
+def check_output_folder(out: Path) -> None:
+    """-o names a file in an existing, writable folder (checked before a model loads)."""
+    if out.is_dir():
+        fail(f"-o {out}: is a folder; give a .png file name")
+    if not out.parent.is_dir():
+        fail(f"-o {out}: folder {out.parent} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        fail(f"-o {out}: cannot write in {out.parent} ({err.strerror or err})")
+
+
+def load_export(export: Path, kind: Optional[str]):
+    """(pipeline, steps) of an export folder, loaded on CPU."""
+    import json
+
+    if kind == "StableDiffusionPipeline":
+        from diffusers import StableDiffusionPipeline
+
+        meta = export / "dmd.json"
+        if not meta.is_file():
+            fail(f"--export: {meta} not found (it says how many steps the student takes)")
+        steps = int(json.loads(meta.read_text())["num_inference_steps"])
+        pipe = StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True)
+        return pipe, steps
+    if kind == "DDIMPipeline":
+        from diffusers import DDIMPipeline
+
+        return DDIMPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True), 1
+    from dmd_core.pipeline import DMDPipeline
+
+    # trust_remote_code: a guided student's guidance/ component ships its own module file
+    return DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True,
+                                       trust_remote_code=True), 1
 
 
 @app.command("make-teacher")

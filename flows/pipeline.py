@@ -10,9 +10,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dmd_core.config import STAGES, PipelineConfig, load_config
 from flows.credentials import apply_storage
+from flows.crashed import claim_run
 from flows.preflight import preflight
 from flows.runners import one_gpu_per_task, pairs_task_runner
 from storage.layout import CONFIG, run_store
+from storage.store import sweep_temporaries
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
@@ -41,6 +43,15 @@ def save_config(root: str, run_name: str, cfg: PipelineConfig) -> None:
     data = cfg.model_dump(mode="json")
     if not store.exists(CONFIG) or store.read_json(CONFIG) != data:
         store.write_json(CONFIG, data)
+
+
+def recover_run(root: str, run_name: str, logger) -> None:
+    """What a killed earlier run left: temporary files of its writers, and its flow run still RUNNING."""
+    store = run_store(root, run_name)
+    for path in sweep_temporaries(store):
+        logger.info("removed %s (left by a killed writer)", path)
+    for name in claim_run(store.root_url):
+        logger.warning("flow run %s of this run was still RUNNING with its process gone: marked crashed", name)
 
 
 def pairs_stage(root: str, run_name: str, force: bool) -> int:
@@ -76,9 +87,10 @@ def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] =
     """Distill a diffusion teacher into a one-step generator; `stages` selects a subset (default all)."""
     cfg, run_name = resolve_config(preset, config, overrides, root, run_name)
     selected = [s for s in STAGES if s in (stages or STAGES)]
-    preflight(cfg, root, run_name, selected if stages else None)
-    save_config(root, run_name, cfg)
+    preflight(cfg, root, run_name, selected if stages else None, force)
     logger = get_run_logger()
+    recover_run(root, run_name, logger)
+    save_config(root, run_name, cfg)
     logger.info("run %s at %s: stages %s", run_name, run_store(root, run_name).root_url, ",".join(selected))
     out: dict = {"run_name": run_name, "root": run_store(root, run_name).root_url, "stages": selected}
     if "teacher" in selected:

@@ -2,6 +2,7 @@
 and the stages asked for. Each failure is one line naming the field or file (`PreflightError`)."""
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -89,8 +90,44 @@ def check_teacher(cfg: PipelineConfig) -> None:
             check_teacher_folder(t.kind, resolve_path(t.path))
         except TeacherLoadError as err:
             raise PreflightError(f"teacher.path: {err}") from None
+        if t.kind == "unet2d":
+            check_teacher_shape(cfg, Path(resolve_path(t.path)))
     if cfg.data.captions and "://" not in cfg.data.captions and not Path(resolve_path(cfg.data.captions)).is_file():
         raise PreflightError(f"data.captions: {cfg.data.captions} not found")
+
+
+def check_teacher_shape(cfg: PipelineConfig, folder: Path) -> None:
+    """A pixel teacher's sample size and channels are the data's (read from its unet config, nothing loaded)."""
+    path = folder / "unet" / "config.json" if (folder / "unet").is_dir() else folder / "config.json"
+    try:
+        unet = json.loads(path.read_text())
+    except ValueError as err:
+        raise PreflightError(f"teacher.path: {path} is not valid JSON ({err})") from None
+    size = unet.get("sample_size")
+    sizes = {size} if isinstance(size, int) else set(size or [])
+    if sizes and sizes != {cfg.data.image_size}:
+        raise PreflightError(f"data.image_size={cfg.data.image_size} does not match the teacher's sample_size "
+                             f"{size} ({path}); set data.image_size={size}")
+    channels = unet.get("in_channels")
+    if channels is not None and channels != cfg.data.channels:
+        raise PreflightError(f"data.channels={cfg.data.channels} does not match the teacher's in_channels "
+                             f"{channels} ({path}); set data.channels={channels}")
+
+
+def check_resume(cfg: PipelineConfig, root: str, run_name: str, stages: Optional[list[str]], force: bool) -> None:
+    """Training to fewer steps than the run's latest checkpoint is refused before anything is rewritten."""
+    from storage.checkpoints import list_checkpoints
+    from tasks.stages import resume_key
+
+    if force or (stages and "distill" not in stages):
+        return
+    store = run_store(root, run_name)
+    if not store.exists(CONFIG):
+        return
+    steps = list_checkpoints(store, resume_key(cfg))
+    if steps and steps[-1] > cfg.distill.steps:
+        raise PreflightError(f"distill.steps={cfg.distill.steps} is below the run's latest checkpoint (step "
+                             f"{steps[-1]}); raise distill.steps or pass --force to retrain from the start")
 
 
 def check_run(root: str, run_name: str, stages: Optional[list[str]]) -> None:
@@ -102,7 +139,8 @@ def check_run(root: str, run_name: str, stages: Optional[list[str]]) -> None:
                              + (", ".join(runs) if runs else "none") + "; run the teacher stage first or pick one")
 
 
-def preflight(cfg: PipelineConfig, root: str, run_name: Optional[str], stages: Optional[list[str]]) -> None:
+def preflight(cfg: PipelineConfig, root: str, run_name: Optional[str], stages: Optional[list[str]],
+              force: bool = False) -> None:
     """Every check, cheapest first; raises PreflightError with one line."""
     check_root(root, env_credentials=cfg.storage.credentials_block is None)
     try:
@@ -113,3 +151,4 @@ def preflight(cfg: PipelineConfig, root: str, run_name: Optional[str], stages: O
     check_distributed(cfg, root)
     check_teacher(cfg)
     check_run(root, run_name or cfg.name, stages)
+    check_resume(cfg, root, run_name or cfg.name, stages, force)

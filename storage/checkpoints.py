@@ -1,7 +1,10 @@
 """Training checkpoints in the store: one folder of files per step, a `_complete.json` marker written last."""
 from __future__ import annotations
 
+import hashlib
+
 from storage.layout import checkpoint_prefix, checkpoint_steps
+from storage.manifest import ChecksumError
 from storage.store import ArtifactStore
 
 MARKER = "_complete.json"
@@ -12,21 +15,44 @@ def write_checkpoint(store: ArtifactStore, step: int, files: dict[str, bytes], k
     prefix = checkpoint_prefix(step)
     for name, data in files.items():
         store.write_bytes(f"{prefix}/{name}", data)
-    store.write_json(f"{prefix}/{MARKER}", {"step": step, "hash": key})
+    sha256 = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    store.write_json(f"{prefix}/{MARKER}", {"step": step, "hash": key, "sha256": sha256})
     return prefix
 
 
 def list_checkpoints(store: ArtifactStore, key: str) -> list[int]:
     """Steps of the complete checkpoints written under `key` (the resume hash), ascending."""
-    return [s for s in checkpoint_steps(store)
-            if store.read_json(f"{checkpoint_prefix(s)}/{MARKER}").get("hash") == key]
+    return [s for s in checkpoint_steps(store) if _marker(store, s).get("hash") == key]
+
+
+def _marker(store: ArtifactStore, step: int) -> dict:
+    """A checkpoint's marker; an unreadable one is named and counts as no marker."""
+    try:
+        marker = store.read_json(f"{checkpoint_prefix(step)}/{MARKER}")
+    except (ValueError, UnicodeDecodeError) as err:
+        print(f"checkpoint step {step}: marker is damaged ({err}); ignoring this checkpoint")
+        return {}
+    return marker if isinstance(marker, dict) else {}
 
 
 def read_checkpoint(store: ArtifactStore, step: int) -> dict[str, bytes]:
-    """All state files of the checkpoint at `step` (file name -> bytes), marker excluded."""
+    """All state files of the checkpoint at `step` (file name -> bytes), marker excluded; each file's sha256
+    is checked against the marker (ChecksumError names a damaged or missing file)."""
     prefix = checkpoint_prefix(step)
+    expected = store.read_json(f"{prefix}/{MARKER}").get("sha256")
     names = [k.rsplit("/", 1)[1] for k in store.ls(prefix)]
-    return {n: store.read_bytes(f"{prefix}/{n}") for n in names if n != MARKER}
+    files = {n: store.read_bytes(f"{prefix}/{n}") for n in names if n != MARKER}
+    for name, digest in (expected or {}).items():
+        _check(store, prefix, name, files.get(name), digest)
+    return files
+
+
+def _check(store: ArtifactStore, prefix: str, name: str, data, digest: str) -> None:
+    if data is None:
+        raise ChecksumError(f"checkpoint file {store.url(f'{prefix}/{name}')} is missing")
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ChecksumError(f"checkpoint file {store.url(f'{prefix}/{name}')} does not match the sha256 "
+                            "recorded in its marker (damaged)")
 
 
 def checkpoint_weights(store: ArtifactStore, step: int, use_ema: bool = True) -> dict:
@@ -34,4 +60,9 @@ def checkpoint_weights(store: ArtifactStore, step: int, use_ema: bool = True) ->
     from safetensors.torch import load
 
     name = "ema.safetensors" if use_ema else "generator.safetensors"
-    return load(store.read_bytes(f"{checkpoint_prefix(step)}/{name}"))
+    prefix = checkpoint_prefix(step)
+    data = store.read_bytes(f"{prefix}/{name}")
+    digest = (store.read_json(f"{prefix}/{MARKER}").get("sha256") or {}).get(name)
+    if digest:
+        _check(store, prefix, name, data, digest)
+    return load(data)

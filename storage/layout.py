@@ -35,9 +35,14 @@ def run_store(root: str, run_name: str, **storage_options) -> ArtifactStore:
     return root_store(root, **storage_options).child(run_name)
 
 
+# The export folder holds only what a pipeline loads (byte-reproducible): its marker sits beside it.
+EXPORT_MARKER = "export.complete.json"
+LEGACY_EXPORT_MARKER = "export/_complete.json"
+
+
 def done_marker(stage: str) -> str:
     """Key of the marker a stage writes last; its presence means the stage is complete."""
-    return f"{stage}/_complete.json"
+    return EXPORT_MARKER if stage == EXPORT else f"{stage}/_complete.json"
 
 
 def shard_key(shard_id: int) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
@@ -21,6 +24,7 @@ TMP_PREFIX = ".dmd-tmp-"
 # Remote writes up to this size are uploaded with one `pipe_file`, larger ones with `put_file`.
 PIPE_LIMIT = 8 * 2**20
 _CHUNK = 2**20
+_HOST = socket.gethostname().replace("~", "-")
 
 
 def check_key(key: str, what: str = "key") -> str:
@@ -176,12 +180,15 @@ class ArtifactStore:
     def _local_writer(self, path: str) -> AtomicWriter:
         folder, name = os.path.split(path)
         os.makedirs(folder, exist_ok=True)
-        tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=f"{TMP_PREFIX}{name}-", delete=False)
+        # The writer's host and pid in the name let a later run tell a dead writer's leftover from a live one's.
+        tmp = tempfile.NamedTemporaryFile(dir=folder, prefix=f"{TMP_PREFIX}{_HOST}~{os.getpid()}~{name}-",
+                                          delete=False)
 
         def commit(f: IO[bytes]) -> None:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+            os.chmod(f.name, 0o666 & ~current_umask())  # mkstemp makes 0600; published files follow the umask
             os.replace(f.name, path)
             _fsync_dir(folder)
 
@@ -273,6 +280,51 @@ class ArtifactStore:
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 digest.update(chunk)
         return digest.hexdigest()
+
+
+def current_umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and restoring it at once."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def sweep_temporaries(store: ArtifactStore, max_age_s: float = 86400.0) -> list[str]:
+    """Remove the temporary files that killed local writers left under the store; returns their paths.
+
+    A temporary of this host whose writer process is gone is removed; one of another host (a shared file
+    system) only once older than `max_age_s`; a live writer's is never touched."""
+    if not store._local or not os.path.isdir(store._root):
+        return []
+    stale = []
+    for folder, _, files in os.walk(store._root):
+        stale += [os.path.join(folder, f) for f in files
+                  if f.startswith(TMP_PREFIX) and _abandoned(folder, f, max_age_s)]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return sorted(stale)
+
+
+def _abandoned(folder: str, name: str, max_age_s: float) -> bool:
+    host, _, rest = name[len(TMP_PREFIX):].partition("~")
+    pid = rest.partition("~")[0]
+    if host == _HOST and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    try:
+        return time.time() - os.stat(os.path.join(folder, name)).st_mtime > max_age_s
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_dir(folder: str) -> None:

@@ -14,10 +14,10 @@ from dmd_core.distributed import DDPTrainer, init_process_group
 from dmd_core.guidance import student_at
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
-from dmd_core.trainer import DMDTrainer
-from storage import ArtifactStore
+from dmd_core.trainer import DMDTrainer, NonFiniteError
+from storage import ArtifactStore, ChecksumError
 from storage.checkpoints import list_checkpoints, read_checkpoint, write_checkpoint
-from storage.layout import METRICS, sample_grid_key
+from storage.layout import METRICS, checkpoint_prefix, sample_grid_key
 from storage.plots import labelled_grid_png
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
 from tasks.ddp import launch_distill, wants_launch, writer_store
@@ -51,12 +51,19 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
 
 
 def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
-    """Load the latest complete checkpoint written with this config; returns its step (0 if none)."""
+    """Load the latest valid checkpoint written with this config; returns its step (0 if none). A damaged one
+    (a file whose sha256 differs from its marker's) is named and skipped for the one before it."""
     steps = list_checkpoints(store, resume_key(cfg))
-    if not steps:
-        return 0
-    trainer.load_state_files(read_checkpoint(store, steps[-1]))
-    return steps[-1]
+    for i in reversed(range(len(steps))):
+        try:
+            files = read_checkpoint(store, steps[i])
+        except ChecksumError as err:
+            previous = f"step {steps[i - 1]}" if i else "the start"
+            print(f"checkpoint step {steps[i]} is damaged ({err}); falling back to {previous}")
+            continue
+        trainer.load_state_files(files)
+        return steps[i]
+    return 0
 
 
 def grid_conditions(cfg, teacher, rows: int = 8):
@@ -83,6 +90,17 @@ def sample_grid(trainer: DMDTrainer, row_cond, rows: int = 8, cols: int = 8) -> 
     x = x.float().cpu()
     labels = None if row_cond is None else [str(c) if isinstance(c, str) else f"class {int(c)}" for c in row_cond]
     return labelled_grid_png([(f"z{j}", x[j::cols]) for j in range(cols)], labels)
+
+
+def train_step_or_stop(store: ArtifactStore, trainer: DMDTrainer, cfg) -> dict:
+    """One step; after distill.max_consecutive_nonfinite non-finite steps in a row, stop naming the last checkpoint."""
+    try:
+        return trainer.train_step()
+    except NonFiniteError as err:
+        steps = list_checkpoints(store, resume_key(cfg))
+        last = f"step {steps[-1]} ({store.url(checkpoint_prefix(steps[-1]))})" if steps else "none yet"
+        raise NonFiniteError(f"distill stopped: {err} (distill.max_consecutive_nonfinite="
+                             f"{cfg.distill.max_consecutive_nonfinite}); last good checkpoint: {last}") from None
 
 
 def run_distill(root: str, run_name: str, force: bool = False,
@@ -117,13 +135,14 @@ def run_distill(root: str, run_name: str, force: bool = False,
     t0 = time.time()
     writer = rank == 0
     for _ in tqdm(range(start, d.steps), desc="distill", initial=start, total=d.steps, disable=not writer):
-        m = trainer.train_step()
+        m = train_step_or_stop(store, trainer, cfg)
         if m["step"] % d.log_every == 0 or trainer.step == d.steps:
             rows.append({**{k: float(m.get(k, float("nan"))) for k in METRIC_COLUMNS}, "step": m["step"],
                          "seconds": time.time() - t0})
         if trainer.step % d.checkpoint_every == 0 or trainer.step == d.steps:
-            write_checkpoint(store, trainer.step, trainer.state_files(), key)
+            # metrics first: a kill between the two leaves rows that a resume from the previous checkpoint drops
             store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
+            write_checkpoint(store, trainer.step, trainer.state_files(), key)  # every rank: RNG states are gathered
         if writer and (trainer.step % d.sample_every == 0 or trainer.step == d.steps):
             store.write_bytes(sample_grid_key(trainer.step), sample_grid(trainer, grid_cond, cols=grid_cols))
         if progress is not None:

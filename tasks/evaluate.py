@@ -61,12 +61,17 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
         run_guidance_sweep(root, store, cfg, run_name, teacher, protocol,
                            real_dataset(cfg.data.name) if protocol.classifier else None, steps[-1], device)
     if not new:
-        return summarize(store, existing, run_name, hashes)
-    rows = existing + new
-    store.write_table(RESULTS, {c: [r.get(c) for r in rows] for c in COLUMNS})
-    summary = summarize(store, rows, run_name, hashes)
-    store.write_json(SUMMARY, summary)
-    report(root, run_name)  # eval/trend.png and eval/loss.png, redrawn only when rows were added
+        summary = summarize(store, existing, run_name, hashes)
+    else:
+        rows = existing + new
+        store.write_table(RESULTS, {c: [r.get(c) for r in rows] for c in COLUMNS})
+        summary = summarize(store, rows, run_name, hashes)
+        store.write_json(SUMMARY, summary)
+        report(root, run_name)  # eval/trend.png and eval/loss.png, redrawn only when rows were added
+    if summary["checkpoint_step"] is not None:  # the model card carries the metrics of the checkpoint it exports
+        from tasks.export import add_evaluation
+
+        add_evaluation(store, summary_markdown({**summary, "grid": None}), summary["checkpoint_step"])
     return summary
 
 

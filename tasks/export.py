@@ -20,7 +20,7 @@ from dmd_core.generator import Generator
 from dmd_core.guidance import GuidedUNet2D, shown_scale, student_at, student_denoiser
 from dmd_core.pipeline import DMDPipeline
 from storage.checkpoints import checkpoint_weights, list_checkpoints
-from storage.layout import EXPORT, METRICS
+from storage.layout import EXPORT, LEGACY_EXPORT_MARKER, METRICS
 from storage.models import local_folder, save_folder
 from tasks.context import open_run, prompts, run_teacher
 from tasks.stages import DISTILL_STAGE, EXPORT_STAGE, resume_key
@@ -53,9 +53,32 @@ def model_card(cfg, step: int, final_metrics: dict, pipeline: str) -> str:
         json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True), "```", "",
         "## Final training metrics", "", "| metric | value |", "|---|---|",
         *[f"| {k} | {v:.6g} |" for k, v in sorted(final_metrics.items()) if v == v], "",
-        "Evaluation results are in `eval/summary.json` of the run.", "",
+        EVALUATION_HEADING, "", "Not evaluated yet: the `evaluate` stage adds its table here.", "",
     ]
     return "\n".join(lines)
+
+
+EVALUATION_HEADING = "## Evaluation"
+
+
+def card_with_evaluation(card: str, table: str, step: int) -> str:
+    """The model card with its evaluation section replaced by `table` (the evaluate stage's results)."""
+    head = card.split(EVALUATION_HEADING, 1)[0].rstrip("\n")
+    return f"{head}\n\n{EVALUATION_HEADING}\n\nMeasured by the `evaluate` stage on checkpoint step {step}:\n\n" \
+           f"{table.strip()}\n"
+
+
+def add_evaluation(store, table: str, step: int) -> bool:
+    """Put the evaluation table into export/README.md when the export holds checkpoint `step`; True if rewritten."""
+    if not store.exists(EXPORT_STAGE.marker) or store.read_json(EXPORT_STAGE.marker).get("step") != step:
+        return False
+    key = f"{EXPORT}/README.md"
+    card = store.read_bytes(key).decode()
+    updated = card_with_evaluation(card, table, step)
+    if updated == card:
+        return False
+    store.write_bytes(key, updated.encode())
+    return True
 
 
 def student_pipeline(teacher, unet, cfg):
@@ -94,10 +117,12 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
     kind = type(pipe).__name__
     scales = export_scales(cfg.distill)
     rows = store.read_table(METRICS).to_pylist() if store.exists(METRICS) else []
-    card = model_card(cfg, steps[-1], {k: v for k, v in (rows[-1] if rows else {}).items() if k != "step"}, kind)
+    final = {k: v for k, v in (rows[-1] if rows else {}).items() if k not in ("step", "seconds")}  # seconds vary
+    card = model_card(cfg, steps[-1], final, kind)
 
     def write(tmp: str) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        drop_load_paths(Path(tmp))
         Path(tmp, "README.md").write_text(card)
         Path(tmp, "dmd.json").write_text(json.dumps({  # how to call the stock pipeline for this student
             "pipeline": kind, "generator_timesteps": cfg.distill.generator_timesteps,
@@ -108,6 +133,7 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
             if getattr(pipe, "guidance", None) is not None:
                 ship_guidance_component(tmp)
 
+    store.delete(LEGACY_EXPORT_MARKER, missing_ok=True)  # markers now sit beside the folder
     save_folder(store, EXPORT, write)
     err = check_export(store, cfg, teacher, D, kind)
     EXPORT_STAGE.mark(store, cfg, step=steps[-1], pipeline=kind, check_max_abs_diff=err)
@@ -126,6 +152,15 @@ def ship_guidance_component(folder: str) -> None:
     config = json.loads(index.read_text())
     config["guidance"] = ["guidance_embedding", "GuidanceEmbedding"]
     index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def drop_load_paths(folder: Path) -> None:
+    """Remove `_name_or_path` (where a component was loaded from, a temporary path) from every config.json,
+    so identical checkpoints give byte-identical exports."""
+    for path in sorted(folder.rglob("config.json")):
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 @torch.no_grad()

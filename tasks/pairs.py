@@ -29,7 +29,7 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
         return list(range(n_shards)), []
     if PAIRS_STAGE.is_done(store, cfg):
         records = read_manifest(store, PAIRS_MANIFEST)
-        if sum(r.n_samples for r in records) == cfg.pairs.n:
+        if sum(r.n_samples for r in records) == cfg.pairs.n and all(_intact(store, r) for r in records):
             return [], records
         PAIRS_STAGE.unmark(store)
     kept = []
@@ -38,7 +38,8 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
             continue
         try:
             verify_shard(store, rec)
-        except (ChecksumError, FileNotFoundError):
+        except (ChecksumError, FileNotFoundError) as err:
+            print(f"pairs: {store.url(rec.shard)} is damaged or missing ({err}); regenerating it")
             continue
         kept.append(rec)
     done = {int(r.shard.rsplit("-", 1)[1].split(".")[0]) for r in kept}
@@ -58,6 +59,15 @@ def _autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST[precision])
+
+
+def _intact(store, record: ShardRecord) -> bool:
+    """The shard exists with the sha256 its manifest row records."""
+    try:
+        verify_shard(store, record)
+        return True
+    except (ChecksumError, FileNotFoundError):
+        return False
 
 
 def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:

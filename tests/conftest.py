@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
-# Prefect, torch and the hub write under HOME unless told otherwise: keep every byte of a test run in /tmp.
+# Prefect, torch and the hub write under HOME unless told otherwise: keep every byte of a test run in one
+# temporary folder (temporary files of this process and its subprocesses included), removed when the session ends.
 _HOME = tempfile.mkdtemp(prefix="dmd-tests-")
+os.environ["TMPDIR"] = _HOME
+tempfile.tempdir = None  # recomputed from TMPDIR on next use
+# Registered first, so it runs last at exit: after the Prefect test harness removes its own folder in here.
+atexit.register(shutil.rmtree, _HOME, True)
 os.environ.setdefault("PREFECT_HOME", os.path.join(_HOME, "prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

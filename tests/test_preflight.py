@@ -5,6 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+import flows.pipeline  # noqa: F401  Prefect sets up its log handlers on import: on the real stderr, not the runner's
 
 
 def snapshot(folder):

@@ -44,7 +44,7 @@ def load_digits_cached() -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn digits in [-1, 1]; from a small npz when sklearn is absent (the GPU image)."""
     path = CACHE / "digits.npz"
     if path.is_file():
-        d = np.load(path)
+        d = np.load(path, allow_pickle=False)
         return torch.from_numpy(d["images"].astype(np.float32) / 8.0 - 1.0).unsqueeze(1), torch.from_numpy(d["labels"].astype(np.int64))
     from sklearn.datasets import load_digits
 
