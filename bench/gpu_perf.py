@@ -245,7 +245,6 @@ def bench_pairs(args, out: dict) -> None:
     stage("warm", B, "auto")
     unet = run_teacher(run_store(root, "warm"), load_config("cifar10-ddpm", None, [f"teacher.path={folder}"]),
                        torch.device(device)).unet
-    from dmd_core.samplers import ddim_sample  # noqa: F401  (the project's grid helper below)
     from dmd_core.teachers import vp_schedule
     abar = vp_schedule(CIFAR_SCHEDULER).alphas_cumprod.float().to(device)
     ts = list(range(999, -1, -20))  # DDIM-50, the same grid as the stage's ddim solver
@@ -285,20 +284,15 @@ def bench_pairs(args, out: dict) -> None:
 
 # ---- infer -------------------------------------------------------------------------------------------
 def sd15_pipeline(device: str):
-    from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, UNet2DConditionModel
+    """SD1.5's UNet and VAE (bench/sd15_train_step.py's configs), an AutoencoderTiny and a one-step DDIM scheduler."""
+    from diffusers import AutoencoderTiny, DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, sample_size=512, scaling_factor=0.18215)
-    tiny = AutoencoderTiny()
+    from bench.sd15_train_step import sd15_components
+
+    parts = sd15_components()
     sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False)
-    return unet.to(device), vae.to(device), tiny.to(device), sched
+    return parts["unet"].to(device), parts["vae"].to(device), AutoencoderTiny().to(device), sched
 
 
 def bench_infer(args, out: dict) -> None:

@@ -16,30 +16,28 @@ def _inductor_flags() -> None:
     inductor.conv_1x1_as_mm = True
 
 
-def fast_unet(unet: nn.Module, mode: str = "reduce-overhead", dtype: torch.dtype = torch.float16) -> nn.Module:
-    """The denoising network in `dtype`, NHWC, with fused QKV projections; compiled in place unless mode is none."""
+def _prepare(module: nn.Module, compiled: nn.Module, mode: str, dtype: torch.dtype) -> nn.Module:
+    """`module` in `dtype`, NHWC, with fused QKV projections where it has attention; `compiled` (the module or
+    the part of it that does the work) compiled in place unless mode is none."""
     if mode not in INFERENCE_MODES:
         raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
-    unet.to(dtype=dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
-    if hasattr(unet, "fuse_qkv_projections"):
-        unet.fuse_qkv_projections()
+    module.to(dtype=dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
+    if hasattr(module, "fuse_qkv_projections"):
+        module.fuse_qkv_projections()
     if mode != "none":
         _inductor_flags()
-        unet.compile(mode=mode, fullgraph=True, dynamic=False)
-    return unet
+        compiled.compile(mode=mode, fullgraph=True, dynamic=False)
+    return module
+
+
+def fast_unet(unet: nn.Module, mode: str = "reduce-overhead", dtype: torch.dtype = torch.float16) -> nn.Module:
+    """The denoising network made fast in place (see `_prepare`)."""
+    return _prepare(unet, unet, mode, dtype)
 
 
 def fast_decoder(vae: nn.Module, mode: str = "reduce-overhead", dtype: torch.dtype = torch.float16) -> nn.Module:
-    """An AutoencoderKL or AutoencoderTiny whose decoder runs in `dtype`, NHWC, compiled in place."""
-    if mode not in INFERENCE_MODES:
-        raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
-    vae.to(dtype=dtype, memory_format=torch.channels_last).eval().requires_grad_(False)
-    if hasattr(vae, "fuse_qkv_projections"):
-        vae.fuse_qkv_projections()
-    if mode != "none":
-        _inductor_flags()
-        vae.decoder.compile(mode=mode, fullgraph=True, dynamic=False)
-    return vae
+    """An AutoencoderKL or AutoencoderTiny made fast in place; its decoder is what gets compiled."""
+    return _prepare(vae, vae.decoder, mode, dtype)
 
 
 def fast_modules(unet: nn.Module, vae: Optional[nn.Module], mode: str = "reduce-overhead",

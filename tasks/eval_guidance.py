@@ -20,12 +20,10 @@ from dmd_core.fid import frechet_distance
 from dmd_core.generator import Generator
 from dmd_core.guidance import student_at, student_denoiser
 from dmd_core.metrics import features_and_predictions, gaussian_stats
-from dmd_core.protocols import class_balanced_labels, sample_captions
 from storage.checkpoints import checkpoint_weights
-from storage.coco import list_reference_images, read_coco_annotations
 from storage.layout import root_store
 from storage.plots import guidance_png
-from tasks.eval_protocols import ClassifierScorer, _extractors, _reference, classifier, result_hashes
+from tasks.eval_protocols import ClassifierScorer, classifier, protocol_inputs, result_hashes
 from tasks.stages import TEACHER_STAGE
 
 GUIDANCE_TABLE = "eval/guidance.parquet"
@@ -92,18 +90,7 @@ def classifier_sweep(root, store, cfg, run_name, teacher, dataset, protocol, ste
 def image_sweep(root, store, cfg, run_name, teacher, protocol, step, device) -> list[dict]:
     """Student FID (and CLIP score for text models) at each w of the sweep, on the protocol's noise and prompts."""
     e, hashes = cfg.evaluate, result_hashes(cfg)
-    n, raw, files = e.n_samples or protocol.n, None, None
-    if protocol.name.startswith("coco"):
-        drawn = sample_captions(read_coco_annotations(e.captions), n, protocol.caption_seed)
-        raw = [caption for _, _, caption in drawn]
-        if protocol.reference_is_caption_images:
-            files = [file_name for _, file_name, _ in drawn]
-    elif teacher.num_classes:
-        raw = class_balanced_labels(n, teacher.num_classes)
-    files = files if files is not None else list_reference_images(e.reference_images)
-    inception, clip, name = _extractors(cfg, teacher, device)
-    ref = _reference(root, cfg, protocol, files, inception, name, device)
-    z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(e.seed))
+    n, raw, z, ref, inception, clip, name = protocol_inputs(root, cfg, teacher, protocol, device)
     at, out = sweep_students(store, cfg, teacher, step), []
     for w in e.guidance_sweep:
         G, renoise = at(w), torch.Generator(device).manual_seed(1)

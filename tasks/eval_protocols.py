@@ -184,9 +184,10 @@ def _reference(root: str, cfg, protocol, files: list[str], extractor, name: str,
     return mu, sigma
 
 
-def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device) -> tuple[list[dict], dict]:
-    """FID (and CLIP for text models) of teacher N-step, teacher 1-step and the student checkpoints `steps`."""
-    e, hashes = cfg.evaluate, result_hashes(cfg)
+def protocol_inputs(root, cfg, teacher, protocol, device) -> tuple:
+    """What every generator is scored on under an image protocol: (n, conditions, noise z, reference statistics,
+    Inception extractor, CLIP scorer, extractor name)."""
+    e = cfg.evaluate
     if not e.reference_images:
         raise ValueError(f"evaluate.protocol={protocol.name} needs evaluate.reference_images (a folder URL)")
     n, raw, files = e.n_samples or protocol.n, None, None
@@ -203,6 +204,13 @@ def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed,
     inception, clip, name = _extractors(cfg, teacher, device)
     ref = _reference(root, cfg, protocol, files, inception, name, device)
     z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(e.seed))
+    return n, raw, z, ref, inception, clip, name
+
+
+def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device) -> tuple[list[dict], dict]:
+    """FID (and CLIP for text models) of teacher N-step, teacher 1-step and the student checkpoints `steps`."""
+    e, hashes = cfg.evaluate, result_hashes(cfg)
+    n, raw, z, ref, inception, clip, name = protocol_inputs(root, cfg, teacher, protocol, device)
     models = Models(store, cfg, teacher, device)
 
     def decoded(fn: Callable) -> Callable:
