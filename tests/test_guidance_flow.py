@@ -3,6 +3,7 @@ evaluate sweeping w (eval/guidance.parquet, eval/guidance.png)."""
 import torch
 
 from storage.layout import EXPORT, run_store
+from tasks.stages import EXPORT_STAGE
 
 
 def test_guided_digits_through_the_flow(prefect_api, tmp_path):
@@ -23,7 +24,7 @@ def test_guided_digits_through_the_flow(prefect_api, tmp_path):
                 ("student", w, "fd_teacher")} <= got
     assert all(r["value"] == r["value"] for r in rows)  # no NaN
     assert store.read_bytes("eval/guidance.png")[:8] == b"\x89PNG\r\n\x1a\n"
-    marker = store.read_json(f"{EXPORT}/_complete.json")
+    marker = store.read_json(EXPORT_STAGE.marker)
     assert marker["pipeline"] == "DMDPipeline" and marker["check_max_abs_diff"] <= 1e-5
     with local_folder(store, EXPORT) as path:
         pipe = DiffusionPipeline.from_pretrained(path, custom_pipeline=path, trust_remote_code=True)
@@ -53,5 +54,5 @@ def test_guided_text_student_sweeps_fid_and_clip(prefect_api, tmp_path):
     fid = {r["guidance"]: r["value"] for r in rows if r["metric"] == "fid"}
     assert fid[1.0] != fid[4.0]  # the student's samples depend on w
     assert store.read_bytes("eval/guidance.png")[:8] == b"\x89PNG\r\n\x1a\n"
-    marker = store.read_json(f"{EXPORT}/_complete.json")
+    marker = store.read_json(EXPORT_STAGE.marker)
     assert marker["pipeline"] == "StableDiffusionPipeline" and marker["check_max_abs_diff"] <= 1e-5
