@@ -9,6 +9,7 @@ import pytest
 
 from storage import ArtifactStore
 from storage.layout import run_store
+from tasks.stages import STAGE_SPECS
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "dmd-test-secret-" + uuid.uuid4().hex  # moto accepts any key pair
@@ -49,7 +50,7 @@ def test_tiny_pipeline_on_s3(prefect_api, s3_endpoint, tmp_path, monkeypatch, pr
     store = run_store(root, "r", endpoint_url=s3_endpoint)
     keys = store.ls()
     for stage in ("teacher", "pairs", "distill", "export"):
-        assert f"{stage}/_complete.json" in keys, stage
+        assert STAGE_SPECS[stage].marker in keys, stage
     expected = ["config.json", "teacher/unet/config.json", "pairs/manifest.parquet", "pairs/shard-000000.tar",
                 "distill/metrics.parquet", "distill/checkpoints/step-00000004/generator.safetensors",
                 "distill/checkpoints/step-00000004/rng.safetensors", "distill/samples/step-00000004.png",
