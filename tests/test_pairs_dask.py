@@ -2,6 +2,8 @@
 shard (sha256), and a worker killed in the middle of a shard loses nothing."""
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,6 +13,7 @@ from storage import read_manifest
 from storage.layout import PAIRS_MANIFEST, run_store
 
 OVERRIDES = ["pairs.n=48", "pairs.shard_size=6", "pairs.steps=12", "pairs.batch_size=6"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def kill_a_busy_worker(client, store, done: threading.Event, killed: list) -> None:
@@ -26,29 +29,38 @@ def kill_a_busy_worker(client, store, done: threading.Event, killed: list) -> No
         time.sleep(0.05)
 
 
+def teacher_and_pairs(prefect_api: str, root: str, run_name: str, *overrides: str) -> subprocess.Popen:
+    """`dmd run --stages teacher,pairs` in a process started as Dask starts its workers (OMP_NUM_THREADS=1): CPU
+    kernels split their sums by the thread count a process starts with, and both runs (the digits-tiny teacher is
+    trained in each) must compute the same bits."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_API_URL": prefect_api,
+           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-c", "from flows.cli import main; main()", "run", "--preset", "digits-tiny",
+           "--root", root, "--run-name", run_name, "--stages", "teacher,pairs"]
+    return subprocess.Popen(cmd + [a for o in (*OVERRIDES, *overrides) for a in ("--set", o)], cwd=REPO, env=env)
+
+
 def test_dask_pairs_equal_threads_and_survive_a_lost_worker(prefect_api, tmp_path):
     from distributed import Client, LocalCluster
 
-    from flows.pipeline import dmd
-
     root = str(tmp_path)
-    dmd(preset="digits-tiny", root=root, run_name="threads", stages=["teacher", "pairs"], overrides=OVERRIDES)
+    assert teacher_and_pairs(prefect_api, root, "threads").wait() == 0
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         store, done, killed = run_store(root, "dask"), threading.Event(), []
         killer = threading.Thread(target=kill_a_busy_worker, args=(client, store, done, killed), daemon=True)
         killer.start()
         try:
-            out = dmd(preset="digits-tiny", root=root, run_name="dask", stages=["teacher", "pairs"],
-                      overrides=OVERRIDES + ["pairs.runner=dask", f"pairs.runner_address={cluster.scheduler_address}"])
+            run = teacher_and_pairs(prefect_api, root, "dask", "pairs.runner=dask",
+                                    f"pairs.runner_address={cluster.scheduler_address}")
+            assert run.wait() == 0
         finally:
             done.set()
             killer.join()
     assert killed, "no worker was busy to kill"
-    assert out["pairs_shards_written"] == 8
     threads = read_manifest(run_store(root, "threads"), PAIRS_MANIFEST)
     dask = read_manifest(store, PAIRS_MANIFEST)
-    assert sum(r.n_samples for r in dask) == 48
+    assert len(dask) == 8 and sum(r.n_samples for r in dask) == 48
     assert [(r.shard, r.sha256, r.n_samples, r.producer_hash) for r in dask] == \
            [(r.shard, r.sha256, r.n_samples, r.producer_hash) for r in threads]
 

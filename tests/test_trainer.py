@@ -19,6 +19,7 @@ import sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
 torch.use_deterministic_algorithms(True)
+torch.set_num_threads(int(sys.argv[3]))  # CPU kernels split work by thread count: match the parent's
 from tests.helpers import make_trainer
 folder = Path(sys.argv[1])
 trainer = make_trainer()
@@ -52,7 +53,8 @@ def test_resume_in_fresh_process_is_exact(tmp_path, deterministic):
     for name, data in first.state_files().items():
         (tmp_path / "ckpt" / name).write_bytes(data)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path), str(N)], cwd=REPO, env=env, check=True)
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path), str(N), str(torch.get_num_threads())],
+                   cwd=REPO, env=env, check=True)
 
     for name, module in (("G", straight.G.denoiser), ("fake", straight.mu_fake), ("ema", straight.ema)):
         resumed = load_file(str(tmp_path / f"{name}.safetensors"))
