@@ -1,6 +1,9 @@
 """One DMD training step on the SD1.5 architecture (random weights): the project's trainer against an eager loop.
 
 python bench/sd15_train_step.py [--batches 8,16] [--iters 8] [--warmup 2] [--out OUT.json]
+torchrun --nproc_per_node 2 bench/sd15_train_step.py --paths project --batches 32
+                                           (DDP: `DDPTrainer`, each batch per GPU, global batch x world size;
+                                            rank 0 writes the JSON, with every rank's peak memory)
 python bench/sd15_train_step.py --tiny     (CPU smoke run on `dmd_core.tiny` components, batch 2, 2 iterations)
 python bench/sd15_train_step.py --profile  (after warm-up, one step of each path under torch.profiler: kernel
                                             time against wall time, kernel count, top-op tables to --out's folder)
@@ -107,12 +110,16 @@ def project_step(teacher: Teacher, lpips_model, batch: int, device: str):
     from dmd_core.config import DistillConfig
     from dmd_core.trainer import DMDTrainer
 
+    W = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun: `batch` per GPU, DDPTrainer on the global batch
     reg = max(batch // 2, 1)
-    cfg = DistillConfig(batch_size=batch, regression="lpips", reg_batch_size=reg, lpips_random_trunk=True,
+    cfg = DistillConfig(batch_size=batch * W, regression="lpips", reg_batch_size=reg * W, lpips_random_trunk=True,
                         guidance=GUIDANCE, lambda_reg=LAMBDA_REG, lr=LR, grad_clip=CLIP, bf16=True,
-                        gradient_checkpointing=True, generator_timesteps=[999], compile=COMPILE)
-    trainer = DMDTrainer(cfg, teacher, conditions=Prompts(PROMPTS),
-                         pairs=RandomPairs(reg, teacher.sample_shape, PROMPTS), lpips_model=lpips_model, device=device)
+                        gradient_checkpointing=True, generator_timesteps=[999], compile=COMPILE, world_size=W)
+    cls = DMDTrainer
+    if W > 1:
+        from dmd_core.distributed import DDPTrainer as cls
+    trainer = cls(cfg, teacher, conditions=Prompts(PROMPTS),
+                  pairs=RandomPairs(reg * W, teacher.sample_shape, PROMPTS), lpips_model=lpips_model, device=device)
     return trainer.train_step
 
 
@@ -302,6 +309,10 @@ def main() -> None:
     warmup, iters = (1, 2) if args.tiny else (args.warmup, args.iters)
     from dmd_core.perceptual import build_lpips
 
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        from dmd_core.distributed import init_process_group
+        init_process_group(device)
     t0 = time.time()
     global COMPILE
     COMPILE = args.compile
@@ -323,12 +334,19 @@ def main() -> None:
         for name in args.paths.split(","):
             table = os.path.join(out_dir, f"profile_{name}_{B}.txt") if args.profile else ""
             r = run_case(paths[name], warmup, iters, device, table)
+            if world > 1:  # every rank's peak, on rank 0
+                import torch.distributed as dist
+                peaks = [None] * world
+                dist.all_gather_object(peaks, r.get("peak_GB"))
+                r.update(world_size=world, global_batch=B * world, peak_GB_per_rank=peaks)
             result["runs"].append({"batch": B, "reg_batch": max(B // 2, 1), "path": name, **r})
             print(json.dumps(result["runs"][-1]), flush=True)
         runs = {r["path"]: r for r in result["runs"] if r["batch"] == B}
         if all("ms_median" in runs.get(k, {}) for k in ("project", "eager")):
             ratio = runs["project"]["ms_median"] / runs["eager"]["ms_median"]
             result.setdefault("ratio_project_over_eager", {})[str(B)] = round(ratio, 3)
+    if world > 1 and int(os.environ.get("RANK", 0)) != 0:
+        return
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))

@@ -1,8 +1,9 @@
 """One student for a range of guidance scales: G(z, c, w) distilled against the real score's CFG at a per-sample w.
 
 Each generator sample draws its own w from [w_min, w_max] (uniform or log-uniform); the real score runs CFG at that
-w, the fake score stays unguided (it models G's own output distribution, DMD Eq. 6), and G receives w through an
-embedding added to its timestep embedding whose projection starts at zero, so G starts as the teacher.
+w, and G receives w through an embedding added to its timestep embedding whose projection starts at zero, so G starts
+as the teacher. The fake score runs no CFG, but it takes w the same way: it models G's output distribution at each w,
+p_fake(x | c, w) (DMD Eq. 6 per w), not the mixture over w, whose score would keep pushing every w apart.
 
 Stable Diffusion students are a `UNet2DConditionModel` with `time_cond_proj_dim` set, fed `timestep_cond` =
 the embedding of w - 1 exactly as the stock `StableDiffusionPipeline` computes it from `guidance_scale` (which then
@@ -90,6 +91,7 @@ def student_cond(denoiser: nn.Module, cond: Cond, w: torch.Tensor) -> Cond:
     Text UNets get `timestep_cond` = embedding(w - 1, time_cond_proj_dim) (StableDiffusionPipeline's);
     `GuidedUNet2D` gets `guidance_scale` = w and class ids as `class_labels`.
     """
+    denoiser = getattr(denoiser, "module", denoiser)  # DistributedDataParallel
     unet = getattr(denoiser, "unet", denoiser)
     if is_text_unet(unet):
         dim = unet.config.time_cond_proj_dim

@@ -90,6 +90,8 @@ class DMDTrainer:
             if not hasattr(teacher, "unet"):
                 raise TypeError("distill.guidance_range needs a diffusers UNet teacher, or `generator_init` taking w")
             generator_init = guided_denoiser(teacher, cfg.guidance_embedding_dim)
+            # The fake score models G's distribution at each w, so it takes w too (no CFG): p_fake(x | c, w).
+            fake_init = fake_init if fake_init is not None else guided_denoiser(teacher, cfg.guidance_embedding_dim)
         self.G = Generator(_trainable_copy(generator_init, teacher, "generator_init"), schedule,
                            cfg.generator_timesteps).to(self.device)
         self.mu_fake = _trainable_copy(fake_init, teacher, "fake_init").to(self.device)
@@ -112,7 +114,7 @@ class DMDTrainer:
         self.gan_head, self.features = None, None
         if cfg.gan.enabled:
             unet = getattr(self.mu_fake, "unet", self.mu_fake)
-            self.features = BottleneckFeatures(unet)
+            self.features = BottleneckFeatures(getattr(unet, "unet", unet))  # inside a GuidedUNet2D
             self.gan_head = GANHead(self.features.channels).to(self.device)
             fake_params += list(self.gan_head.parameters())
         adam = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -170,8 +172,14 @@ class DMDTrainer:
         return cond if w is None else student_cond(self.G.denoiser, cond, w)
 
     def _real_score(self, w: Optional[torch.Tensor]) -> Callable:
-        """mu_real: CFG at the fixed `guidance`, or at each sample's own w (real score only; fake is unguided)."""
+        """mu_real: CFG at the fixed `guidance`, or at each sample's own w."""
         return self.mu_real if w is None else CFGDenoiser(self.teacher_denoiser, w, self.null_cond)
+
+    def _fake_score(self, w: Optional[torch.Tensor]) -> Callable:
+        """mu_fake, or for a guided student mu_fake(x_t, t, c, w): G's distribution at each sample's w, no CFG."""
+        if w is None:
+            return self.mu_fake
+        return lambda x_t, t, cond: self.mu_fake(x_t, t, student_cond(self.mu_fake, cond, w))
 
     def _generate(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x = G(z) with grad; a multi-step G trains one random step after backward simulation (DMD2 §4.3)."""
@@ -212,8 +220,8 @@ class DMDTrainer:
         return float(norm)
 
     def _generator_update(self, z: torch.Tensor, cond: Cond, metrics: dict,
-                          w: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, Cond]]:
-        """DMD Alg. 1 lines 5-13; returns the (detached) samples and conditions the fake score trains on."""
+                          w: Optional[torch.Tensor] = None) -> Optional[tuple]:
+        """DMD Alg. 1 lines 5-13; returns the (detached) samples, conditions and scales the fake score trains on."""
         cfg, B = self.cfg, z.shape[0]
         self.opt_G.zero_grad(set_to_none=True)
         T = self.schedule.T
@@ -240,7 +248,7 @@ class DMDTrainer:
                 x, x_ref = x_all[:B], x_all[B:]
             else:
                 x = self._generate(z, self.generator_cond(cond, w))
-            loss_dm, _ = dm_loss(x.float(), self._real_score(w), self.mu_fake, self.schedule, t, eps, cond,
+            loss_dm, _ = dm_loss(x.float(), self._real_score(w), self._fake_score(w), self.schedule, t, eps, cond,
                                  cfg.dm_weighting)
             loss_G = cfg.dm_weight * loss_dm.mean()
             metrics["loss_dm"] = loss_dm.detach().mean()
@@ -261,9 +269,9 @@ class DMDTrainer:
             return None
         metrics["grad_norm_G"] = norm
         self._update_ema()
-        return x.detach().float(), cond
+        return x.detach().float(), cond, w
 
-    def _fake_update(self, x: torch.Tensor, cond: Cond, metrics: dict) -> bool:
+    def _fake_update(self, x: torch.Tensor, cond: Cond, metrics: dict, w: Optional[torch.Tensor] = None) -> bool:
         """DMD Alg. 3: denoising loss of the fake score on stop-grad generator samples (+ DMD2 GAN head)."""
         cfg, B = self.cfg, x.shape[0]
         if self.opt_fake is None:
@@ -272,7 +280,7 @@ class DMDTrainer:
         t = self._randint(0, self.schedule.T, B)
         x_t = self.schedule.add_noise(x, self._randn(B), t)
         with self._autocast():
-            pred = self.mu_fake(x_t, t, cond).float()
+            pred = self._fake_score(w)(x_t, t, cond).float()
             weight = self.schedule.denoising_weight(t, x, self.prediction_type)
             loss_fake = denoising_loss(pred, x, weight).mean()
             loss = loss_fake
@@ -301,8 +309,8 @@ class DMDTrainer:
             out = self._generator_update(z, cond, metrics, w)
         else:
             with torch.no_grad(), self._autocast():
-                out = self._generate(z, self.generator_cond(cond, w)).float(), cond
-        ok = out is not None and self._fake_update(*out, metrics)
+                out = self._generate(z, self.generator_cond(cond, w)).float(), cond, w
+        ok = out is not None and self._fake_update(out[0], out[1], metrics, out[2])
         self._account(ok, metrics)
         self.step += 1
         # Losses stay on the device until here: one transfer for all of them.

@@ -114,6 +114,24 @@ def test_guided_trainer_resumes_exactly():
     assert any("guidance" in k for k in a.G.denoiser.state_dict())
 
 
+def test_guided_fake_score_models_each_w():
+    """The fake score takes w (no CFG): it starts as the teacher and learns G's distribution at each w apart."""
+    trainer = make_trainer(guidance_range=(1.0, 3.0))
+    fake, teacher = trainer.mu_fake, trainer.teacher_denoiser
+    x_t, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([900, 600, 300, 50])
+    cond = torch.tensor([0, 1, 2, 10])
+
+    def at(w: float) -> torch.Tensor:
+        with torch.no_grad():
+            return fake(x_t, t, student_cond(fake, cond, torch.full((4,), w)))
+
+    assert torch.equal(at(1.0), teacher(x_t, t, cond)) and torch.equal(at(3.0), teacher(x_t, t, cond))
+    for _ in range(2):
+        trainer.train_step()
+    assert dict(fake.named_parameters())["unet.guidance.cond_proj.weight"].abs().sum() > 0
+    assert (at(1.0) - at(3.0)).abs().max() > 0
+
+
 def _trainer_at(commit: str):
     """DMDTrainer as dmd_core/trainer.py was at `commit`, imported from git inside the current package."""
     source = subprocess.run(["git", "show", f"{commit}:dmd_core/trainer.py"], cwd=PROJECT, capture_output=True,
