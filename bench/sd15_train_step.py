@@ -341,6 +341,9 @@ def main() -> None:
                 r.update(world_size=world, global_batch=B * world, peak_GB_per_rank=peaks)
             result["runs"].append({"batch": B, "reg_batch": max(B // 2, 1), "path": name, **r})
             print(json.dumps(result["runs"][-1]), flush=True)
+            if world == 1 or int(os.environ.get("RANK", 0)) == 0:  # after every case: a later one may not finish
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=2)
         runs = {r["path"]: r for r in result["runs"] if r["batch"] == B}
         if all("ms_median" in runs.get(k, {}) for k in ("project", "eager")):
             ratio = runs["project"]["ms_median"] / runs["eager"]["ms_median"]
