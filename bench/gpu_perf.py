@@ -324,6 +324,8 @@ def bench_infer(args, out: dict) -> None:
             row["fast_img_per_s"] = round(1000 * B / row["fast"]["median_ms"], 1)
             res[f"{decoder_name}_b{B}"] = row
             print(json.dumps(res, indent=1), flush=True)
+            with open(args.out, "w") as f:  # after every row: a later compilation may not finish
+                json.dump(out, f, indent=1)
         res[f"{decoder_name}_section_s"] = round(time.perf_counter() - t0, 1)
         del eager, fast
         torch.compiler.reset()

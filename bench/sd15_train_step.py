@@ -225,9 +225,11 @@ def measure(build, warmup: int, iters: int, device: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
+    t0 = time.perf_counter()
     step = build()
+    built_s = time.perf_counter() - t0
     built = torch.cuda.memory_allocated() if cuda else 0
-    times = []
+    times, warm = [], []
     for i in range(warmup + iters):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -242,8 +244,10 @@ def measure(build, warmup: int, iters: int, device: str) -> dict:
             ms = 1e3 * (time.perf_counter() - t0)
         if i >= warmup:
             times.append(round(ms, 2))
+        else:
+            warm.append(round(ms, 1))
     out = {"ms_median": round(statistics.median(times), 1), "ms_min": min(times), "ms_max": max(times),
-           "ms_all": times}
+           "ms_all": times, "warmup_ms": warm, "build_s": round(built_s, 1)}
     if cuda:
         out.update(peak_GB=_gb(torch.cuda.max_memory_allocated()),
                    reserved_peak_GB=_gb(torch.cuda.max_memory_reserved()), before_build_GB=_gb(base),
