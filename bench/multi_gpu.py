@@ -66,7 +66,8 @@ def write_run(root: str, run: str, args, overrides: list[str]) -> None:
         f"teacher.path={args.teacher}", f"pairs.n={args.pairs}", f"pairs.shard_size={args.pair_batch}",
         f"pairs.batch_size={args.pair_batch}", f"device={args.device}", "distill.regression=mse",
         f"distill.steps={args.steps}", f"distill.checkpoint_every={max(1, args.steps // 3)}",
-        f"distill.sample_every={10 * args.steps}", "distill.lr=1e-5", "distill.lr_fake=1e-5", *overrides])
+        f"distill.sample_every={10 * args.steps}", "distill.lr=1e-5", "distill.lr_fake=1e-5",
+        "distill.compile=none", *overrides])  # compiling (~5 min) is not what the resume part measures
     run_store(root, run).write_json(CONFIG, cfg.model_dump(mode="json"))
     teacher_stage(root, run)
 
