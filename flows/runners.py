@@ -1,7 +1,8 @@
 """The Prefect task runner of the pairs stage (`pairs.runner`): a thread pool, Dask or Ray, one GPU a shard task.
 
 Dask (prefect-dask): `pairs.runner_address` names a running scheduler (`tcp://host:8786`), else a local cluster
-of `pairs.runner_workers` worker processes, one thread and one `GPU` resource each, is started for the stage.
+of `pairs.runner_workers` worker processes, one thread and one `GPU` resource each, is started for the stage;
+on a host with several GPUs worker k uses GPU k mod (GPUs visible) (`tasks.context.worker_gpu`).
 On a GPU run every shard task asks for `GPU=1`, so each worker of a remote cluster must be started with
 `--resources GPU=1` (one worker per GPU, e.g. `CUDA_VISIBLE_DEVICES=i dask worker ... --resources GPU=1`).
 A worker that dies loses nothing: Dask reruns its tasks on the others, and a shard is written only whole

@@ -38,7 +38,29 @@ def device_for(cfg: PipelineConfig) -> torch.device:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device is 'cuda' but no CUDA device is available; set device=cpu or auto")
-    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    gpu = worker_gpu(torch.cuda.device_count())
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
+    return torch.device("cuda")
+
+
+def worker_gpu(n_gpus: int) -> Optional[int]:
+    """The GPU of this process when it is worker k of a local Dask cluster on a host with several GPUs: k mod n.
+
+    A local cluster (`pairs.runner=dask` without an address) starts its workers with every GPU visible; without
+    this each would use GPU 0. Workers started one per GPU (`CUDA_VISIBLE_DEVICES=i dask worker`) see one GPU,
+    and Ray sets CUDA_VISIBLE_DEVICES for each task itself: None, the current device stays.
+    """
+    if n_gpus < 2:
+        return None
+    try:
+        from distributed import get_worker
+        name = get_worker().name
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return None
+    return name % n_gpus if isinstance(name, int) else None
 
 
 def run_teacher(store: ArtifactStore, cfg: PipelineConfig, device: torch.device) -> Teacher:

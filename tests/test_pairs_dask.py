@@ -72,3 +72,19 @@ def test_dask_runner_refuses_a_memory_root():
     cfg = load_config("digits-tiny", overrides=["pairs.runner=dask"])
     with pytest.raises(PreflightError, match="pairs.runner=dask runs shard tasks in other processes"):
         preflight(cfg, "memory://dmd-dask", "r", None)
+
+
+def test_local_cluster_workers_take_one_gpu_each():
+    """Worker k of a local cluster on a host with n GPUs uses GPU k mod n; outside a worker, or with one GPU
+    visible (one worker started per GPU), the current device stays."""
+    from distributed import Client, LocalCluster
+
+    from tasks.context import worker_gpu
+
+    assert worker_gpu(2) is None  # not in a worker
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        names = {info["name"]: addr for addr, info in client.scheduler_info()["workers"].items()}
+        picked = {name: client.submit(lambda: (worker_gpu(2), worker_gpu(1)), workers=[addr], pure=False).result()
+                  for name, addr in names.items()}
+    assert picked == {0: (0, None), 1: (1, None), 2: (0, None)}
