@@ -167,6 +167,12 @@ class DMDTrainer:
             return None
         return sample_guidance(n, self.cfg.guidance_range, self.cfg.guidance_law, self.rng, self.device)
 
+    def _pairs_w(self, batch: dict) -> torch.Tensor:
+        """The CFG scale of each regression pair: its own when recorded (pairs at several w), else pairs_guidance."""
+        if "guidance" in batch:
+            return batch["guidance"].to(self.device, torch.float32)
+        return torch.full((batch["z"].shape[0],), self.pairs_guidance, device=self.device)
+
     def generator_cond(self, cond: Cond, w: Optional[torch.Tensor]) -> Cond:
         """G's condition: `cond`, plus the guidance scales w (B,) for a guided student."""
         return cond if w is None else student_cond(self.G.denoiser, cond, w)
@@ -230,9 +236,9 @@ class DMDTrainer:
         n_dm = B + (batch["z"].shape[0] if concat else 0)
         t = self._randint(int(cfg.dm_t_min * T), int(cfg.dm_t_max * T), n_dm)
         eps = self._randn(n_dm)
-        # The regression pairs were made at pairs.guidance: a guided G regresses onto them at that w.
-        w_ref = None if w is None or batch is None else torch.full((batch["z"].shape[0],), self.pairs_guidance,
-                                                                   device=self.device)
+        # The regression pairs were made at pairs.guidance (or each at its own w, pairs.guidance_scales): a guided
+        # G regresses onto them at that w.
+        w_ref = None if w is None or batch is None else self._pairs_w(batch)
         with self._autocast():
             if concat:  # Alg. 1 line 7: x = concat(x, x_ref), one generator forward for both
                 cond = cond_cat(cond, self._batch_cond(batch))
