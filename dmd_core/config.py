@@ -178,6 +178,8 @@ class DistillConfig(_Model):
     guidance_law: Literal["uniform", "log-uniform"] = Field("uniform", description="how w is drawn from the range")
     guidance_embedding_dim: int = Field(256, gt=1, description="sinusoidal embedding size of w fed to G "
                                                                "(time_cond_proj_dim for Stable Diffusion students)")
+    guidance_lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier of the guidance embeddings' "
+                                                            "projections (generator and fake score)")
 
     @field_validator("guidance_range")
     @classmethod
@@ -191,7 +193,7 @@ class DistillConfig(_Model):
         """Without a guidance range the section dumps (and hashes) exactly as before these fields existed."""
         data = handler(self)
         if self.guidance_range is None and isinstance(data, dict):
-            for key in ("guidance_range", "guidance_law", "guidance_embedding_dim"):
+            for key in ("guidance_range", "guidance_law", "guidance_embedding_dim", "guidance_lr_scale"):
                 data.pop(key, None)
         return data
 

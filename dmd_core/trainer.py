@@ -118,13 +118,23 @@ class DMDTrainer:
             self.gan_head = GANHead(self.features.channels).to(self.device)
             fake_params += list(self.gan_head.parameters())
         adam = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        self.opt_G = accel.adamw(self.G.parameters(), self.device, lr=cfg.lr, **adam)
+        g_params = list(self.G.parameters())
+        if cfg.guidance_range is not None and cfg.guidance_lr_scale != 1.0:
+            g_params, fake_params = (self._guidance_groups(self.G.denoiser, g_params),
+                                     self._guidance_groups(self.mu_fake, fake_params))
+        self.opt_G = accel.adamw(g_params, self.device, lr=cfg.lr, **adam)
         # A fully frozen fake score (the real-score-only ablation, DMD Fig. 3a) has no optimizer.
         self.opt_fake = accel.adamw(fake_params, self.device, lr=cfg.lr_fake or cfg.lr, **adam) if fake_params else None
         self.rng = torch.Generator(self.device).manual_seed(cfg.seed)
         self.step = 0
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
+
+    def _guidance_groups(self, module: nn.Module, params: list) -> list[dict]:
+        """Two parameter groups: the guidance projection (lr x guidance_lr_scale) and everything else."""
+        ids = {id(p) for n, p in module.named_parameters() if "guidance" in n or "cond_proj" in n}
+        return [{"params": [p for p in params if id(p) not in ids]},
+                {"params": [p for p in params if id(p) in ids], "lr_scale": self.cfg.guidance_lr_scale}]
 
     @staticmethod
     def _check_streams(cfg: DistillConfig, pairs, real, lpips_model) -> None:
@@ -221,7 +231,8 @@ class DMDTrainer:
         if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
             return None
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else lr
+            scaled = lr * group.get("lr_scale", 1.0)
+            group["lr"] = scaled * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else scaled
         opt.step()
         return float(norm)
 

@@ -288,3 +288,16 @@ def test_pairs_at_several_scales_record_their_w_and_feed_it_to_the_student(tmp_p
     assert torch.equal(trainer._pairs_w(batch), batch["guidance"])
     del batch["guidance"]
     assert torch.equal(trainer._pairs_w(batch), torch.ones(8))
+
+
+def test_guidance_lr_scale_puts_the_guidance_projections_in_their_own_group():
+    trainer = make_trainer(guidance_range=(1.0, 3.0), guidance_lr_scale=10.0, warmup_steps=0)
+    for opt, module in ((trainer.opt_G, trainer.G.denoiser), (trainer.opt_fake, trainer.mu_fake)):
+        rest, emb = opt.param_groups[:2]
+        names = {id(p): n for n, p in module.named_parameters()}
+        assert [names[id(p)] for p in emb["params"]] == ["unet.guidance.cond_proj.weight"]
+        assert all("guidance" not in names.get(id(p), "") for p in rest["params"])
+    trainer.train_step()
+    assert trainer.opt_G.param_groups[1]["lr"] == 10 * trainer.opt_G.param_groups[0]["lr"]
+    assert "guidance_lr_scale" not in DistillConfig().model_dump()
+    assert len(make_trainer(guidance_range=(1.0, 3.0)).opt_G.param_groups) == 1
