@@ -195,6 +195,8 @@ class DistillConfig(_Model):
         if self.guidance_range is None and isinstance(data, dict):
             for key in ("guidance_range", "guidance_law", "guidance_embedding_dim", "guidance_lr_scale"):
                 data.pop(key, None)
+        if self.guidance_lr_scale == 1.0 and isinstance(data, dict):  # guided runs made before it hash as before
+            data.pop("guidance_lr_scale", None)
         return data
 
     @field_validator("generator_timesteps")

@@ -300,4 +300,5 @@ def test_guidance_lr_scale_puts_the_guidance_projections_in_their_own_group():
     trainer.train_step()
     assert trainer.opt_G.param_groups[1]["lr"] == 10 * trainer.opt_G.param_groups[0]["lr"]
     assert "guidance_lr_scale" not in DistillConfig().model_dump()
+    assert "guidance_lr_scale" not in DistillConfig(guidance_range=(1.0, 3.0)).model_dump()  # runs made before it
     assert len(make_trainer(guidance_range=(1.0, 3.0)).opt_G.param_groups) == 1
