@@ -178,6 +178,10 @@ class DistillConfig(_Model):
     guidance_law: Literal["uniform", "log-uniform"] = Field("uniform", description="how w is drawn from the range")
     guidance_embedding_dim: int = Field(256, gt=1, description="sinusoidal embedding size of w fed to G "
                                                                "(time_cond_proj_dim for Stable Diffusion students)")
+    regression_guidance: Literal["pairs", "drawn"] = Field(
+        "pairs", description="the w a guided G takes for the regression loss: the pairs' own (pairs.guidance or "
+                             "each pair's), or drawn from the range like the DM samples' (a fixed-w student "
+                             "regresses its one w's outputs onto the pairs: this is that at every w)")
     guidance_lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier of the guidance embeddings' "
                                                             "projections (generator and fake score)")
 
@@ -193,10 +197,14 @@ class DistillConfig(_Model):
         """Without a guidance range the section dumps (and hashes) exactly as before these fields existed."""
         data = handler(self)
         if self.guidance_range is None and isinstance(data, dict):
-            for key in ("guidance_range", "guidance_law", "guidance_embedding_dim", "guidance_lr_scale"):
+            for key in ("guidance_range", "guidance_law", "guidance_embedding_dim", "guidance_lr_scale",
+                        "regression_guidance"):
                 data.pop(key, None)
-        if self.guidance_lr_scale == 1.0 and isinstance(data, dict):  # guided runs made before it hash as before
-            data.pop("guidance_lr_scale", None)
+        if isinstance(data, dict):  # at their defaults, guided runs made before these fields hash as before
+            if self.guidance_lr_scale == 1.0:
+                data.pop("guidance_lr_scale", None)
+            if self.regression_guidance == "pairs":
+                data.pop("regression_guidance", None)
         return data
 
     @field_validator("generator_timesteps")

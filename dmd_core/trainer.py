@@ -178,7 +178,10 @@ class DMDTrainer:
         return sample_guidance(n, self.cfg.guidance_range, self.cfg.guidance_law, self.rng, self.device)
 
     def _pairs_w(self, batch: dict) -> torch.Tensor:
-        """The CFG scale of each regression pair: its own when recorded (pairs at several w), else pairs_guidance."""
+        """The w a guided G takes for each regression pair: its own when recorded (pairs at several w), else
+        pairs_guidance; or, with regression_guidance=drawn, a fresh draw from the range as for the DM samples."""
+        if self.cfg.regression_guidance == "drawn":
+            return self._guidance(batch["z"].shape[0])
         if "guidance" in batch:
             return batch["guidance"].to(self.device, torch.float32)
         return torch.full((batch["z"].shape[0],), self.pairs_guidance, device=self.device)

@@ -302,3 +302,12 @@ def test_guidance_lr_scale_puts_the_guidance_projections_in_their_own_group():
     assert "guidance_lr_scale" not in DistillConfig().model_dump()
     assert "guidance_lr_scale" not in DistillConfig(guidance_range=(1.0, 3.0)).model_dump()  # runs made before it
     assert len(make_trainer(guidance_range=(1.0, 3.0)).opt_G.param_groups) == 1
+
+
+def test_drawn_regression_guidance_draws_w_in_the_range():
+    trainer = make_trainer(guidance_range=(1.5, 3.0), regression_guidance="drawn")
+    w = trainer._pairs_w({"z": torch.zeros(64, 1, 8, 8), "guidance": torch.ones(64)})
+    assert w.shape == (64,) and w.min() >= 1.5 and w.max() <= 3.0 and w.std() > 0
+    trainer.train_step()
+    assert "regression_guidance" not in DistillConfig(guidance_range=(1.0, 3.0)).model_dump()
+    assert DistillConfig(guidance_range=(1.0, 3.0), regression_guidance="drawn").model_dump()["regression_guidance"]
