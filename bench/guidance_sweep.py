@@ -14,6 +14,12 @@ or in parts, in parallel processes (the fixed-w runs copy the guided run's teach
     OMP_NUM_THREADS=1 python bench/guidance_sweep.py --root /tmp/guidance --only fixed --scales 3
     python bench/guidance_sweep.py --root /tmp/guidance --out docs --only table
 
+A variant of the guided student in its own run folder, compared with the 400-step fixed-w runs:
+
+    OMP_NUM_THREADS=1 python bench/guidance_sweep.py --root /tmp/guidance --only guided --law log-uniform \
+        --guided-name guided-drawn-log-s400 --extra distill.regression_guidance=drawn
+    python bench/guidance_sweep.py --root /tmp/guidance --only table --law log-uniform --guided-name guided-drawn-log-s400
+
 Acceptance (issue "one student for every guidance scale"): at every w, FD(guided) <= 1.5 x FD(fixed-w) and the
 guided student's class accuracy >= 95%.
 """
