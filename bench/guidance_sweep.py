@@ -14,6 +14,12 @@ or in parts, in parallel processes (the fixed-w runs copy the guided run's teach
     OMP_NUM_THREADS=1 python bench/guidance_sweep.py --root /tmp/guidance --only fixed --scales 3
     python bench/guidance_sweep.py --root /tmp/guidance --out docs --only table
 
+A variant of the guided student in its own run folder, compared with the 400-step fixed-w runs:
+
+    OMP_NUM_THREADS=1 python bench/guidance_sweep.py --root /tmp/guidance --only guided --law log-uniform \
+        --guided-name guided-drawn-log-s400 --extra distill.regression_guidance=drawn
+    python bench/guidance_sweep.py --root /tmp/guidance --only table --law log-uniform --guided-name guided-drawn-log-s400
+
 Acceptance (issue "one student for every guidance scale"): at every w, FD(guided) <= 1.5 x FD(fixed-w) and the
 guided student's class accuracy >= 95%.
 """
@@ -95,15 +101,21 @@ def main() -> None:
     ap.add_argument("--only", choices=["guided", "fixed", "table"], default=None,
                     help="one part (e.g. the guided and the fixed-w runs in two processes, then the table)")
     ap.add_argument("--extra", action="append", default=[], help="more --set overrides for every run")
+    ap.add_argument("--guided-name", default=None, help="the guided run's name (default guided-<law>-<range>-s<steps>): "
+                    "variants with --extra get their own run folder")
+    ap.add_argument("--fixed-steps", type=int, default=None, help="steps of the fixed-w runs the table compares with "
+                    "(default --steps), e.g. 400 against a guided student trained for 4 x 400")
     args = ap.parse_args()
     scales = [float(w) for w in args.scales.split(",")]
     w_min, w_max = (float(w) for w in args.range.split(","))
     sweep = f"evaluate.guidance_sweep=[{','.join(f'{w:g}' for w in scales)}]"
     common = [f"distill.steps={args.steps}", *args.extra]
-    guided = f"guided-{args.law}-{w_min:g}-{w_max:g}-s{args.steps}"
-    fixed = {w: f"fixed-w{w:g}-s{args.steps}" for w in scales}
+    guided = args.guided_name or f"guided-{args.law}-{w_min:g}-{w_max:g}-s{args.steps}"
+    fixed = {w: f"fixed-w{w:g}-s{args.fixed_steps or args.steps}" for w in scales}
     times = {}
     if args.only in (None, "guided"):
+        if args.guided_name:  # a variant: the teacher and pairs of the first fixed-w run, when it has them
+            share_upstream(args.root, fixed[scales[0]], guided)
         times[guided] = dmd_run(args.root, guided, [*common, f"distill.guidance_range=[{w_min:g},{w_max:g}]",
                                                     f"distill.guidance_law={args.law}", sweep], args.stages)
         if "evaluate" not in args.stages:
@@ -147,7 +159,7 @@ def main() -> None:
     table = "\n".join(lines)
     wall = "\n".join(f"- {name}: {t:.0f} s" for name, t in times.items())
     out = Path(args.out)
-    stem = f"guidance-sweep-{args.law}-s{args.steps}"
+    stem = f"guidance-sweep-{args.guided_name}" if args.guided_name else f"guidance-sweep-{args.law}-s{args.steps}"
     (out / f"{stem}.png").write_bytes(guidance_png(plot, f"digits: one guided student vs fixed-w students "
                                                          f"({args.steps} steps each, {args.law} w)"))
     (out / f"{stem}.md").write_text(f"{table}\n\nall pass: {ok_all}\n\nwall time per run:\n{wall}\n")

@@ -77,11 +77,35 @@ class PairsConfig(_Model):
     solver: Literal["ddim", "euler", "heun", "pndm"] = "ddim"
     steps: int = Field(50, gt=0)
     guidance: float = Field(1.0, ge=0)
+    guidance_scales: Optional[list[float]] = Field(
+        None, min_length=1, description="pairs at several CFG scales, for students over distill.guidance_range: pair "
+                                        "i is made at guidance_scales[i % len], its json records it and the student "
+                                        "regresses onto it at that w; None: every pair at `guidance`")
     batch_size: int = Field(256, gt=0)
     dtype: Literal["float32", "float16"] = Field("float32", description="of the stored noise and outputs")
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast of the teacher's solver; auto = bf16 on CUDA, fp32 on CPU (kept in the manifest)")
+
+    @field_validator("guidance_scales")
+    @classmethod
+    def _positive_scales(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and any(w <= 0 for w in v):
+            raise ValueError("guidance scales must be positive, e.g. [1, 1.5, 2, 2.5, 3]")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_guidance_scales(self, handler):
+        """Without guidance_scales the section dumps (and hashes) exactly as before the field existed."""
+        data = handler(self)
+        if self.guidance_scales is None and isinstance(data, dict):
+            data.pop("guidance_scales", None)
+        return data
+
+    def scale_of(self, index: int) -> float:
+        """The CFG scale at which pair `index` is made."""
+        return float(self.guidance if self.guidance_scales is None else
+                     self.guidance_scales[index % len(self.guidance_scales)])
     runner: Literal["threads", "dask", "ray"] = Field("threads", description="Prefect task runner of the shard "
                                                       "tasks: a thread pool, Dask (prefect-dask) or Ray (prefect-ray)")
     runner_address: Optional[str] = Field(None, description="scheduler of an existing Dask or Ray cluster; "
@@ -154,6 +178,12 @@ class DistillConfig(_Model):
     guidance_law: Literal["uniform", "log-uniform"] = Field("uniform", description="how w is drawn from the range")
     guidance_embedding_dim: int = Field(256, gt=1, description="sinusoidal embedding size of w fed to G "
                                                                "(time_cond_proj_dim for Stable Diffusion students)")
+    regression_guidance: Literal["pairs", "drawn"] = Field(
+        "pairs", description="the w a guided G takes for the regression loss: the pairs' own (pairs.guidance or "
+                             "each pair's), or drawn from the range like the DM samples' (a fixed-w student "
+                             "regresses its one w's outputs onto the pairs: this is that at every w)")
+    guidance_lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier of the guidance embeddings' "
+                                                            "projections (generator and fake score)")
 
     @field_validator("guidance_range")
     @classmethod
@@ -167,8 +197,14 @@ class DistillConfig(_Model):
         """Without a guidance range the section dumps (and hashes) exactly as before these fields existed."""
         data = handler(self)
         if self.guidance_range is None and isinstance(data, dict):
-            for key in ("guidance_range", "guidance_law", "guidance_embedding_dim"):
+            for key in ("guidance_range", "guidance_law", "guidance_embedding_dim", "guidance_lr_scale",
+                        "regression_guidance"):
                 data.pop(key, None)
+        if isinstance(data, dict):  # at their defaults, guided runs made before these fields hash as before
+            if self.guidance_lr_scale == 1.0:
+                data.pop("guidance_lr_scale", None)
+            if self.regression_guidance == "pairs":
+                data.pop("regression_guidance", None)
         return data
 
     @field_validator("generator_timesteps")
@@ -283,6 +319,9 @@ class PipelineConfig(_Model):
         T = self.teacher.num_train_timesteps
         if self.distill.generator_timesteps[0] >= T:
             raise ValueError(f"distill.generator_timesteps must be below teacher.num_train_timesteps ({T})")
+        if self.pairs.guidance_scales is not None and self.distill.guidance_range is None:
+            raise ValueError("pairs.guidance_scales makes pairs at several w: it needs a student that takes w "
+                             "(distill.guidance_range)")
         if self.evaluate.teacher_steps == len(self.distill.generator_timesteps):
             raise ValueError("evaluate.teacher_steps must differ from the number of generator steps "
                              "(the teacher's own generator-style baseline uses that count)")

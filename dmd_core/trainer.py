@@ -118,13 +118,23 @@ class DMDTrainer:
             self.gan_head = GANHead(self.features.channels).to(self.device)
             fake_params += list(self.gan_head.parameters())
         adam = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-        self.opt_G = accel.adamw(self.G.parameters(), self.device, lr=cfg.lr, **adam)
+        g_params = list(self.G.parameters())
+        if cfg.guidance_range is not None and cfg.guidance_lr_scale != 1.0:
+            g_params, fake_params = (self._guidance_groups(self.G.denoiser, g_params),
+                                     self._guidance_groups(self.mu_fake, fake_params))
+        self.opt_G = accel.adamw(g_params, self.device, lr=cfg.lr, **adam)
         # A fully frozen fake score (the real-score-only ablation, DMD Fig. 3a) has no optimizer.
         self.opt_fake = accel.adamw(fake_params, self.device, lr=cfg.lr_fake or cfg.lr, **adam) if fake_params else None
         self.rng = torch.Generator(self.device).manual_seed(cfg.seed)
         self.step = 0
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
+
+    def _guidance_groups(self, module: nn.Module, params: list) -> list[dict]:
+        """Two parameter groups: the guidance projection (lr x guidance_lr_scale) and everything else."""
+        ids = {id(p) for n, p in module.named_parameters() if "guidance" in n or "cond_proj" in n}
+        return [{"params": [p for p in params if id(p) not in ids]},
+                {"params": [p for p in params if id(p) in ids], "lr_scale": self.cfg.guidance_lr_scale}]
 
     @staticmethod
     def _check_streams(cfg: DistillConfig, pairs, real, lpips_model) -> None:
@@ -166,6 +176,15 @@ class DMDTrainer:
         if self.cfg.guidance_range is None:
             return None
         return sample_guidance(n, self.cfg.guidance_range, self.cfg.guidance_law, self.rng, self.device)
+
+    def _pairs_w(self, batch: dict) -> torch.Tensor:
+        """The w a guided G takes for each regression pair: its own when recorded (pairs at several w), else
+        pairs_guidance; or, with regression_guidance=drawn, a fresh draw from the range as for the DM samples."""
+        if self.cfg.regression_guidance == "drawn":
+            return self._guidance(batch["z"].shape[0])
+        if "guidance" in batch:
+            return batch["guidance"].to(self.device, torch.float32)
+        return torch.full((batch["z"].shape[0],), self.pairs_guidance, device=self.device)
 
     def generator_cond(self, cond: Cond, w: Optional[torch.Tensor]) -> Cond:
         """G's condition: `cond`, plus the guidance scales w (B,) for a guided student."""
@@ -215,7 +234,8 @@ class DMDTrainer:
         if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
             return None
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else lr
+            scaled = lr * group.get("lr_scale", 1.0)
+            group["lr"] = scaled * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else scaled
         opt.step()
         return float(norm)
 
@@ -230,9 +250,9 @@ class DMDTrainer:
         n_dm = B + (batch["z"].shape[0] if concat else 0)
         t = self._randint(int(cfg.dm_t_min * T), int(cfg.dm_t_max * T), n_dm)
         eps = self._randn(n_dm)
-        # The regression pairs were made at pairs.guidance: a guided G regresses onto them at that w.
-        w_ref = None if w is None or batch is None else torch.full((batch["z"].shape[0],), self.pairs_guidance,
-                                                                   device=self.device)
+        # The regression pairs were made at pairs.guidance (or each at its own w, pairs.guidance_scales): a guided
+        # G regresses onto them at that w.
+        w_ref = None if w is None or batch is None else self._pairs_w(batch)
         with self._autocast():
             if concat:  # Alg. 1 line 7: x = concat(x, x_ref), one generator forward for both
                 cond = cond_cat(cond, self._batch_cond(batch))

@@ -112,6 +112,8 @@ def pair_stream(store: ArtifactStore, cfg: PipelineConfig, batch_size: int, seed
     tensors = {"z": torch.from_numpy(np.stack([s["noise.npy"] for s in samples])).float(),
                "y": torch.from_numpy(np.stack([s["image.npy"] for s in samples])).float()}
     meta = samples[0].get("json") or {}
+    if meta.get("guidance") is not None:  # pairs made at several CFG scales record theirs
+        tensors["guidance"] = torch.tensor([s["json"]["guidance"] for s in samples], dtype=torch.float32)
     if meta.get("class") is not None:
         tensors["cond"] = torch.tensor([s["json"]["class"] for s in samples], dtype=torch.long)
     elif meta.get("prompt") is not None:

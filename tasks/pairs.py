@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dmd_core.conditions import batch_conditions
+from dmd_core.denoisers import cond_map
 from storage import ChecksumError, ShardRecord, read_manifest, verify_shard, write_manifest, write_shard
 from storage.layout import PAIRS_MANIFEST, shard_key
 from tasks.context import conditions, device_for, open_run, run_teacher, sample_noise
@@ -87,13 +88,23 @@ def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
         z = torch.stack([sample_noise(p.seed, i, teacher.sample_shape) for i in chunk])
         raw = batch_conditions(source, p.seed, chunk)
         cond = teacher.encode(raw)  # the text encoder runs outside autocast, as in training
+        scales = [p.scale_of(i) for i in chunk]
         with _autocast(precision, device):
-            y = teacher.sample(p.solver, p.steps, z.to(device, non_blocking=True), cond, p.guidance)
+            if p.guidance_scales is None:
+                y = teacher.sample(p.solver, p.steps, z.to(device, non_blocking=True), cond, p.guidance)
+            else:  # one solve per scale present in the chunk
+                y = torch.empty_like(z, device=device)
+                for w in sorted(set(scales)):
+                    rows = torch.tensor([j for j, s in enumerate(scales) if s == w], device=device)
+                    sub = cond_map(lambda c: c[rows.to(c.device)], cond)
+                    y[rows] = teacher.sample(p.solver, p.steps, z[rows.cpu()].to(device), sub, w).to(y.dtype)
         y = y.float().cpu()
         for j, i in enumerate(chunk):
             meta = {"index": i, "class": int(raw[j]) if isinstance(raw, torch.Tensor) else None}
             if isinstance(raw, list):
                 meta["prompt"] = raw[j]
+            if p.guidance_scales is not None:
+                meta["guidance"] = scales[j]
             # z stays float32: it is the exact input that produced y; only y is stored in pairs.dtype.
             samples.append({"__key__": f"{i:08d}", "noise.npy": z[j].numpy(),
                             "image.npy": y[j].numpy().astype(dtype), "json": meta})
@@ -107,9 +118,11 @@ def record_shards(root: str, run_name: str, records: list[ShardRecord], complete
     if complete and PAIRS_STAGE.is_done(store, cfg) and read_manifest(store, PAIRS_MANIFEST) == records:
         return  # already complete: rewrite nothing
     p = cfg.pairs
-    write_manifest(store, PAIRS_MANIFEST, records, metadata={
-        "solver": p.solver, "steps": p.steps, "guidance": p.guidance, "dtype": p.dtype, "seed": p.seed,
-        "teacher_kind": cfg.teacher.kind, "precision": solver_precision(cfg, device_for(cfg))})
+    metadata = {"solver": p.solver, "steps": p.steps, "guidance": p.guidance, "dtype": p.dtype, "seed": p.seed,
+                "teacher_kind": cfg.teacher.kind, "precision": solver_precision(cfg, device_for(cfg))}
+    if p.guidance_scales is not None:
+        metadata["guidance_scales"] = p.guidance_scales
+    write_manifest(store, PAIRS_MANIFEST, records, metadata=metadata)
     if complete:
         total = sum(r.n_samples for r in records)
         if total != p.n:

@@ -241,3 +241,73 @@ def test_stable_diffusion_export_honours_guidance_scale_in_the_stock_pipeline(sd
         images = pipe(prompts, num_inference_steps=1, guidance_scale=w, latents=z, output_type="pt").images
         torch.testing.assert_close(images, (sd_teacher.decode(x0) / 2 + 0.5).clamp(0, 1), rtol=0, atol=atol)
     assert (out[1.5] - out[4.0]).abs().max() > 10 * atol
+
+
+def test_pairs_at_several_scales_record_their_w_and_feed_it_to_the_student(tmp_path):
+    """pairs.guidance_scales: pair i is the teacher's solve at scales[i % k]; its json records w, both pair streams
+    yield it, and a guided trainer regresses onto each pair at its own w. Unset, the pairs section hashes as before."""
+    from flows.pipeline import save_config
+    from tasks.context import open_run, pair_stream, run_teacher as load_run_teacher, sample_noise
+    from tasks.pairs import plan_pairs, record_shards, run_pairs_shard
+    from tasks.teacher import run_teacher as make_teacher
+
+    plain = load_config("digits-tiny")
+    assert "guidance_scales" not in plain.model_dump()["pairs"]
+    assert plain.pairs.scale_of(5) == plain.pairs.guidance
+    with pytest.raises(ConfigError, match="distill.guidance_range"):
+        load_config("digits-tiny", overrides=["pairs.guidance_scales=[1,3]"])
+    cfg = load_config("digits-tiny", overrides=["pairs.guidance_scales=[1,3]", "distill.guidance_range=[1,3]",
+                                                "pairs.n=8", "pairs.shard_size=4"])
+    assert cfg.section_hash("pairs") != load_config("digits-tiny", overrides=["pairs.n=8", "pairs.shard_size=4"]
+                                                    ).section_hash("pairs")
+    root = str(tmp_path)
+    save_config(root, "multi", cfg)
+    make_teacher(root, "multi")
+    todo, records = plan_pairs(root, "multi")
+    record_shards(root, "multi", records + [run_pairs_shard(root, "multi", i) for i in todo], complete=True)
+    store, cfg = open_run(root, "multi")
+    teacher = load_run_teacher(store, cfg, torch.device("cpu"))
+    streams = [pair_stream(store, cfg, 8, 0)]
+    cfg.distill.pairs_in_memory_mb = 0
+    streams.append(pair_stream(store, cfg, 8, 0))
+    for stream in streams:
+        batch = stream.next_batch()
+        order = batch["index"] if "index" in batch else None
+        w = batch["guidance"]
+        assert sorted(w.tolist()) == [1.0] * 4 + [3.0] * 4
+        for j in range(8):
+            i = int(order[j]) if order is not None else int(torch.where((streams[0].tensors["z"] == batch["z"][j])
+                                                                          .flatten(1).all(1))[0])
+            assert float(w[j]) == (1.0 if i % 2 == 0 else 3.0)
+            z = sample_noise(cfg.pairs.seed, i, teacher.sample_shape)
+            assert torch.equal(batch["z"][j], z)
+            y = teacher.sample(cfg.pairs.solver, cfg.pairs.steps, z[None], teacher.encode(batch["cond"][j:j + 1]),
+                               float(w[j]))
+            torch.testing.assert_close(batch["y"][j], y[0], atol=1e-3, rtol=1e-4)  # batch-size rounding
+    trainer = make_trainer(guidance_range=(1.0, 3.0))
+    assert torch.equal(trainer._pairs_w(batch), batch["guidance"])
+    del batch["guidance"]
+    assert torch.equal(trainer._pairs_w(batch), torch.ones(8))
+
+
+def test_guidance_lr_scale_puts_the_guidance_projections_in_their_own_group():
+    trainer = make_trainer(guidance_range=(1.0, 3.0), guidance_lr_scale=10.0, warmup_steps=0)
+    for opt, module in ((trainer.opt_G, trainer.G.denoiser), (trainer.opt_fake, trainer.mu_fake)):
+        rest, emb = opt.param_groups[:2]
+        names = {id(p): n for n, p in module.named_parameters()}
+        assert [names[id(p)] for p in emb["params"]] == ["unet.guidance.cond_proj.weight"]
+        assert all("guidance" not in names.get(id(p), "") for p in rest["params"])
+    trainer.train_step()
+    assert trainer.opt_G.param_groups[1]["lr"] == 10 * trainer.opt_G.param_groups[0]["lr"]
+    assert "guidance_lr_scale" not in DistillConfig().model_dump()
+    assert "guidance_lr_scale" not in DistillConfig(guidance_range=(1.0, 3.0)).model_dump()  # runs made before it
+    assert len(make_trainer(guidance_range=(1.0, 3.0)).opt_G.param_groups) == 1
+
+
+def test_drawn_regression_guidance_draws_w_in_the_range():
+    trainer = make_trainer(guidance_range=(1.5, 3.0), regression_guidance="drawn")
+    w = trainer._pairs_w({"z": torch.zeros(64, 1, 8, 8), "guidance": torch.ones(64)})
+    assert w.shape == (64,) and w.min() >= 1.5 and w.max() <= 3.0 and w.std() > 0
+    trainer.train_step()
+    assert "regression_guidance" not in DistillConfig(guidance_range=(1.0, 3.0)).model_dump()
+    assert DistillConfig(guidance_range=(1.0, 3.0), regression_guidance="drawn").model_dump()["regression_guidance"]
