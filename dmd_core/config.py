@@ -178,10 +178,10 @@ class DistillConfig(_Model):
     guidance_law: Literal["uniform", "log-uniform"] = Field("uniform", description="how w is drawn from the range")
     guidance_embedding_dim: int = Field(256, gt=1, description="sinusoidal embedding size of w fed to G "
                                                                "(time_cond_proj_dim for Stable Diffusion students)")
-    regression_guidance: Literal["pairs", "drawn"] = Field(
-        "pairs", description="the w a guided G takes for the regression loss: the pairs' own (pairs.guidance or "
-                             "each pair's), or drawn from the range like the DM samples' (a fixed-w student "
-                             "regresses its one w's outputs onto the pairs: this is that at every w)")
+    regression_guidance: Literal["drawn", "pairs"] = Field(
+        "drawn", description="the w a guided G takes for the regression loss: drawn from the range like the DM "
+                             "samples' (a fixed-w student regresses its one w's outputs onto the pairs: this is that "
+                             "at every w), or the pairs' own (pairs.guidance, or each pair's: pairs.guidance_scales)")
     guidance_lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier of the guidance embeddings' "
                                                             "projections (generator and fake score)")
 
@@ -203,8 +203,6 @@ class DistillConfig(_Model):
         if isinstance(data, dict):  # at their defaults, guided runs made before these fields hash as before
             if self.guidance_lr_scale == 1.0:
                 data.pop("guidance_lr_scale", None)
-            if self.regression_guidance == "pairs":
-                data.pop("regression_guidance", None)
         return data
 
     @field_validator("generator_timesteps")
@@ -322,6 +320,9 @@ class PipelineConfig(_Model):
         if self.pairs.guidance_scales is not None and self.distill.guidance_range is None:
             raise ValueError("pairs.guidance_scales makes pairs at several w: it needs a student that takes w "
                              "(distill.guidance_range)")
+        if self.pairs.guidance_scales is not None and self.distill.regression_guidance == "drawn":
+            raise ValueError("pairs.guidance_scales makes each pair at its own w: set distill.regression_guidance=pairs "
+                             "so the student regresses onto it at that w")
         if self.evaluate.teacher_steps == len(self.distill.generator_timesteps):
             raise ValueError("evaluate.teacher_steps must differ from the number of generator steps "
                              "(the teacher's own generator-style baseline uses that count)")

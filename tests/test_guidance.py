@@ -256,8 +256,10 @@ def test_pairs_at_several_scales_record_their_w_and_feed_it_to_the_student(tmp_p
     assert plain.pairs.scale_of(5) == plain.pairs.guidance
     with pytest.raises(ConfigError, match="distill.guidance_range"):
         load_config("digits-tiny", overrides=["pairs.guidance_scales=[1,3]"])
+    with pytest.raises(ConfigError, match="distill.regression_guidance=pairs"):
+        load_config("digits-tiny", overrides=["pairs.guidance_scales=[1,3]", "distill.guidance_range=[1,3]"])
     cfg = load_config("digits-tiny", overrides=["pairs.guidance_scales=[1,3]", "distill.guidance_range=[1,3]",
-                                                "pairs.n=8", "pairs.shard_size=4"])
+                                                "distill.regression_guidance=pairs", "pairs.n=8", "pairs.shard_size=4"])
     assert cfg.section_hash("pairs") != load_config("digits-tiny", overrides=["pairs.n=8", "pairs.shard_size=4"]
                                                     ).section_hash("pairs")
     root = str(tmp_path)
@@ -284,7 +286,7 @@ def test_pairs_at_several_scales_record_their_w_and_feed_it_to_the_student(tmp_p
             y = teacher.sample(cfg.pairs.solver, cfg.pairs.steps, z[None], teacher.encode(batch["cond"][j:j + 1]),
                                float(w[j]))
             torch.testing.assert_close(batch["y"][j], y[0], atol=1e-3, rtol=1e-4)  # batch-size rounding
-    trainer = make_trainer(guidance_range=(1.0, 3.0))
+    trainer = make_trainer(guidance_range=(1.0, 3.0), regression_guidance="pairs")
     assert torch.equal(trainer._pairs_w(batch), batch["guidance"])
     del batch["guidance"]
     assert torch.equal(trainer._pairs_w(batch), torch.ones(8))
@@ -305,9 +307,12 @@ def test_guidance_lr_scale_puts_the_guidance_projections_in_their_own_group():
 
 
 def test_drawn_regression_guidance_draws_w_in_the_range():
-    trainer = make_trainer(guidance_range=(1.5, 3.0), regression_guidance="drawn")
+    """The default for guided students: the regression pairs are met at w drawn from the range."""
+    trainer = make_trainer(guidance_range=(1.5, 3.0))
     w = trainer._pairs_w({"z": torch.zeros(64, 1, 8, 8), "guidance": torch.ones(64)})
     assert w.shape == (64,) and w.min() >= 1.5 and w.max() <= 3.0 and w.std() > 0
     trainer.train_step()
-    assert "regression_guidance" not in DistillConfig(guidance_range=(1.0, 3.0)).model_dump()
-    assert DistillConfig(guidance_range=(1.0, 3.0), regression_guidance="drawn").model_dump()["regression_guidance"]
+    assert "regression_guidance" not in DistillConfig().model_dump()
+    assert DistillConfig(guidance_range=(1.0, 3.0)).model_dump()["regression_guidance"] == "drawn"
+    pinned = make_trainer(guidance_range=(1.5, 3.0), regression_guidance="pairs")
+    assert torch.equal(pinned._pairs_w({"z": torch.zeros(4, 1, 8, 8)}), torch.ones(4))
