@@ -291,7 +291,7 @@ class DMDTrainer:
         self._update_ema()
         return x.detach().float(), cond, w
 
-    def _fake_update(self, x: torch.Tensor, cond: Cond, metrics: dict, w: Optional[torch.Tensor] = None) -> bool:
+    def _fake_update(self, x: torch.Tensor, cond: Cond, w: Optional[torch.Tensor], metrics: dict) -> bool:
         """DMD Alg. 3: denoising loss of the fake score on stop-grad generator samples (+ DMD2 GAN head)."""
         cfg, B = self.cfg, x.shape[0]
         if self.opt_fake is None:
@@ -330,7 +330,7 @@ class DMDTrainer:
         else:
             with torch.no_grad(), self._autocast():
                 out = self._generate(z, self.generator_cond(cond, w)).float(), cond, w
-        ok = out is not None and self._fake_update(out[0], out[1], metrics, out[2])
+        ok = out is not None and self._fake_update(*out, metrics)
         self._account(ok, metrics)
         self.step += 1
         # Losses stay on the device until here: one transfer for all of them.

@@ -324,7 +324,7 @@ def collate(samples: Sequence[dict[str, Any]], device: torch.device | str = "cpu
         "y": torch.from_numpy(np.stack([s["image.npy"] for s in samples])).float().to(device),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long, device=device),
     }
-    scales = [(s.get("json") or {}).get("guidance") if isinstance(s.get("json"), dict) else None for s in samples]
+    scales = [s["json"].get("guidance") if isinstance(s.get("json"), dict) else None for s in samples]
     if all(w is not None for w in scales):  # pairs made at several CFG scales record theirs
         out["guidance"] = torch.tensor(scales, dtype=torch.float32, device=device)
     conds = [_cond(s) for s in samples]
