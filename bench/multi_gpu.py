@@ -190,10 +190,12 @@ def run_resume(args, root: str, source: str) -> dict:
     t0 = time.time()
     launch_distill(root, "ddp-uninterrupted", False, cfg.distill, log=lambda line: None)
     out["uninterrupted_s"] = time.time() - t0
+    print(f"resume: uninterrupted run done in {out['uninterrupted_s']:.0f} s", flush=True)
 
     store, cfg = open_run(root, "ddp-killed")
     key, kill_after = resume_key(cfg), 2 * cfg.distill.checkpoint_every
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ)  # what launch_distill gives its ranks: the same thread count in all three runs
+    env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(torchrun_command(root, "ddp-killed", False, cfg.distill), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -210,6 +212,7 @@ def run_resume(args, root: str, source: str) -> dict:
     out["killed"] = {**(killed or {}), "torchrun_exit": rc,
                      "checkpoints_at_exit": list_checkpoints(run_store(root, "ddp-killed"), key),
                      "stderr_tail": (proc.stderr.read() or "")[-1500:]}
+    print(f"resume: rank 1 killed, torchrun exit {rc}", flush=True)
     t0 = time.time()
     launch_distill(root, "ddp-killed", False, cfg.distill, log=lambda line: None)
     out["resumed_s"] = time.time() - t0
