@@ -305,8 +305,8 @@ def bench_infer(args, out: dict) -> None:
         if decoder_name == "tiny_decoder" and not args.infer_tiny:
             continue
         t0 = time.perf_counter()
-        fast = OneStep(*fast_modules(copy.deepcopy(unet), copy.deepcopy(decoder), args.infer_mode), sched,
-                       dtype=torch.float16)
+        fast = OneStep(*fast_modules(copy.deepcopy(unet), copy.deepcopy(decoder), args.infer_mode,
+                                     decoder_mode=args.decoder_mode), sched, dtype=torch.float16)
         eager = OneStep(copy.deepcopy(unet).half(), copy.deepcopy(decoder).half(), sched, dtype=torch.float16)
         for B in args.infer_batches:
             ehs = torch.randn(B, 77, 768, device=device, dtype=torch.float16)
@@ -321,6 +321,13 @@ def bench_infer(args, out: dict) -> None:
             row["max_abs_diff"] = float((a - b).abs().max())
             row["mean_abs_diff"] = float((a - b).abs().mean())
             row["speedup"] = round(row["eager_fp16"]["median_ms"] / row["fast"]["median_ms"], 2)
+            if args.infer_split:  # the two compiled parts on their own: where the time goes
+                t = torch.full((B,), fast.t, device=device, dtype=torch.long)
+                x0 = torch.randn(B, 4, 64, 64, device=device, dtype=torch.float16)
+                with torch.no_grad():
+                    row["fast_unet_only"] = timed(lambda: fast.unet(torch.randn_like(z), t, encoder_hidden_states=ehs),
+                                                  args.iters, 3)
+                    row["fast_decode_only"] = timed(lambda: fast.vae.decode(torch.randn_like(x0)), args.iters, 3)
             row["fast_img_per_s"] = round(1000 * B / row["fast"]["median_ms"], 1)
             res[f"{decoder_name}_b{B}"] = row
             print(json.dumps(res, indent=1), flush=True)
@@ -348,6 +355,9 @@ def main() -> None:
     p.add_argument("--infer-batches", default="1,16")
     p.add_argument("--infer-mode", default="reduce-overhead")
     p.add_argument("--infer-tiny", action="store_true")
+    p.add_argument("--decoder-mode", help="compile mode of the decoder (default: --infer-mode)")
+    p.add_argument("--infer-split", action="store_true", help="also time the compiled UNet and decoder alone")
+    p.add_argument("--no-cudnn-benchmark", action="store_true")
     args = p.parse_args()
     args.compile_modes = args.compile_modes.split(",")
     args.infer_batches = [int(b) for b in args.infer_batches.split(",")]
@@ -355,7 +365,7 @@ def main() -> None:
         out = {"args": vars(args)}
         bench_pairs(args, out)
         return
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "args": vars(args)}

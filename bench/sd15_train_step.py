@@ -102,7 +102,7 @@ class RandomPairs:
         self.calls = int(state["calls"])
 
 
-COMPILE = "none"
+COMPILE, COMPILE_SCOPE = "none", "auto"
 
 
 def project_step(teacher: Teacher, lpips_model, batch: int, device: str):
@@ -114,7 +114,8 @@ def project_step(teacher: Teacher, lpips_model, batch: int, device: str):
     reg = max(batch // 2, 1)
     cfg = DistillConfig(batch_size=batch * W, regression="lpips", reg_batch_size=reg * W, lpips_random_trunk=True,
                         guidance=GUIDANCE, lambda_reg=LAMBDA_REG, lr=LR, grad_clip=CLIP, bf16=True,
-                        gradient_checkpointing=True, generator_timesteps=[999], compile=COMPILE, world_size=W)
+                        gradient_checkpointing=True, generator_timesteps=[999], compile=COMPILE,
+                        compile_scope=COMPILE_SCOPE, world_size=W)
     cls = DMDTrainer
     if W > 1:
         from dmd_core.distributed import DDPTrainer as cls
@@ -305,6 +306,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--decoder", default="full", choices=["full", "tiny"], help="regression decoder (tiny: AutoencoderTiny)")
     p.add_argument("--compile", default="none", help="distill.compile of the project path")
+    p.add_argument("--compile-scope", default="auto", help="distill.compile_scope of the project path")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sd15_train_step.json"))
     args = p.parse_args()
@@ -318,8 +320,8 @@ def main() -> None:
         from dmd_core.distributed import init_process_group
         init_process_group(device)
     t0 = time.time()
-    global COMPILE
-    COMPILE = args.compile
+    global COMPILE, COMPILE_SCOPE
+    COMPILE, COMPILE_SCOPE = args.compile, args.compile_scope
     teacher = build_teacher(args.tiny, device, args.decoder)
     lpips_model = build_lpips("vgg", random_trunk=True).to(device)
     n_unet = sum(p.numel() for p in teacher.unet.parameters())
@@ -331,7 +333,7 @@ def main() -> None:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     result["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
-    result["decoder"], result["compile"] = args.decoder, args.compile
+    result["decoder"], result["compile"], result["compile_scope"] = args.decoder, args.compile, args.compile_scope
     for B in batches:
         paths = {"project": lambda: project_step(teacher, lpips_model, B, device),
                  "eager": lambda: EagerStep(teacher, lpips_model, B, device)}

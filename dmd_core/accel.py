@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+# The repeated blocks that regional compilation compiles one by one (diffusers' `_repeated_blocks` and the resnets).
+REGIONS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 def resolve_compile(mode: str, device: torch.device) -> str:
@@ -23,13 +25,37 @@ def resolve_channels_last(flag: Optional[bool], device: torch.device) -> bool:
     return device.type == "cuda" if flag is None else bool(flag)
 
 
-def compile_in_place(module: nn.Module, mode: str, backend: str = "inductor") -> nn.Module:
-    """`module.compile(...)`: forward is compiled, the module (and its state_dict keys) stay the same object."""
-    if mode != "none":
-        options = {"backend": backend, "dynamic": False}
-        if backend == "inductor":
-            options["mode"] = mode
+def resolve_compile_scope(scope: str, gradient_checkpointing: bool) -> str:
+    """`auto` -> blocks under gradient checkpointing (tracing a whole UNet through its checkpoint wrappers takes
+    dynamo many minutes), model otherwise."""
+    if scope == "auto":
+        return "blocks" if gradient_checkpointing else "model"
+    if scope not in ("model", "blocks"):
+        raise ValueError(f"compile_scope must be auto, model or blocks, got {scope!r}")
+    return scope
+
+
+def compile_in_place(module: nn.Module, mode: str, backend: str = "inductor", scope: str = "model") -> nn.Module:
+    """`module.compile(...)`: forward is compiled, the module (and its state_dict keys) stay the same object.
+    scope=blocks compiles each REGIONS block inside instead (regional compilation), or the module if it has none."""
+    if mode == "none":
+        return module
+    options = {"backend": backend, "dynamic": False}
+    if backend == "inductor":
+        options["mode"] = mode
+    blocks = [m for m in module.modules() if type(m).__name__ in REGIONS] if scope == "blocks" else []
+    if not blocks:
         module.compile(**options)
+        return module
+    # One block class runs at several widths and batch sizes: sizes that change become symbolic after the first
+    # recompile instead of one graph per size, and the recompile limit leaves room for the block variants.
+    options["dynamic"] = None
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), 64))
+    for block in blocks:
+        block.compile(**options)
     return module
 
 

@@ -162,6 +162,10 @@ class DistillConfig(_Model):
                                                        "and fake-score batch (one generator forward)")
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
         "auto", description="torch.compile mode of the three networks; auto = default on CUDA, none on CPU")
+    compile_scope: Literal["auto", "model", "blocks"] = Field(
+        "auto", description="what compile covers in G and the fake score: model (one graph each), blocks (each "
+                            "transformer and resnet block; regional compilation); auto = blocks with "
+                            "gradient_checkpointing, else model")
     channels_last: Optional[bool] = Field(None, description="NHWC activations and weights; default: on CUDA only")
     world_size: int = Field(1, ge=1, description="training processes (one GPU each) in all nodes; batch_size "
                                                  "and reg_batch_size are global: each rank takes 1/world_size")
@@ -337,7 +341,8 @@ class PipelineConfig(_Model):
 
 # How a stage's work is spread (threads, Dask, torchrun ranks) or sped up, not what it computes.
 EXECUTION_FIELDS = {"pairs": {"runner", "runner_address", "runner_workers"},
-                    "distill": {"world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id", "compile", "channels_last"}}
+                    "distill": {"world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id", "compile",
+                                "compile_scope", "channels_last"}}
 
 
 def resolve_path(path: str) -> str:

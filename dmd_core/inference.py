@@ -41,9 +41,12 @@ def fast_decoder(vae: nn.Module, mode: str = "reduce-overhead", dtype: torch.dty
 
 
 def fast_modules(unet: nn.Module, vae: Optional[nn.Module], mode: str = "reduce-overhead",
-                 dtype: torch.dtype = torch.float16) -> tuple[nn.Module, Optional[nn.Module]]:
-    """`fast_unet` and `fast_decoder` together (the decoder may be None for pixel-space models)."""
-    return fast_unet(unet, mode, dtype), (fast_decoder(vae, mode, dtype) if vae is not None else None)
+                 dtype: torch.dtype = torch.float16,
+                 decoder_mode: Optional[str] = None) -> tuple[nn.Module, Optional[nn.Module]]:
+    """`fast_unet` and `fast_decoder` together (the decoder may be None for pixel-space models); the decoder is
+    compiled with `decoder_mode` when given, else with `mode`."""
+    decoder = fast_decoder(vae, decoder_mode or mode, dtype) if vae is not None else None
+    return fast_unet(unet, mode, dtype), decoder
 
 
 def fast_pipeline(pipe, mode: str = "reduce-overhead", dtype: torch.dtype = torch.float16):

@@ -107,8 +107,9 @@ class DMDTrainer:
                     accel.channels_last(module)
         self.ema = copy.deepcopy(self.G.denoiser).requires_grad_(False).eval()
         # Compiled after the EMA copy: the networks stay the same objects with the same state_dict keys.
-        accel.compile_in_place(self.G.denoiser, self.compile_mode)
-        accel.compile_in_place(self.mu_fake, self.compile_mode)
+        scope = accel.resolve_compile_scope(cfg.compile_scope, cfg.gradient_checkpointing)
+        accel.compile_in_place(self.G.denoiser, self.compile_mode, scope=scope)
+        accel.compile_in_place(self.mu_fake, self.compile_mode, scope=scope)
         self.mu_real = accel.compiled(self.mu_real, self.compile_mode)
         fake_params = [p for p in self.mu_fake.parameters() if p.requires_grad]
         self.gan_head, self.features = None, None

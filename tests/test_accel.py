@@ -91,3 +91,35 @@ def test_fast_pipeline_leaves_a_cpu_pipeline_alone():
     assert fast_pipeline(pipe) is pipe and pipe.unet.dtype == torch.float32
     assert not pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) or \
         pipe.unet.conv_in.weight.shape[1] == 1
+
+
+def test_regional_compile_under_gradient_checkpointing_gives_the_plain_gradients():
+    """scope=blocks compiles each transformer and resnet block; checkpointed forward and backward are unchanged."""
+    from dmd_core.tiny import tiny_sd_components
+
+    plain = tiny_sd_components()["unet"]
+    plain.enable_gradient_checkpointing()
+    regional = copy.deepcopy(plain)
+    keys = list(regional.state_dict())
+    accel.compile_in_place(regional, "default", backend="aot_eager", scope="blocks")
+    blocks = [m for m in regional.modules() if type(m).__name__ in accel.REGIONS]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    assert regional._compiled_call_impl is None  # the UNet itself is not one graph
+    assert list(regional.state_dict()) == keys
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    ehs = torch.randn(2, 7, plain.config.cross_attention_dim)
+    outs = []
+    for unet in (plain, regional):
+        out = unet(x, t, encoder_hidden_states=ehs).sample
+        out.square().mean().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in unet.parameters()]))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+def test_compile_scope_auto_follows_gradient_checkpointing():
+    assert accel.resolve_compile_scope("auto", True) == "blocks"
+    assert accel.resolve_compile_scope("auto", False) == "model"
+    assert accel.resolve_compile_scope("model", True) == "model"
+    with pytest.raises(ValueError, match="compile_scope"):
+        accel.resolve_compile_scope("layers", False)
