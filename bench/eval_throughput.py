@@ -15,7 +15,7 @@ exactly as `tasks/eval_protocols.py` `image_protocol` runs them:
            its CPU part (to_pil, crop+256 Lanczos, open_clip preprocess to 224) is timed alone as clip_preprocess
   cfg_step one teacher CFG evaluation at guidance 3 (`with_guidance`: 2 UNet passes per image), for the
            teacher baselines
-Generation runs as the project runs it today (fp32) and, as an option, under bf16 autocast (encode, UNet,
+Generation runs in fp32 (`evaluate.precision=fp32`) and, as an option, under bf16 autocast (encode, UNet,
 decode, CFG step); Inception and CLIP stay fp32 in both (they define the metric). `chain` is the wall time of
 encode -> ... -> clip run back to back, the images/s the evaluate stage would see.
 

@@ -1,6 +1,8 @@
-"""Speed settings for CUDA: torch.compile modes, channels_last, fused AdamW. On the CPU each is a no-op by default."""
+"""Speed settings for CUDA: torch.compile modes, channels_last, fused AdamW, autocast precision. On the CPU each is a
+no-op by default."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -9,6 +11,8 @@ from torch import nn
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 # The repeated blocks that regional compilation compiles one by one (diffusers' `_repeated_blocks` and the resnets).
 REGIONS = ("BasicTransformerBlock", "ResnetBlock2D")
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_compile(mode: str, device: torch.device) -> str:
@@ -18,6 +22,22 @@ def resolve_compile(mode: str, device: torch.device) -> str:
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be auto or one of {COMPILE_MODES}, got {mode!r}")
     return mode
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 autocast on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast region of a resolved precision; fp32 runs outside any autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def resolve_channels_last(flag: Optional[bool], device: torch.device) -> bool:

@@ -269,6 +269,9 @@ class EvaluateConfig(_Model):
                                                        "extractors, no weights needed (numbers mean nothing)")
     guidance_sweep: Optional[list[float]] = Field(None, min_length=1, description="guidance scales at which "
                                                   "the teacher and the student are scored (eval/guidance.parquet)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast of the evaluated models' generation (and VAE decode); the feature "
+                            "extractors keep their own precision; auto = bf16 on CUDA, fp32 on CPU (in each row)")
 
     @field_validator("guidance_sweep")
     @classmethod
@@ -278,11 +281,15 @@ class EvaluateConfig(_Model):
         return v
 
     @model_serializer(mode="wrap")
-    def _omit_unset_sweep(self, handler):
-        """Without a sweep the section dumps (and hashes) exactly as before the field existed."""
+    def _omit_unset_fields(self, handler):
+        """Without a sweep and at precision auto the section dumps (and hashes) exactly as before those fields
+        existed, so earlier runs keep their cached results."""
         data = handler(self)
-        if self.guidance_sweep is None and isinstance(data, dict):
-            data.pop("guidance_sweep", None)
+        if isinstance(data, dict):
+            if self.guidance_sweep is None:
+                data.pop("guidance_sweep", None)
+            if self.precision == "auto":
+                data.pop("precision", None)
         return data
 
 

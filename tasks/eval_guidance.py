@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from dmd_core import accel
 from dmd_core.checkpoint import bytes_to_tensors, tensors_to_bytes
 from dmd_core.config import stable_hash
 from dmd_core.evaluation import ImageScores, generate_images
@@ -23,20 +24,21 @@ from dmd_core.metrics import features_and_predictions, gaussian_stats
 from storage.checkpoints import checkpoint_weights
 from storage.layout import root_store
 from storage.plots import guidance_png
-from tasks.eval_protocols import ClassifierScorer, classifier, protocol_inputs, result_hashes
+from tasks.eval_protocols import ClassifierScorer, classifier, generating, protocol_inputs, result_hashes
 from tasks.stages import TEACHER_STAGE
 
 GUIDANCE_TABLE = "eval/guidance.parquet"
 GUIDANCE_PLOT = "eval/guidance.png"
 COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "guidance", "metric", "value", "n_samples",
-           "time")
+           "time", "precision")
 
 
-def _rows(run: str, config_hash: str, step: int, model: str, steps: int, w: float, scores: dict, n: int) -> list:
+def _rows(run: str, config_hash: str, step: int, model: str, steps: int, w: float, scores: dict, n: int,
+          precision: str) -> list:
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return [{"run": run, "config_hash": config_hash, "checkpoint_step": step, "model": model, "steps": steps,
-             "guidance": float(w), "metric": k, "value": float(v), "n_samples": n, "time": now}
-            for k, v in scores.items()]
+             "guidance": float(w), "metric": k, "value": float(v), "n_samples": n, "time": now,
+             "precision": precision} for k, v in scores.items()]
 
 
 def sweep_students(store, cfg, teacher, step: int) -> Callable[[float], torch.nn.Module]:
@@ -46,17 +48,19 @@ def sweep_students(store, cfg, teacher, step: int) -> Callable[[float], torch.nn
     return lambda w: student_at(G, cfg.distill, w)
 
 
-def _teacher_samples(root: str, store, cfg, teacher, z: torch.Tensor, y: torch.Tensor, w: float,
-                     device) -> torch.Tensor:
-    """The teacher's N-step samples at guidance w, computed once per (teacher, noise, labels, w) under the root."""
+def _teacher_samples(root: str, store, cfg, teacher, z: torch.Tensor, y: torch.Tensor, w: float, device,
+                     precision: str) -> torch.Tensor:
+    """The teacher's N-step samples at guidance w, computed once per (teacher, noise, labels, w, precision) under
+    the root (fp32 samples keep the key they had before the precision was part of it)."""
     e, marker = cfg.evaluate, store.read_json(TEACHER_STAGE.marker)
     key = stable_hash([marker.get("content", marker["hash"]), cfg.pairs.solver, e.teacher_steps, e.seed,
-                       int(z.shape[0]), float(w)])
+                       int(z.shape[0]), float(w)] + ([] if precision == "fp32" else [precision]))
     cache, path = root_store(root), f"_reference/guidance-teacher-{key}.safetensors"
     if cache.exists(path):
         return bytes_to_tensors(cache.read_bytes(path))["x"]
-    x = torch.cat([teacher.sample(cfg.pairs.solver, e.teacher_steps, zb.to(device), teacher.encode(yb.to(device)), w)
-                   .float().cpu() for zb, yb in zip(z.split(e.batch_size), y.split(e.batch_size))])
+    sample = generating(teacher, lambda zb, c: teacher.sample(cfg.pairs.solver, e.teacher_steps, zb, c, w),
+                        precision, device)
+    x = torch.cat([sample(zb, yb.to(device)).cpu() for zb, yb in zip(z.split(e.batch_size), y.split(e.batch_size))])
     cache.write_bytes(path, tensors_to_bytes({"x": x}))
     return x
 
@@ -71,19 +75,19 @@ def classifier_sweep(root, store, cfg, run_name, teacher, dataset, protocol, ste
     g = torch.Generator().manual_seed(e.seed)  # the noise and labels of the classifier protocol's rows
     z = torch.randn((n, *teacher.sample_shape), generator=g)
     y = labels[torch.randperm(images.shape[0], generator=g)[:n]]
-    at = sweep_students(store, cfg, teacher, step)
+    at, precision = sweep_students(store, cfg, teacher, step), accel.resolve_precision(e.precision, device)
     out = []
     for w in e.guidance_sweep:
-        x_ref = _teacher_samples(root, store, cfg, teacher, z, y, w, device)
-        out += _rows(run_name, hashes["teacher"], -1, "teacher", e.teacher_steps, w, score(x_ref, y), n)
+        x_ref = _teacher_samples(root, store, cfg, teacher, z, y, w, device, precision)
+        out += _rows(run_name, hashes["teacher"], -1, "teacher", e.teacher_steps, w, score(x_ref, y), n, precision)
         G, renoise = at(w), torch.Generator(device).manual_seed(1)
-        with torch.no_grad():
-            x = torch.cat([G(zb.to(device), teacher.encode(yb.to(device)), generator=renoise).float().cpu()
-                           for zb, yb in zip(z.split(e.batch_size), y.split(e.batch_size))])
+        sample = generating(teacher, lambda zb, c: G(zb, c, generator=renoise), precision, device)
+        x = torch.cat([sample(zb, yb.to(device)).cpu() for zb, yb in zip(z.split(e.batch_size), y.split(e.batch_size))])
         scores = score(x, y)
         feats, feats_ref = (features_and_predictions(model, v)[0] for v in (x, x_ref))
         scores["fd_teacher"] = frechet_distance(*gaussian_stats(feats), *gaussian_stats(feats_ref))
-        out += _rows(run_name, hashes["student"], step, "student", len(cfg.distill.generator_timesteps), w, scores, n)
+        out += _rows(run_name, hashes["student"], step, "student", len(cfg.distill.generator_timesteps), w, scores, n,
+                     precision)
     return out
 
 
@@ -92,17 +96,15 @@ def image_sweep(root, store, cfg, run_name, teacher, protocol, step, device) -> 
     e, hashes = cfg.evaluate, result_hashes(cfg)
     n, raw, z, ref, inception, clip, name = protocol_inputs(root, cfg, teacher, protocol, device)
     at, out = sweep_students(store, cfg, teacher, step), []
+    precision = accel.resolve_precision(e.precision, device)
     for w in e.guidance_sweep:
         G, renoise = at(w), torch.Generator(device).manual_seed(1)
-
-        def sample(zb: torch.Tensor, rb) -> torch.Tensor:
-            return (teacher.decode(G(zb.to(device), teacher.encode(rb), generator=renoise)) / 2 + 0.5).clamp(0, 1)
-
+        sample = generating(teacher, lambda zb, c: G(zb, c, generator=renoise), precision, device, images=True)
         scores = ImageScores(inception, e.fid_mode, device, clip)
         for batch, cond in generate_images(sample, z, raw, e.batch_size, protocol.resolution):
             scores.update(batch, cond)
         out += _rows(run_name, hashes["student"], step, "student", len(cfg.distill.generator_timesteps), w,
-                     scores.result(*ref), n)
+                     scores.result(*ref), n, precision)
     return out
 
 

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
+from dmd_core import accel
 from dmd_core.checkpoint import bytes_to_tensors, tensors_to_bytes
 from dmd_core.config import stable_hash
 from dmd_core.denoisers import with_guidance
@@ -25,13 +26,16 @@ from storage.models import cached_file
 from tasks.stages import resume_key
 
 KEY_COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "metric")
-COLUMNS = (*KEY_COLUMNS, "value", "n_samples", "time")
+COLUMNS = (*KEY_COLUMNS, "value", "n_samples", "time", "precision")
 
 
-def rows(run: str, config_hash: str, step: int, model: str, steps: int, scores: dict, n: int) -> list[dict]:
+def rows(run: str, config_hash: str, step: int, model: str, steps: int, scores: dict, n: int,
+         precision: Optional[str] = None) -> list[dict]:
+    """Result rows; `precision` is the resolved autocast of the model's generation (None for the real data)."""
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return [{"run": run, "config_hash": config_hash, "checkpoint_step": step, "model": model, "steps": steps,
-             "metric": k, "value": v, "n_samples": n, "time": now} for k, v in scores.items()]
+             "metric": k, "value": v, "n_samples": n, "time": now, "precision": precision}
+            for k, v in scores.items()]
 
 
 def result_hashes(cfg) -> dict[str, str]:
@@ -49,20 +53,41 @@ def student(store: ArtifactStore, cfg, teacher, step: int) -> Generator:
     return student_at(Generator(D, teacher.schedule, cfg.distill.generator_timesteps), cfg.distill)
 
 
-class Models:
-    """The models a run evaluates, each as sample(z, raw) -> x0 in model space, on the same noise."""
+def generating(teacher, body: Callable, precision: str, device, images: bool = False) -> Callable:
+    """sample(z, raw): body(z, cond) under the autocast of `precision` (a resolved evaluate.precision), with the
+    teacher's decode to [0, 1] images when `images`; returned in float32, as the feature extractors take it."""
 
-    def __init__(self, store: ArtifactStore, cfg, teacher, device) -> None:
-        self.store, self.cfg, self.teacher, self.device = store, cfg, teacher, device
+    def sample(z: torch.Tensor, raw) -> torch.Tensor:
+        cond = teacher.encode(raw)  # the text encoder keeps its own precision
+        with torch.no_grad(), accel.autocast(precision, device):
+            x = body(z.to(device), cond)
+            if images:
+                x = teacher.decode(x)
+        x = x.float()  # a no-op in fp32
+        return (x / 2 + 0.5).clamp(0, 1) if images else x
+
+    return sample
+
+
+class Models:
+    """The models a run evaluates, each as sample(z, raw) -> x0 in model space (or images in [0, 1] when
+    `images`), float32, on the same noise; generated under evaluate.precision's autocast (`precision`)."""
+
+    def __init__(self, store: ArtifactStore, cfg, teacher, device, images: bool = False) -> None:
+        self.store, self.cfg, self.teacher, self.device, self.images = store, cfg, teacher, device, images
         self.n_gen = len(cfg.distill.generator_timesteps)
+        self.precision = accel.resolve_precision(cfg.evaluate.precision, device)
 
     def _renoise(self) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(1)
 
+    def _sampler(self, body: Callable) -> Callable:
+        return generating(self.teacher, body, self.precision, self.device, self.images)
+
     def teacher_steps(self) -> Callable:
         T, c = self.teacher, self.cfg
-        return lambda z, raw: T.sample(c.pairs.solver, c.evaluate.teacher_steps, z.to(self.device), T.encode(raw),
-                                       c.pairs.guidance)
+        return self._sampler(lambda z, cond: T.sample(c.pairs.solver, c.evaluate.teacher_steps, z, cond,
+                                                      c.pairs.guidance))
 
     def teacher_generator(self) -> Callable:
         """The teacher run at the generator's timesteps: the student before distillation."""
@@ -70,11 +95,11 @@ class Models:
         G0 = Generator(with_guidance(T.denoiser, self.cfg.pairs.guidance, T.null_cond), T.schedule,
                        self.cfg.distill.generator_timesteps)
         g = self._renoise()  # one stream per model: batches get fresh re-noising eps
-        return lambda z, raw: G0(z.to(self.device), T.encode(raw), generator=g)
+        return self._sampler(lambda z, cond: G0(z, cond, generator=g))
 
     def student(self, step: int) -> Callable:
         G, g = student(self.store, self.cfg, self.teacher, step), self._renoise()
-        return lambda z, raw: G(z.to(self.device), self.teacher.encode(raw), generator=g)
+        return self._sampler(lambda z, cond: G(z, cond, generator=g))
 
 
 # ---- classifier protocols: FD and accuracy in a small classifier's features ------------------------------------------------
@@ -134,14 +159,13 @@ def classifier_protocol(store, cfg, run_name, teacher, dataset, protocol, steps,
                                      models.teacher_generator)):
         if needed(kind, -1, "teacher", n_steps, "fd"):
             x = run(fn())
-            new += rows(run_name, hashes[kind], -1, "teacher", n_steps, score(x, y), n)
+            new += rows(run_name, hashes[kind], -1, "teacher", n_steps, score(x, y), n, models.precision)
             pictures[name] = x[:8]
     grid = None
     for step in steps:
         if needed("student", step, "student", models.n_gen, "fd"):
-            with torch.no_grad():
-                x = run(models.student(step))
-            new += rows(run_name, hashes["student"], step, "student", models.n_gen, score(x, y), n)
+            x = run(models.student(step))
+            new += rows(run_name, hashes["student"], step, "student", models.n_gen, score(x, y), n, models.precision)
             pictures[f"student step {step}"], grid = x[:8], x[:64]
     return new, {"pictures": pictures, "labels": [f"class {int(c)}" for c in y[:8]], "grid": grid}
 
@@ -211,14 +235,11 @@ def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed,
     """FID (and CLIP for text models) of teacher N-step, teacher 1-step and the student checkpoints `steps`."""
     e, hashes = cfg.evaluate, result_hashes(cfg)
     n, raw, z, ref, inception, clip, name = protocol_inputs(root, cfg, teacher, protocol, device)
-    models = Models(store, cfg, teacher, device)
-
-    def decoded(fn: Callable) -> Callable:
-        return lambda zb, rb: (teacher.decode(fn(zb, rb)) / 2 + 0.5).clamp(0, 1)
+    models = Models(store, cfg, teacher, device, images=True)
 
     def score(fn: Callable, keep: Optional[dict], label: str) -> dict:
         scores = ImageScores(inception, e.fid_mode, device, clip)
-        for images, cond in generate_images(decoded(fn), z, raw, e.batch_size, protocol.resolution):
+        for images, cond in generate_images(fn, z, raw, e.batch_size, protocol.resolution):
             scores.update(images, cond)
             if keep is not None and label not in keep:
                 keep[label] = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -230,12 +251,13 @@ def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed,
                                      ("teacher-G0", f"teacher {models.n_gen}-step", models.n_gen,
                                       models.teacher_generator)):
         if needed(kind, -1, "teacher", n_steps, "fid"):
-            new += rows(run_name, hashes[kind], -1, "teacher", n_steps, score(fn(), pictures, label), n)
+            new += rows(run_name, hashes[kind], -1, "teacher", n_steps, score(fn(), pictures, label), n,
+                        models.precision)
     for step in steps:
         if needed("student", step, "student", models.n_gen, "fid"):
             label = f"student step {step}"
             new += rows(run_name, hashes["student"], step, "student", models.n_gen,
-                        score(models.student(step), pictures, label), n)
+                        score(models.student(step), pictures, label), n, models.precision)
     labels = ([str(c) for c in raw[:8]] if isinstance(raw, list)
               else [f"class {int(c)}" for c in raw[:8]] if raw is not None else None)
     last = pictures.get(f"student step {steps[-1]}") if steps else None

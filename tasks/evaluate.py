@@ -93,8 +93,8 @@ def summarize(store: ArtifactStore, rows: list[dict], run_name: str, hashes: dic
     keep = [r for r in current if r["model"] != "student" or r["checkpoint_step"] == last]
     return {"run": run_name, "checkpoint_step": last, "grid": store.url(EVAL_GRID) if last is not None else None,
             "compare": store.url(EVAL_COMPARE) if store.exists(EVAL_COMPARE) else None,
-            "rows": [{k: r[k] for k in ("model", "steps", "metric", "value", "n_samples", "checkpoint_step")}
-                     for r in keep]}
+            "rows": [{**{k: r[k] for k in ("model", "steps", "metric", "value", "n_samples", "checkpoint_step")},
+                      "precision": r.get("precision")} for r in keep]}
 
 
 @task(name="evaluate", cache_policy=NONE, persist_result=False)

@@ -5,7 +5,6 @@ for latent teachers) in `pairs.dtype`, and a json with the index and its class i
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
+from dmd_core import accel
 from dmd_core.conditions import batch_conditions
 from dmd_core.denoisers import cond_map
 from storage import ChecksumError, ShardRecord, read_manifest, verify_shard, write_manifest, write_shard
@@ -47,19 +47,9 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
     return [i for i in range(n_shards) if i not in done], kept
 
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def solver_precision(cfg, device: torch.device) -> str:
     """`pairs.precision` with auto resolved: bf16 autocast on CUDA, fp32 on the CPU."""
-    p = cfg.pairs.precision
-    return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST[precision])
+    return accel.resolve_precision(cfg.pairs.precision, device)
 
 
 def _intact(store, record: ShardRecord) -> bool:
@@ -89,7 +79,7 @@ def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
         raw = batch_conditions(source, p.seed, chunk)
         cond = teacher.encode(raw)  # the text encoder runs outside autocast, as in training
         scales = [p.scale_of(i) for i in chunk]
-        with _autocast(precision, device):
+        with accel.autocast(precision, device):
             if p.guidance_scales is None:
                 y = teacher.sample(p.solver, p.steps, z.to(device, non_blocking=True), cond, p.guidance)
             else:  # one solve per scale present in the chunk

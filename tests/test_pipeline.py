@@ -31,6 +31,9 @@ def test_full_pipeline_writes_every_artifact(tiny_run):
     assert {("real", 0, "fd"), ("teacher", 3, "fd"), ("teacher", 1, "fd"), ("student", 1, "fd"),
             ("student", 1, "accuracy")} <= models
     assert summary["checkpoint_step"] == 4
+    # each row records the autocast its model generated under: evaluate.precision=auto is fp32 on the CPU
+    assert {(r["model"], r["precision"]) for r in store.read_table(RESULTS).to_pylist()} == \
+           {("real", None), ("teacher", "fp32"), ("student", "fp32")}
 
 
 def test_export_loads_with_plain_diffusers(tiny_run, tmp_path):

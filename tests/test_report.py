@@ -62,7 +62,7 @@ def write_run(root: str, results: bool = True, metrics: bool = True) -> None:
     store.write_json("config.json", {"name": RUN})
     if results:
         rows = result_rows()
-        store.write_table(RESULTS, {c: [r[c] for r in rows] for c in COLUMNS})
+        store.write_table(RESULTS, {c: [r.get(c) for r in rows] for c in COLUMNS})
     if metrics:
         rows = metric_rows()
         store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
