@@ -277,7 +277,8 @@ def bench_pairs(args, out: dict) -> None:
         import contextlib
 
         import tasks.pairs
-        turns, tasks.pairs._one_solve_at_a_time = tasks.pairs._one_solve_at_a_time, lambda device: contextlib.nullcontext()
+        turns = tasks.pairs._one_solve_at_a_time
+        tasks.pairs._one_solve_at_a_time = lambda device: contextlib.nullcontext()
         try:
             res["stage_without_turns_s"] = stage("noturns", N, "auto")
         finally:
