@@ -273,18 +273,6 @@ def bench_pairs(args, out: dict) -> None:
     res["bare_pairs_per_s"] = round(N / statistics.median(bare_runs), 3)
     res["stage_pairs_per_s"] = round(N / statistics.median(stage_runs), 3)
     res["ratio_stage_vs_bare"] = round(res["stage_pairs_per_s"] / res["bare_pairs_per_s"], 3)
-    if args.pairs_without_turns:  # the stage as it ran before shard tasks took turns at the GPU's solver
-        import contextlib
-
-        import tasks.pairs
-        turns = tasks.pairs._one_solve_at_a_time
-        tasks.pairs._one_solve_at_a_time = lambda device: contextlib.nullcontext()
-        try:
-            res["stage_without_turns_s"] = stage("noturns", N, "auto")
-        finally:
-            tasks.pairs._one_solve_at_a_time = turns
-        res["stage_without_turns_pairs_per_s"] = round(N / res["stage_without_turns_s"], 3)
-        res["ratio_without_turns_vs_bare"] = round(res["stage_without_turns_pairs_per_s"] / res["bare_pairs_per_s"], 3)
     if args.pairs_fp32:
         res["stage_fp32_s"] = stage("fp32", N, "fp32")
         res["stage_fp32_pairs_per_s"] = round(N / res["stage_fp32_s"], 1)
@@ -363,8 +351,6 @@ def main() -> None:
     p.add_argument("--pairs-batch", type=int, default=1024)
     p.add_argument("--pairs-repeats", type=int, default=1)
     p.add_argument("--pairs-fp32", action="store_true")
-    p.add_argument("--pairs-without-turns", action="store_true", help="also time the stage with its shard tasks "
-                   "not taking turns at the solver")
     p.add_argument("--pairs-device", default="cuda", help="cpu: a smoke run of the pairs section")
     p.add_argument("--infer-batches", default="1,16")
     p.add_argument("--infer-mode", default="reduce-overhead")

@@ -5,9 +5,7 @@ for latent teachers) in `pairs.dtype`, and a json with the index and its class i
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 
 import numpy as np
 import torch
@@ -54,18 +52,6 @@ def solver_precision(cfg, device: torch.device) -> str:
     return accel.resolve_precision(cfg.pairs.precision, device)
 
 
-_SOLVE_LOCKS: dict[str, threading.Lock] = {}
-
-
-def _one_solve_at_a_time(device: torch.device):
-    """On CUDA, shard tasks sharing a GPU (the flow's thread pool) take turns at the solver: without turns their
-    kernels interleave, both finish together and the GPU idles while both encode and write; with turns one
-    shard's write overlaps the other's solve. Elsewhere a no-op."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return _SOLVE_LOCKS.setdefault(str(device), threading.Lock())
-
-
 def _intact(store, record: ShardRecord) -> bool:
     """The shard exists with the sha256 its manifest row records."""
     try:
@@ -93,17 +79,16 @@ def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:
         raw = batch_conditions(source, p.seed, chunk)
         cond = teacher.encode(raw)  # the text encoder runs outside autocast, as in training
         scales = [p.scale_of(i) for i in chunk]
-        with _one_solve_at_a_time(device):
-            with accel.autocast(precision, device):
-                if p.guidance_scales is None:
-                    y = teacher.sample(p.solver, p.steps, z.to(device, non_blocking=True), cond, p.guidance)
-                else:  # one solve per scale present in the chunk
-                    y = torch.empty_like(z, device=device)
-                    for w in sorted(set(scales)):
-                        rows = torch.tensor([j for j, s in enumerate(scales) if s == w], device=device)
-                        sub = cond_map(lambda c: c[rows.to(c.device)], cond)
-                        y[rows] = teacher.sample(p.solver, p.steps, z[rows.cpu()].to(device), sub, w).to(y.dtype)
-            y = y.float().cpu()
+        with accel.autocast(precision, device):
+            if p.guidance_scales is None:
+                y = teacher.sample(p.solver, p.steps, z.to(device, non_blocking=True), cond, p.guidance)
+            else:  # one solve per scale present in the chunk
+                y = torch.empty_like(z, device=device)
+                for w in sorted(set(scales)):
+                    rows = torch.tensor([j for j, s in enumerate(scales) if s == w], device=device)
+                    sub = cond_map(lambda c: c[rows.to(c.device)], cond)
+                    y[rows] = teacher.sample(p.solver, p.steps, z[rows.cpu()].to(device), sub, w).to(y.dtype)
+        y = y.float().cpu()
         for j, i in enumerate(chunk):
             meta = {"index": i, "class": int(raw[j]) if isinstance(raw, torch.Tensor) else None}
             if isinstance(raw, list):

@@ -88,18 +88,3 @@ def test_local_cluster_workers_take_one_gpu_each():
         picked = {name: client.submit(lambda: (worker_gpu(2), worker_gpu(1)), workers=[addr], pure=False).result()
                   for name, addr in names.items()}
     assert picked == {0: (0, None), 1: (1, None), 2: (0, None)}
-
-
-def test_shard_tasks_on_one_gpu_take_turns_at_the_solver():
-    """CUDA: one lock per device, so one shard's write overlaps another's solve; the CPU takes no lock."""
-    import contextlib
-    import threading
-
-    import torch
-
-    from tasks.pairs import _one_solve_at_a_time
-
-    a, b = _one_solve_at_a_time(torch.device("cuda", 0)), _one_solve_at_a_time(torch.device("cuda", 0))
-    assert a is b and isinstance(a, type(threading.Lock()))
-    assert _one_solve_at_a_time(torch.device("cuda", 1)) is not a
-    assert isinstance(_one_solve_at_a_time(torch.device("cpu")), contextlib.nullcontext)
