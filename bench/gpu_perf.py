@@ -357,7 +357,6 @@ def main() -> None:
     p.add_argument("--infer-tiny", action="store_true")
     p.add_argument("--decoder-mode", help="compile mode of the decoder (default: --infer-mode)")
     p.add_argument("--infer-split", action="store_true", help="also time the compiled UNet and decoder alone")
-    p.add_argument("--no-cudnn-benchmark", action="store_true")
     args = p.parse_args()
     args.compile_modes = args.compile_modes.split(",")
     args.infer_batches = [int(b) for b in args.infer_batches.split(",")]
@@ -365,7 +364,7 @@ def main() -> None:
         out = {"args": vars(args)}
         bench_pairs(args, out)
         return
-    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "args": vars(args)}

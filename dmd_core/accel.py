@@ -15,22 +15,23 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _resolved(field: str, value: str, choices: tuple, auto: str) -> str:
+    """`value`, or `auto`'s resolution when it is "auto"; anything outside `choices` is refused naming `field`."""
+    if value == "auto":
+        return auto
+    if value not in choices:
+        raise ValueError(f"{field} must be auto or one of {choices}, got {value!r}")
+    return value
+
+
 def resolve_compile(mode: str, device: torch.device) -> str:
     """`auto` -> default (inductor kernels, no CUDA graphs) on CUDA, none elsewhere."""
-    if mode == "auto":
-        return "default" if device.type == "cuda" else "none"
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be auto or one of {COMPILE_MODES}, got {mode!r}")
-    return mode
+    return _resolved("compile", mode, COMPILE_MODES, "default" if device.type == "cuda" else "none")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> bf16 autocast on CUDA, fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
-    return precision
+    return _resolved("precision", precision, PRECISIONS, "bf16" if device.type == "cuda" else "fp32")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -48,11 +49,7 @@ def resolve_channels_last(flag: Optional[bool], device: torch.device) -> bool:
 def resolve_compile_scope(scope: str, gradient_checkpointing: bool) -> str:
     """`auto` -> blocks under gradient checkpointing (tracing a whole UNet through its checkpoint wrappers takes
     dynamo many minutes), model otherwise."""
-    if scope == "auto":
-        return "blocks" if gradient_checkpointing else "model"
-    if scope not in ("model", "blocks"):
-        raise ValueError(f"compile_scope must be auto, model or blocks, got {scope!r}")
-    return scope
+    return _resolved("compile_scope", scope, ("model", "blocks"), "blocks" if gradient_checkpointing else "model")
 
 
 def compile_in_place(module: nn.Module, mode: str, backend: str = "inductor", scope: str = "model") -> nn.Module:
