@@ -1,7 +1,8 @@
 """FID exactly as clean-fid 0.1.35 computes it (Parmar et al. 2022), streamed from a model or read from folders.
 
 clean-fid's own pieces are imported, not rewritten: the Inception wrapper (`InceptionV3W`), the resizers
-(`build_resizer` via `ResizeDataset`), the batch feature call (`get_batch_features`) and `frechet_distance`.
+(`build_resizer` via `ResizeDataset`) and the batch feature call (`get_batch_features`). `frechet_distance` is clean-fid's
+formula written out here, because clean-fid's own calls `scipy.linalg.sqrtm(..., disp=False)`, which scipy 1.18 removed.
 What clean-fid does to images, by path (read in cleanfid/fid.py, utils.py, resize.py):
 - folders: every file is `Image.open(p).convert("RGB")` -> uint8 HWC; "clean" resizes each channel as float32
   with PIL bicubic to 299x299 (clipped to [0, 255]); "legacy_tensorflow" keeps the size and feeds
@@ -20,11 +21,11 @@ from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 import torch
-from cleanfid.fid import frechet_distance as _cleanfid_frechet_distance
 from cleanfid.fid import get_batch_features
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.utils import EXTENSIONS, ResizeDataset
 from PIL import Image
+from scipy import linalg
 from torch import nn
 
 MODES = ("clean", "legacy_tensorflow")
@@ -194,12 +195,31 @@ def stats_from_batches(batches: Iterable[Images], extractor: Extractor, mode: st
     return stats.compute()
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """clean-fid's `frechet_distance` (scipy sqrtm, eps retry, imaginary check), shapes checked first."""
-    if np.shape(mu1) != np.shape(mu2) or np.shape(sigma1) != np.shape(sigma2):
-        raise ValueError(f"FID statistics differ in shape: mu {np.shape(mu1)} vs {np.shape(mu2)}, "
-                         f"sigma {np.shape(sigma1)} vs {np.shape(sigma2)}")
-    return float(_cleanfid_frechet_distance(mu1, sigma1, mu2, sigma2))
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Frechet distance |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), as clean-fid 0.1.35 computes it.
+
+    Same steps as `cleanfid.fid.frechet_distance`: scipy's `sqrtm` of S1 S2; if that is not finite, eps on both
+    diagonals and again; an imaginary diagonal part above 1e-3 raises, a smaller one is dropped. `sqrtm` is called
+    without `disp`: every scipy then returns the matrix alone, the one clean-fid unpacks from `sqrtm(..., disp=False)`
+    (scipy 1.18 removed the keyword).
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"FID statistics differ in shape: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():  # the product is (almost) singular
+        print(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):  # numerical error can leave a small imaginary part
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def list_images(fdir: str) -> list[str]:

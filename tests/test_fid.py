@@ -1,10 +1,13 @@
 """dmd_core.fid against clean-fid 0.1.35 itself, with a random-init extractor (no Inception weights, no network)."""
 from __future__ import annotations
 
+import inspect
 import os
+import types
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from cleanfid import fid as cleanfid_fid
 from PIL import Image
@@ -66,6 +69,60 @@ def folder_fid(data, extractor):
 
 def _rel(x: float, y: float) -> float:
     return abs(x - y) / abs(y)
+
+
+SCIPY_SQRTM = scipy.linalg.sqrtm
+SCIPY_TAKES_DISP = "disp" in inspect.signature(SCIPY_SQRTM).parameters
+
+
+def _sqrtm_118(A):
+    """scipy 1.18's `sqrtm` signature: no `disp`, the matrix alone."""
+    return SCIPY_SQRTM(A)
+
+
+@pytest.fixture(autouse=True)
+def cleanfid_runs_on_this_scipy(monkeypatch):
+    """clean-fid 0.1.35 itself is the reference. It calls `sqrtm(..., disp=False)` and unpacks (X, errest); on a
+    scipy without `disp` (>= 1.18) its module sees a `linalg` whose `sqrtm` still takes it, returning the same X."""
+    if not SCIPY_TAKES_DISP:
+        def sqrtm(A, disp=True):
+            X = SCIPY_SQRTM(A)
+            return X if disp else (X, float(np.linalg.norm(X @ X - A, "fro") ** 2 / np.linalg.norm(A, "fro")))
+
+        monkeypatch.setattr(cleanfid_fid, "linalg", types.SimpleNamespace(sqrtm=sqrtm))
+
+
+def _stats(seed: int, dim: int = 24, n: int = 60, shift: float = 0.0):
+    feats = np.random.default_rng(seed).standard_normal((n, dim)) @ np.diag(np.linspace(0.5, 2, dim)) + shift
+    return np.mean(feats, 0), np.cov(feats, rowvar=False)
+
+
+def test_frechet_distance_equals_cleanfid():
+    for a, b in [(_stats(0), _stats(1, shift=0.3)), (_stats(2, n=12), _stats(3, n=12))]:  # full rank; rank 11 of 24
+        ours, theirs = fid.frechet_distance(*a, *b), float(cleanfid_fid.frechet_distance(*a, *b))
+        assert ours > 0.1 and _rel(ours, theirs) < 1e-9, (ours, theirs)
+
+
+def test_frechet_distance_closed_form_for_diagonal_covariances():
+    """Commuting covariances: FD = |mu1 - mu2|^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2."""
+    rng = np.random.default_rng(0)
+    mu1, mu2, s1, s2 = rng.normal(size=8), rng.normal(size=8), rng.uniform(0.1, 3, 8), rng.uniform(0.1, 3, 8)
+    exact = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    assert _rel(fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)), exact) < 1e-10
+    with pytest.raises(ValueError, match="differ in shape"):
+        fid.frechet_distance(mu1, np.diag(s1), mu2[:4], np.diag(s2))
+
+
+def test_frechet_distance_on_scipy_118_signature(monkeypatch):
+    """scipy 1.18: `sqrtm` takes no `disp` and returns one array. clean-fid's own function breaks there (what broke
+    the evaluate stage on Python 3.12); ours gives the same number as before."""
+    a, b = _stats(0), _stats(1, shift=0.3)
+    expected = fid.frechet_distance(*a, *b)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", _sqrtm_118)
+    monkeypatch.setattr(cleanfid_fid, "linalg", scipy.linalg)
+    with pytest.raises(TypeError, match="disp"):
+        cleanfid_fid.frechet_distance(*a, *b)
+    assert fid.frechet_distance(*a, *b) == expected
 
 
 @pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
