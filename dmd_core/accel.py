@@ -25,7 +25,8 @@ def _resolved(field: str, value: str, choices: tuple, auto: str) -> str:
 
 
 def resolve_compile(mode: str, device: torch.device) -> str:
-    """`auto` -> default (inductor kernels, no CUDA graphs) on CUDA, none elsewhere."""
+    """`auto` -> default (inductor kernels, no CUDA graphs) on CUDA, none elsewhere. The trainer applies auto's
+    `default` only once `CompileWhenItPays` says the run is long enough."""
     return _resolved("compile", mode, COMPILE_MODES, "default" if device.type == "cuda" else "none")
 
 
@@ -111,3 +112,64 @@ def match_state_layout(opt: torch.optim.Optimizer) -> None:
             for name, v in opt.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
                     opt.state[p][name] = torch.empty_like(p).copy_(v)
+
+
+# distill.compile=auto on CUDA: the trainer starts eager, times PROBE_STEPS steps (after a first warm-up step) and
+# compiles once when the steps left repay the compile time. Constants measured on an H200 (docs/benchmarks.md,
+# "When compiling pays"): a cold compile of the trainer's networks takes minutes whatever their size, compiled
+# steps save 30-45 % of an eager step, and torch's cache artifacts saved with the run cut a later compile to a
+# fraction of the cold time.
+PROBE_STEPS = 3
+COLD_COMPILE_S = 300.0
+CACHED_COMPILE_FRACTION = 0.25
+COMPILED_STEP_SAVING = 0.3
+
+
+def compile_pays(steps_left: int, eager_step_s: float, cached: bool) -> bool:
+    """Compile when steps_left x the saving per step (COMPILED_STEP_SAVING of an eager step) exceeds the compile
+    time expected: COLD_COMPILE_S, or CACHED_COMPILE_FRACTION of it with the run's compile cache loaded."""
+    compile_s = COLD_COMPILE_S * (CACHED_COMPILE_FRACTION if cached else 1.0)
+    return steps_left * COMPILED_STEP_SAVING * eager_step_s > compile_s
+
+
+class CompileWhenItPays:
+    """The `auto` decision of one run: `observe(seconds)` after each eager step; True once, when to compile now."""
+
+    def __init__(self, steps_left: int, cached: bool) -> None:
+        self.steps_left, self.cached = steps_left, cached
+        self.times: list[float] = []
+        self.decided: Optional[bool] = None if steps_left > PROBE_STEPS + 1 else False
+        self.eager_step_s: Optional[float] = None
+
+    def observe(self, step_seconds: float) -> bool:
+        if self.decided is not None:
+            return False
+        self.steps_left -= 1
+        self.times.append(step_seconds)
+        if len(self.times) <= PROBE_STEPS:  # the first step warms up (allocator, cuDNN): not counted
+            return False
+        self.eager_step_s = sorted(self.times[1:])[PROBE_STEPS // 2]
+        self.decided = compile_pays(self.steps_left, self.eager_step_s, self.cached)
+        return self.decided
+
+    def explain(self) -> str:
+        """One line for the log: what was decided and on which numbers."""
+        if self.eager_step_s is None:
+            return "distill.compile=auto: eager (too few steps to time and repay a compile)"
+        compile_s = COLD_COMPILE_S * (CACHED_COMPILE_FRACTION if self.cached else 1.0)
+        saved = self.steps_left * COMPILED_STEP_SAVING * self.eager_step_s
+        verdict = "compiling" if self.decided else "staying eager"
+        return (f"distill.compile=auto: {verdict}: {self.steps_left} steps left x {self.eager_step_s * 1e3:.0f} ms "
+                f"eager x {COMPILED_STEP_SAVING} saved = {saved:.0f} s against ~{compile_s:.0f} s to compile"
+                f"{' (cache loaded)' if self.cached else ''}")
+
+
+def compile_cache_bytes() -> Optional[bytes]:
+    """torch's compile cache artifacts of this process (inductor, AOTAutograd, autotuning), or None if empty."""
+    saved = torch.compiler.save_cache_artifacts()
+    return saved[0] if saved else None
+
+
+def load_compile_cache(blob: bytes) -> None:
+    """Hand saved artifacts to torch's caches before the first compiled call (torch's own format, read by torch)."""
+    torch.compiler.load_cache_artifacts(blob)

@@ -22,12 +22,10 @@ from .conditions import ClassLabels, Conditions, Prompts, RawConditions
 from .denoisers import PREDICTION_TYPES, Cond, UNetDenoiser, with_guidance
 from .samplers import pndm_grid, pndm_sample, sample
 from .schedules import NoiseSchedule, VPSchedule, timestep_grid
+from .teacher_files import (TeacherLoadError, check_sd, check_teacher_folder, check_unet2d, read_scheduler, require,
+                            require_weights)
 
 KINDS = ("unet2d", "sd", "callable")
-
-
-class TeacherLoadError(FileNotFoundError):
-    """A teacher folder lacks a file or does not load; the message names the file."""
 
 
 @dataclass(eq=False)
@@ -135,46 +133,6 @@ class Teacher:
         return denoiser.eval().requires_grad_(False)
 
 
-def _require(path: Path) -> Path:
-    if not path.exists():
-        raise TeacherLoadError(f"teacher folder: {path} not found")
-    return path
-
-
-def _require_weights(folder: Path) -> None:
-    if not any(folder.glob("*.safetensors")):
-        raise TeacherLoadError(f"teacher folder: no *.safetensors weights in {folder} (pickled .bin weights are "
-                               "not loaded; convert them with save_pretrained(safe_serialization=True))")
-
-
-def _subfolder(root: Path, name: str) -> Path:
-    return root / name if (root / name).is_dir() else root
-
-
-def _check_unet2d(root: Path) -> tuple[Path, Path]:
-    unet_dir, sched_dir = _subfolder(root, "unet"), _subfolder(root, "scheduler")
-    _require(unet_dir / "config.json")
-    _require_weights(unet_dir)
-    _require(sched_dir / "scheduler_config.json")
-    return unet_dir, sched_dir
-
-
-def _check_sd(root: Path) -> None:
-    for name in ("unet", "vae", "text_encoder"):
-        _require(root / name / "config.json")
-        _require_weights(root / name)
-    for name in ("vocab.json", "merges.txt"):
-        _require(root / "tokenizer" / name)
-    _require(root / "scheduler" / "scheduler_config.json")
-
-
-def check_teacher_folder(kind: str, path: str | Path) -> None:
-    """The files a loader of `kind` needs are there (cheap: nothing is loaded); TeacherLoadError names one."""
-    if not (path and Path(path).is_dir()):
-        raise TeacherLoadError(f"teacher folder {path} not found")
-    {"unet2d": _check_unet2d, "sd": _check_sd}[kind](Path(path))
-
-
 def ddpm_scheduler(scheduler_config: dict):
     """A DDPMScheduler with the betas of any DDPM-family scheduler config (other classes' keys are dropped)."""
     from diffusers import DDPMScheduler
@@ -195,14 +153,6 @@ def _prediction_type(scheduler_config: dict, override: Optional[str]) -> str:
     return kind
 
 
-def _read_scheduler(folder: Path) -> dict:
-    path = _require(folder / "scheduler_config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise TeacherLoadError(f"teacher folder: {path} is not valid JSON ({err.msg})") from None
-
-
 def _shape(config) -> tuple[int, int, int]:
     size = config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -217,8 +167,8 @@ def load_unet2d(path: str | Path, prediction_type: Optional[str] = None, **_: An
     from diffusers import UNet2DModel
 
     root = Path(path)
-    unet_dir, sched_dir = _check_unet2d(root)
-    config = _read_scheduler(sched_dir)
+    unet_dir, sched_dir = check_unet2d(root)
+    config = read_scheduler(sched_dir)
     # low_cpu_mem_usage=False: accelerate's empty-weights init patches nn.Module globally (not thread-safe).
     unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, use_safetensors=True)
     kind = _prediction_type(config, prediction_type)
@@ -239,8 +189,8 @@ def load_sd(path: str | Path, prediction_type: Optional[str] = None, decoder_pat
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = Path(path)
-    _check_sd(root)
-    config = _read_scheduler(root / "scheduler")
+    check_sd(root)
+    config = read_scheduler(root / "scheduler")
     unet = UNet2DConditionModel.from_pretrained(root / "unet", low_cpu_mem_usage=False, use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(root / "vae", low_cpu_mem_usage=False, use_safetensors=True)
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
@@ -248,8 +198,8 @@ def load_sd(path: str | Path, prediction_type: Optional[str] = None, decoder_pat
     decoder = None
     if decoder_path:
         dec = Path(decoder_path)
-        _require(dec / "config.json")
-        _require_weights(dec)
+        require(dec / "config.json")
+        require_weights(dec)
         decoder = AutoencoderTiny.from_pretrained(dec, low_cpu_mem_usage=False, use_safetensors=True)
     kind = _prediction_type(config, prediction_type)
     schedule = vp_schedule(config)

@@ -71,10 +71,8 @@ def run(
     if dry_run:
         typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
         return
-    from flows.pipeline import dmd
+    # Checked before torch, diffusers or Prefect is imported: bad input is refused in about a second.
     from flows.preflight import PreflightError, preflight
-    from tasks.evaluate import summary_markdown
-
     from storage.endpoints import configure_s3
 
     configure_s3(cfg.storage.endpoint_url)
@@ -82,6 +80,14 @@ def run(
         preflight(cfg, root, run_name, chosen, force)
     except PreflightError as err:
         fail(str(err))
+    from flows.server import ServerStartError, start_temporary_server
+
+    try:
+        start_temporary_server()
+    except ServerStartError as err:
+        fail(str(err))
+    from flows.pipeline import dmd
+    from tasks.evaluate import summary_markdown
 
     try:
         # Pass what the user gave (not the resolved dict): with none, the flow reuses the run's stored config.
@@ -141,24 +147,24 @@ def sample(
     """Sample a grid from an export: classes 0, 1, 2, ... for class-conditional models, prompts for text ones."""
     import json
 
-    import torch
-
-    from storage import ArtifactStore
-    from storage.images import grid_png
-
     index = export / "model_index.json"
     if not index.is_file():
         fail(f"--export: {index} not found (not an exported pipeline folder)")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         fail(f"--device: choose cpu or cuda, got {device!r}")
-    if device != "cpu" and not torch.cuda.is_available():
-        fail(f"--device {device}: no CUDA device is available; use --device cpu")
     out = output.expanduser().absolute()
     check_output_folder(out)
     try:
         kind = json.loads(index.read_text()).get("_class_name")
     except ValueError as err:
         fail(f"--export: {index} is not valid JSON ({err})")
+    import torch
+
+    from storage import ArtifactStore
+    from storage.images import grid_png
+
+    if device != "cpu" and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device is available; use --device cpu")
     g = torch.Generator(device).manual_seed(seed)
     texts = None
     if kind == "StableDiffusionPipeline":

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from dmd_core.config import PipelineConfig, resolve_path
-from dmd_core.teachers import TeacherLoadError, check_teacher_folder
+from dmd_core.teacher_files import TeacherLoadError, check_teacher_folder
 from storage.layout import CONFIG, list_runs, run_store
 
 SCHEMES = ("file", "memory", "s3", "gs", "gcs")

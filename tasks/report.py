@@ -5,7 +5,6 @@ import base64
 from collections.abc import Iterable, Mapping
 
 from storage.layout import EVAL_DIR, METRICS, RESULTS, run_store
-from storage.plots import baseline_label, latest_results, loss_png, metric_names, trend_png
 
 TREND = f"{EVAL_DIR}/trend.png"
 LOSS = f"{EVAL_DIR}/loss.png"
@@ -14,6 +13,8 @@ METRIC_FORMAT = {"accuracy": "{:.1%}", "clip": "{:.4f}"}
 
 def latest_table(rows: Iterable[Mapping], run_name: str) -> tuple[str, int | None]:
     """Markdown table (one line per model) of the baselines and the latest student checkpoint; and that step."""
+    from storage.plots import baseline_label, latest_results, metric_names  # matplotlib: after the cheap checks
+
     current = latest_results(rows, run_name)
     steps = [r["checkpoint_step"] for r in current if r["model"] == "student"]
     last = max(steps) if steps else None
@@ -45,6 +46,8 @@ def report(root: str, run_name: str) -> dict:
     if not store.exists(RESULTS):
         what = "no evaluation results yet" if store.ls() else f"no run {run_name!r} under {root}"
         raise FileNotFoundError(f"{store.url(RESULTS)} not found ({what})")
+    from storage.plots import latest_results, loss_png, trend_png  # matplotlib and torch: after the cheap checks
+
     rows = store.read_table(RESULTS).to_pylist()
     if not latest_results(rows, run_name):
         raise ValueError(f"{store.url(RESULTS)} has no rows for run {run_name!r}")

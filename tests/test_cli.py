@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,3 +69,51 @@ def test_config_file_and_sample_command(tiny_run, tmp_path):
 
     img = Image.open(tmp_path / "g.png")
     assert img.size == ((8 * 9 + 1) * 4, (2 * 9 + 1) * 4)
+
+
+def _env_without_prefect_api(**extra) -> dict:
+    """The environment of a user who set neither PREFECT_API_URL nor a server start-up timeout."""
+    drop = ("PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "PYTHONPATH": str(REPO), "COLUMNS": "200", **extra}
+
+
+def test_a_temporary_server_that_does_not_answer_is_one_line_exit_2(tmp_path):
+    """A real temporary server given 0.1 s to answer: two tries, then one line saying what to do; nothing written."""
+    root = tmp_path / "artifacts"
+    out = subprocess.run([*DMD, "run", "--preset", "digits-tiny", "--root", str(root)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300,
+                         env=_env_without_prefect_api(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0.1"))
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert err[-1].startswith("error: the temporary Prefect server did not answer within 0.1 s (2 tries")
+    assert "prefect server start" in err[-1] and "PREFECT_API_URL" in err[-1]
+    assert not root.exists()
+
+
+def test_startup_timeout_default_and_override(monkeypatch):
+    from flows.server import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, ServerStartError, startup_timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert startup_timeout() == DEFAULT_TIMEOUT_S >= 120
+    monkeypatch.setenv(TIMEOUT_ENV, "45")
+    assert startup_timeout() == 45.0
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(ServerStartError, match=TIMEOUT_ENV):
+        startup_timeout()
+
+
+@pytest.mark.slow
+def test_bare_dmd_run_on_a_busy_two_core_machine(tmp_path):
+    """The README's bare `dmd run` (no PREFECT_API_URL, no timeout variable) with two CPU-bound processes beside it."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        out = subprocess.run([*DMD, "run", "--preset", "digits-tiny", "--root", str(tmp_path / "artifacts")],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=1500,
+                             env=_env_without_prefect_api(OMP_NUM_THREADS="1"))
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stages teacher,pairs,distill,export,evaluate complete" in out.stdout

@@ -1,15 +1,19 @@
 """Bad input, table-driven: every case exits 2 with one line naming the field or file, and writes nothing
 (a snapshot of the workspace, an existing run and an export included, is the same before and after)."""
 import hashlib
+import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
 import flows.pipeline  # noqa: F401  Prefect sets up its log handlers on import: on the real stderr, not the runner's
-from tests.reliability.harness import record_figures
+from tests.reliability.harness import REPO, record_figures
 
 pytestmark = pytest.mark.slow
 NO_AWS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None,
@@ -179,3 +183,44 @@ def test_deploy_honours_the_pool(tmp_path):
 
     spec = yaml.safe_load(pool_prefect_file("other", tmp_path).read_text())
     assert {d["work_pool"]["name"] for d in spec["deployments"]} == {"other"} and len(spec["deployments"]) >= 7
+
+
+# Runs the command line in a fresh interpreter and prints, after it exits, which heavy packages it imported.
+PROBE = """
+import atexit, json, sys
+atexit.register(lambda: print(json.dumps(sorted(m for m in ("torch", "diffusers", "prefect", "webdataset",
+                                                          "matplotlib") if m in sys.modules))))
+from flows.cli import main
+sys.argv = ["dmd", *sys.argv[1:]]
+main()
+"""
+FAST_REJECTIONS = [  # (name, argv, text the line must contain): roots, runs and run names, the issue's 15 s cases
+    ("root is a file", ["run", "--root", "{ws}/plain-file"], "is a file"),
+    ("root under a file", ["run", "--root", "{ws}/plain-file/sub"], "is a file"),
+    ("unknown scheme", ["run", "--root", "foo://x"], "unknown scheme"),
+    ("bad run name", ["run", "--root", "{root}", "--run-name", "bad/name"], "--run-name"),
+    ("missing run", ["run", "--root", "{root}", "--preset", "digits-tiny", "--stages", "distill"],
+     "does not exist"),
+    ("teacher path missing", ["run", "--root", "{root}", "--set", "teacher.source=path", "--set",
+                              "teacher.path=/nonexistent"], "/nonexistent"),
+    ("report: missing run", ["report", "nope", "--root", "{root}"], "nope"),
+    ("sample: export missing", ["sample", "--export", "{ws}/no-export"], "--export"),
+]
+
+
+def test_rejections_import_no_heavy_package(workspace):
+    """Roots, runs and run names are checked before torch, diffusers, Prefect or WebDataset load: that is what
+    makes a rejection take about a second instead of 10-15 s (wall times go to the figures file, not asserted)."""
+    seconds, bad = {}, []
+    for name, argv, needle in FAST_REJECTIONS:
+        argv = [a.replace("{root}", str(workspace / "artifacts")).replace("{ws}", str(workspace)) for a in argv]
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+        seconds[name] = round(time.perf_counter() - t0, 2)
+        heavy = json.loads(out.stdout.strip().splitlines()[-1])
+        err = out.stderr.strip()
+        if out.returncode != 2 or "\n" in err or needle not in err or heavy:
+            bad.append(f"{name}: exit {out.returncode}, imported {heavy}: {err[-300:]!r}")
+    record_figures("bad_input_latency", seconds=seconds, max_seconds=max(seconds.values()))
+    assert not bad, "\n".join(bad)

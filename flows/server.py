@@ -1,0 +1,46 @@
+"""The temporary Prefect server of a `dmd run` without PREFECT_API_URL: started before the flow, with a generous
+start-up timeout and one retry, so a busy machine does not fail the run (Prefect's own default is 20 s)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+DEFAULT_TIMEOUT_S = 300  # a 2-core machine with two busy processes took over 60 s
+TRIES = 2
+
+
+class ServerStartError(RuntimeError):
+    """The temporary server did not answer; the message says what to do instead."""
+
+
+def startup_timeout() -> float:
+    """The user's PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS when set, else DEFAULT_TIMEOUT_S."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        return float(value) if value else float(DEFAULT_TIMEOUT_S)
+    except ValueError:
+        raise ServerStartError(f"{TIMEOUT_ENV}={value!r}: not a number of seconds") from None
+
+
+def start_temporary_server() -> Optional[str]:
+    """With no PREFECT_API_URL, start Prefect's temporary server (the one a flow run would start on its own) and
+    return its API URL; None when an API URL is set. Raises ServerStartError after TRIES time-outs."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    timeout, error = startup_timeout(), None
+    for _ in range(TRIES):
+        server = SubprocessASGIServer()  # Prefect's process-wide instance: the flow's client finds it running
+        try:
+            server.start(timeout=timeout)
+            return server.api_url
+        except RuntimeError as err:
+            error = err
+            server.stop()  # the process that did not answer; the next try starts a new one on a new port
+    raise ServerStartError(
+        f"the temporary Prefect server did not answer within {timeout:g} s ({TRIES} tries: "
+        f"{str(error).split('.')[0]}); start one with `prefect server start` and set "
+        f"PREFECT_API_URL=http://127.0.0.1:4200/api, or raise {TIMEOUT_ENV}")
