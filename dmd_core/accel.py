@@ -77,6 +77,11 @@ def compile_in_place(module: nn.Module, mode: str, backend: str = "inductor", sc
     return module
 
 
+def unwrap_ddp(module: nn.Module) -> nn.Module:
+    """The module a DistributedDataParallel wraps (compiled in place, as before wrapping), else `module`."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
 def compiled(fn: Callable, mode: str, backend: str = "inductor") -> Callable:
     """A compiled wrapper of a module or function that must not be changed in place (a shared teacher)."""
     if mode == "none":
@@ -120,9 +125,9 @@ def match_state_layout(opt: torch.optim.Optimizer) -> None:
 # steps save 30-45 % of an eager step, and torch's cache artifacts saved with the run cut a later compile to a
 # fraction of the cold time.
 PROBE_STEPS = 3
-COLD_COMPILE_S = 300.0
+COLD_COMPILE_S = 225.0
 CACHED_COMPILE_FRACTION = 0.25
-COMPILED_STEP_SAVING = 0.3
+COMPILED_STEP_SAVING = 0.25
 
 
 def compile_pays(steps_left: int, eager_step_s: float, cached: bool) -> bool:

@@ -174,6 +174,12 @@ class DDPTrainer(DMDTrainer):
         return self.G.step(x, k, cond)
 
     # ---- steps agree across ranks ------------------------------------------------------------
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's decision on every rank (e.g. compile=auto's, timed per rank)."""
+        decision = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(decision, 0)
+        return bool(decision.item())
+
     def _clip_and_step(self, loss: torch.Tensor, params, opt: torch.optim.Optimizer, lr: float) -> Optional[float]:
         """Skip the update on every rank when any rank's loss is non-finite (DDP needs every rank's backward)."""
         finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)

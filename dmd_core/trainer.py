@@ -100,17 +100,17 @@ class DMDTrainer:
                 unet = getattr(module, "unet", module)
                 if hasattr(unet, "enable_gradient_checkpointing"):
                     unet.enable_gradient_checkpointing()
-        self.compile_mode = accel.resolve_compile(cfg.compile, self.device)
+        # compile=auto on CUDA starts eager: `auto_compile` decides after timing a few steps (CompileWhenItPays).
+        resolved = accel.resolve_compile(cfg.compile, self.device)
+        self.auto_compile_mode = resolved if cfg.compile == "auto" and resolved != "none" else None
+        self.compile_mode = "none"
         if accel.resolve_channels_last(cfg.channels_last, self.device):
             for module in (self.G.denoiser, self.mu_fake, teacher):
                 if isinstance(module, nn.Module):
                     accel.channels_last(module)
         self.ema = copy.deepcopy(self.G.denoiser).requires_grad_(False).eval()
-        # Compiled after the EMA copy: the networks stay the same objects with the same state_dict keys.
-        scope = accel.resolve_compile_scope(cfg.compile_scope, cfg.gradient_checkpointing)
-        accel.compile_in_place(self.G.denoiser, self.compile_mode, scope=scope)
-        accel.compile_in_place(self.mu_fake, self.compile_mode, scope=scope)
-        self.mu_real = accel.compiled(self.mu_real, self.compile_mode)
+        if self.auto_compile_mode is None:
+            self.compile(resolved)
         fake_params = [p for p in self.mu_fake.parameters() if p.requires_grad]
         self.gan_head, self.features = None, None
         if cfg.gan.enabled:
@@ -130,6 +130,21 @@ class DMDTrainer:
         self.step = 0
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
+
+    def compile(self, mode: str) -> None:
+        """torch.compile G, the fake score (in place: same objects, same state_dict keys, so after the EMA copy
+        and at any step) and the real score; once."""
+        if mode == "none" or self.compile_mode != "none":
+            return
+        scope = accel.resolve_compile_scope(self.cfg.compile_scope, self.cfg.gradient_checkpointing)
+        for module in (self.G.denoiser, self.mu_fake):
+            accel.compile_in_place(accel.unwrap_ddp(module), mode, scope=scope)
+        self.mu_real = accel.compiled(self.mu_real, mode)
+        self.compile_mode = mode
+
+    def agree(self, flag: bool) -> bool:
+        """A decision every process takes the same way (one process: its own)."""
+        return flag
 
     def _guidance_groups(self, module: nn.Module, params: list) -> list[dict]:
         """Two parameter groups: the guidance projection (lr x guidance_lr_scale) and everything else."""

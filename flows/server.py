@@ -14,13 +14,14 @@ class ServerStartError(RuntimeError):
     """The temporary server did not answer; the message says what to do instead."""
 
 
-def startup_timeout() -> float:
+def startup_timeout() -> int:
     """The user's PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS when set, else DEFAULT_TIMEOUT_S."""
     value = os.environ.get(TIMEOUT_ENV, "").strip()
-    try:
-        return float(value) if value else float(DEFAULT_TIMEOUT_S)
-    except ValueError:
-        raise ServerStartError(f"{TIMEOUT_ENV}={value!r}: not a number of seconds") from None
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    if not value.isdigit() or int(value) < 1:  # Prefect itself reads it as a whole number of seconds
+        raise ServerStartError(f"{TIMEOUT_ENV}={value!r}: give a whole number of seconds (at least 1)")
+    return int(value)
 
 
 def start_temporary_server() -> Optional[str]:
@@ -41,6 +42,6 @@ def start_temporary_server() -> Optional[str]:
             error = err
             server.stop()  # the process that did not answer; the next try starts a new one on a new port
     raise ServerStartError(
-        f"the temporary Prefect server did not answer within {timeout:g} s ({TRIES} tries: "
+        f"the temporary Prefect server did not answer within {timeout} s ({TRIES} tries: "
         f"{str(error).split('.')[0]}); start one with `prefect server start` and set "
         f"PREFECT_API_URL=http://127.0.0.1:4200/api, or raise {TIMEOUT_ENV}")

@@ -53,6 +53,11 @@ def checkpoint_prefix(step: int) -> str:
     return f"{CHECKPOINTS}/step-{step:08d}"
 
 
+def compile_cache_key(name: str) -> str:
+    """torch's compile cache artifacts of a distill run, one file per (torch, GPU, config, compile mode)."""
+    return f"distill/compile-cache/{name}.bin"
+
+
 def sample_grid_key(step: int) -> str:
     return f"distill/samples/step-{step:08d}.png"
 

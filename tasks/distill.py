@@ -9,6 +9,8 @@ from prefect import task
 from prefect.cache_policies import NONE
 from tqdm import tqdm
 
+from dmd_core import accel
+from dmd_core.config import stable_hash
 from dmd_core.datasets import real_dataset
 from dmd_core.distributed import DDPTrainer, init_process_group
 from dmd_core.guidance import student_at
@@ -17,7 +19,7 @@ from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer, NonFiniteError
 from storage import ArtifactStore, ChecksumError
 from storage.checkpoints import list_checkpoints, read_checkpoint, write_checkpoint
-from storage.layout import METRICS, checkpoint_prefix, sample_grid_key
+from storage.layout import METRICS, checkpoint_prefix, compile_cache_key, sample_grid_key
 from storage.plots import labelled_grid_png
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
 from tasks.ddp import launch_distill, wants_launch, writer_store
@@ -103,6 +105,34 @@ def train_step_or_stop(store: ArtifactStore, trainer: DMDTrainer, cfg) -> dict:
                              f"{cfg.distill.max_consecutive_nonfinite}); last good checkpoint: {last}") from None
 
 
+class CompileCache:
+    """torch's compile cache artifacts kept with the run: loaded before the first compiled call, saved at the
+    checkpoints that follow new compilation. Keyed by torch version, GPU name, the checkpoint key and compile mode,
+    so only a process that would compile the same graphs reads them."""
+
+    def __init__(self, store: ArtifactStore, cfg, trainer: DMDTrainer) -> None:
+        mode = trainer.auto_compile_mode or trainer.compile_mode
+        self.enabled = trainer.device.type == "cuda" and mode != "none"
+        gpu = torch.cuda.get_device_name(trainer.device) if self.enabled else ""
+        self.key = compile_cache_key(stable_hash({"torch": torch.__version__, "gpu": gpu, "run": resume_key(cfg),
+                                                  "mode": mode, "scope": cfg.distill.compile_scope}))
+        self.store, self.saved_bytes, self.loaded = store, 0, False
+        if self.enabled and store.exists(self.key):
+            blob = store.read_bytes(self.key)
+            accel.load_compile_cache(blob)
+            self.saved_bytes, self.loaded = len(blob), True
+            print(f"compile cache loaded: {store.url(self.key)} ({len(blob) / 2**20:.1f} MiB)")
+
+    def save(self, trainer: DMDTrainer) -> None:
+        """Write the artifacts when compiled code ran since the last save (size grew); rank 0 only (store)."""
+        if not self.enabled or trainer.compile_mode == "none":
+            return
+        blob = accel.compile_cache_bytes()
+        if blob and len(blob) > self.saved_bytes:
+            self.store.write_bytes(self.key, blob)
+            self.saved_bytes = len(blob)
+
+
 def run_distill(root: str, run_name: str, force: bool = False,
                 progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Train to distill.steps, checkpointing every K steps; resumes from the latest checkpoint."""
@@ -132,10 +162,20 @@ def run_distill(root: str, run_name: str, force: bool = False,
         rows = [r for r in store.read_table(METRICS).to_pylist() if r["step"] < start]
     teacher = run_teacher(store, cfg, device)
     grid_cond, grid_cols = grid_conditions(cfg, teacher), 2 if teacher.vae is not None else 8
+    cache = CompileCache(store, cfg, trainer)
+    auto = accel.CompileWhenItPays(d.steps - start, cache.loaded) if trainer.auto_compile_mode else None
     t0 = time.time()
     writer = rank == 0
     for _ in tqdm(range(start, d.steps), desc="distill", initial=start, total=d.steps, disable=not writer):
+        t_step = time.perf_counter()
         m = train_step_or_stop(store, trainer, cfg)
+        if auto is not None:  # ranks agree on rank 0's decision
+            if trainer.agree(auto.observe(time.perf_counter() - t_step)):
+                trainer.compile(trainer.auto_compile_mode)
+            if auto.decided is not None:
+                if writer:
+                    print(auto.explain())
+                auto = None
         if m["step"] % d.log_every == 0 or trainer.step == d.steps:
             rows.append({**{k: float(m.get(k, float("nan"))) for k in METRIC_COLUMNS}, "step": m["step"],
                          "seconds": time.time() - t0})
@@ -143,6 +183,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
             # metrics first: a kill between the two leaves rows that a resume from the previous checkpoint drops
             store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
             write_checkpoint(store, trainer.step, trainer.state_files(), key)  # every rank: RNG states are gathered
+            cache.save(trainer)
         if writer and (trainer.step % d.sample_every == 0 or trainer.step == d.steps):
             store.write_bytes(sample_grid_key(trainer.step), sample_grid(trainer, grid_cond, cols=grid_cols))
         if progress is not None:

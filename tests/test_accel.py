@@ -123,3 +123,42 @@ def test_compile_scope_auto_follows_gradient_checkpointing():
     assert accel.resolve_compile_scope("model", True) == "model"
     with pytest.raises(ValueError, match="compile_scope"):
         accel.resolve_compile_scope("layers", False)
+
+
+def test_compile_pays_when_the_steps_left_repay_the_compile_time():
+    """steps_left x COMPILED_STEP_SAVING x eager step > COLD_COMPILE_S (x CACHED_COMPILE_FRACTION with a cache)."""
+    from dmd_core.accel import CACHED_COMPILE_FRACTION, COLD_COMPILE_S, COMPILED_STEP_SAVING, compile_pays
+
+    step = 0.2
+    breakeven = COLD_COMPILE_S / (COMPILED_STEP_SAVING * step)
+    assert not compile_pays(int(breakeven * 0.99), step, cached=False)
+    assert compile_pays(int(breakeven * 1.01), step, cached=False)
+    assert compile_pays(int(breakeven * CACHED_COMPILE_FRACTION * 1.01), step, cached=True)
+    assert not compile_pays(4, 0.05, cached=True)  # a tiny preset's smoke run
+
+
+def test_compile_when_it_pays_times_eager_steps_after_the_first():
+    from dmd_core.accel import PROBE_STEPS, CompileWhenItPays
+
+    long_run = CompileWhenItPays(steps_left=100_000, cached=False)
+    # the first (warm-up) step is slow and ignored; the decision comes after PROBE_STEPS timed steps
+    answers = [long_run.observe(s) for s in [30.0, 0.2, 0.19, 0.21]]
+    assert answers == [False] * PROBE_STEPS + [True] and long_run.decided and long_run.eager_step_s == 0.2
+    assert not long_run.observe(0.2)  # once
+    assert "compiling" in long_run.explain() and f"{100_000 - PROBE_STEPS - 1} steps left" in long_run.explain()
+
+    short_run = CompileWhenItPays(steps_left=50, cached=False)
+    assert [short_run.observe(s) for s in [30.0, 0.2, 0.2, 0.2]] == [False] * 4
+    assert short_run.decided is False and "staying eager" in short_run.explain()
+
+    smoke = CompileWhenItPays(steps_left=PROBE_STEPS + 1, cached=True)  # too short to time: eager at once
+    assert smoke.decided is False and not smoke.observe(1.0) and "too few steps" in smoke.explain()
+
+
+def test_auto_compile_on_the_cpu_stays_eager_and_an_explicit_mode_compiles_at_once():
+    trainer = make_trainer()  # compile=auto on the CPU: nothing to decide
+    assert trainer.auto_compile_mode is None and trainer.compile_mode == "none"
+    assert trainer.G.denoiser._compiled_call_impl is None
+    explicit = make_trainer(compile="default")  # module.compile is lazy: nothing compiles until a call
+    assert explicit.auto_compile_mode is None and explicit.compile_mode == "default"
+    assert explicit.G.denoiser._compiled_call_impl is not None and explicit.mu_fake._compiled_call_impl is not None
