@@ -39,7 +39,7 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
                    "note": f"no evaluation protocol for data.name={cfg.data.name!r}: set evaluate.protocol"}
         store.write_json(SUMMARY, summary)
         return summary
-    device, hashes = device_for(cfg), result_hashes(cfg)
+    device, hashes = device_for(cfg), result_hashes(store, cfg)
     existing = store.read_table(RESULTS).to_pylist() if store.exists(RESULTS) else []
     have = {tuple(r.get(c) for c in KEY_COLUMNS) for r in existing}
 
@@ -47,7 +47,7 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
         return (run_name, hashes[kind], step, model, steps, metric) not in have
 
     teacher = run_teacher(store, cfg, device)
-    steps = list_checkpoints(store, resume_key(cfg))
+    steps = list_checkpoints(store, resume_key(store, cfg))
     steps = steps if all_checkpoints else steps[-1:]
     if protocol.classifier:
         dataset = real_dataset(cfg.data.name)
