@@ -23,6 +23,7 @@ from storage.layout import METRICS, checkpoint_prefix, sample_grid_key
 from storage.plots import labelled_grid_png
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
 from tasks.ddp import launch_distill, wants_launch, writer_store
+from tasks.gpu_slots import gpu_slots
 from tasks.stages import DISTILL_STAGE, artifact_key, config_resume_hash, resume_key
 
 METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "loss_gan_D",
@@ -193,5 +194,9 @@ def distill_task(root: str, run_name: str, force: bool = False) -> int:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     artifact = create_progress_artifact(0.0, key=artifact_key(run_name, "distill"), description="distillation steps")
-    return run_distill(root, run_name, force, progress=lambda s, n: update_progress_artifact(artifact, 100.0 * s / n)
-                       if s % 10 == 0 or s == n else None)
+    cfg = open_run(root, run_name)[1]
+    d = cfg.distill
+    ranks_here = d.world_size // d.nnodes if wants_launch(d) else 1  # torchrun starts them: one slot (GPU) each
+    with gpu_slots(cfg, occupy=ranks_here):
+        return run_distill(root, run_name, force, progress=lambda s, n: update_progress_artifact(
+            artifact, 100.0 * s / n) if s % 10 == 0 or s == n else None)

@@ -21,6 +21,7 @@ from storage.plots import labelled_grid_png
 from tasks.context import device_for, open_run, run_teacher
 from tasks.eval_guidance import run_guidance_sweep
 from tasks.eval_protocols import COLUMNS, KEY_COLUMNS, classifier_protocol, image_protocol, result_hashes
+from tasks.gpu_slots import gpu_slots
 from tasks.stages import artifact_key, resume_key
 
 
@@ -101,12 +102,11 @@ def summarize(store: ArtifactStore, rows: list[dict], run_name: str, hashes: dic
 def evaluate_task(root: str, run_name: str, all_checkpoints: bool = False) -> dict:
     """Prefect wrapper of run_evaluate; publishes the table, and the pictures embedded in a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
-    from prefect.concurrency.sync import concurrency
 
-    with concurrency("gpu", occupy=1):  # created by `dmd deploy`; without it the slot is not enforced
+    store, cfg = open_run(root, run_name)
+    with gpu_slots(cfg):
         summary = run_evaluate(root, run_name, all_checkpoints)
     create_table_artifact(summary["rows"], key=artifact_key(run_name, "eval"), description=f"DMD evaluation of {run_name}")
-    store, _ = open_run(root, run_name)
     images = {name: store.read_bytes(key) for name, key in (("compare", EVAL_COMPARE), ("trend", TREND),
                                                             ("loss", LOSS)) if store.exists(key)}
     create_markdown_artifact(markdown_with_images(f"DMD evaluation of {run_name}", summary_markdown(summary), images),
