@@ -20,7 +20,7 @@ from dmd_core.denoisers import CFGDenoiser  # noqa: E402
 from dmd_core.generator import Generator  # noqa: E402
 from dmd_core.guidance import guided_denoiser, student_at, student_cond, student_denoiser  # noqa: E402
 from dmd_core.losses import dm_gradient  # noqa: E402
-from storage.checkpoints import checkpoint_prefix, checkpoint_weights, list_checkpoints  # noqa: E402
+from storage.checkpoints import checkpoint_folder, checkpoint_weights, list_checkpoints  # noqa: E402
 from tasks.context import open_run, run_teacher  # noqa: E402
 from tasks.stages import resume_key  # noqa: E402
 
@@ -46,14 +46,15 @@ def main() -> None:
     store, cfg = open_run(args.root, args.run)
     d = cfg.distill
     teacher = run_teacher(store, cfg, torch.device("cpu"))
-    step = args.step or list_checkpoints(store, resume_key(cfg))[-1]
+    key = resume_key(store, cfg)
+    step = args.step or list_checkpoints(store, key)[-1]
     g = torch.Generator().manual_seed(123)
     z = torch.randn((args.n, *teacher.sample_shape), generator=g)
     y = torch.randint(0, 10, (args.n,), generator=g)
     cond = teacher.encode(y)
-    D = student_denoiser(teacher, checkpoint_weights(store, step, True), d)
+    D = student_denoiser(teacher, checkpoint_weights(store, step, key, True), d)
     G = Generator(D, teacher.schedule, d.generator_timesteps)
-    prefix = checkpoint_prefix(step)
+    prefix = checkpoint_prefix(step, checkpoint_folder(store, key))
     fake_w = bytes_to_tensors(store.read_bytes(f"{prefix}/fake.safetensors"))
     fake = guided_denoiser(teacher.denoiser, d.guidance_embedding_dim) if d.guidance_range else None
     if fake is None:

@@ -78,7 +78,7 @@ def sweep_only(root: str, name: str) -> float:
     t0 = time.time()
     store, cfg = open_run(root, name)
     device = torch.device("cpu")
-    step = list_checkpoints(store, resume_key(cfg))[-1]
+    step = list_checkpoints(store, resume_key(store, cfg))[-1]
     run_guidance_sweep(root, store, cfg, name, run_teacher(store, cfg, device), protocol_of(cfg),
                        real_dataset(cfg.data.name), step, device)
     return time.time() - t0

@@ -165,8 +165,9 @@ def _final_weights(root: str, run: str) -> dict:
     from tasks.stages import resume_key
 
     store, cfg = open_run(root, run)
-    step = list_checkpoints(store, resume_key(cfg))[-1]
-    files = read_checkpoint(store, step)
+    key = resume_key(store, cfg)
+    step = list_checkpoints(store, key)[-1]
+    files = read_checkpoint(store, step, key)
     return {"step": step, "tensors": {f"{name}:{k}": v for name, data in files.items()
                                       if name.endswith(".safetensors") and not name.startswith("rng")
                                       for k, v in load(data).items()}}
@@ -193,7 +194,7 @@ def run_resume(args, root: str, source: str) -> dict:
     print(f"resume: uninterrupted run done in {out['uninterrupted_s']:.0f} s", flush=True)
 
     store, cfg = open_run(root, "ddp-killed")
-    key, kill_after = resume_key(cfg), 2 * cfg.distill.checkpoint_every
+    key, kill_after = resume_key(store, cfg), 2 * cfg.distill.checkpoint_every
     env = dict(os.environ)  # what launch_distill gives its ranks: the same thread count in all three runs
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT, env.get("PYTHONPATH")) if p)

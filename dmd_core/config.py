@@ -188,6 +188,10 @@ class DistillConfig(_Model):
                              "at every w), or the pairs' own (pairs.guidance, or each pair's: pairs.guidance_scales)")
     guidance_lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier of the guidance embeddings' "
                                                             "projections (generator and fake score)")
+    on_new_pairs: Literal["restart", "continue"] = Field(
+        "restart", description="when the pair set differs from the one the checkpoints trained on (regenerated "
+                               "pairs): restart from step 0 (those checkpoints stay in place), or continue from "
+                               "their latest weights with the pair stream from its start")
 
     @field_validator("guidance_range")
     @classmethod
@@ -207,6 +211,8 @@ class DistillConfig(_Model):
         if isinstance(data, dict):  # at their defaults, guided runs made before these fields hash as before
             if self.guidance_lr_scale == 1.0:
                 data.pop("guidance_lr_scale", None)
+        if isinstance(data, dict) and self.on_new_pairs == "restart":  # the default hashes as before it existed
+            data.pop("on_new_pairs", None)
         return data
 
     @field_validator("generator_timesteps")

@@ -17,7 +17,6 @@ from dmd_core.config import DEFAULT_PRESET, STAGES, ConfigError, load_config, pr
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distribution Matching Distillation of diffusion models into one-step generators.")
 REPO = Path(__file__).resolve().parent.parent
-GPU_LIMIT = "gpu"  # the Prefect global concurrency limit that GPU-heavy tasks (evaluation) hold a slot of
 DEBUG = {"on": False}  # set by --debug: expected errors print their traceback too
 
 
@@ -102,22 +101,37 @@ def run(
 
 @app.command()
 def deploy(pool: str = typer.Option("dmd", help="process work pool the deployments run on"),
-           gpu_limit: int = typer.Option(1, min=1, help="slots of the `gpu` global concurrency limit, if created")) -> None:
-    """Register every deployment in prefect.yaml and create the `gpu` concurrency limit evaluation holds."""
+           gpu_limit: Optional[int] = typer.Option(None, min=1, help="slots of the `gpu` global concurrency limit "
+                                                   "(created if missing, resized if given); default: the GPUs "
+                                                   "visible here, at least 1")) -> None:
+    """Register every deployment in prefect.yaml and create the `gpu` concurrency limit that the pair shard tasks,
+    distill (a slot per rank) and evaluate hold."""
+    from tasks.gpu_slots import GPU_LIMIT
+
     env = {**os.environ, "DMD_WORK_POOL": pool, "DMD_PROJECT_DIR": str(REPO)}
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
     if subprocess.call([*prefect, "work-pool", "inspect", pool], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL) != 0:
         fail(f"--pool: work pool {pool!r} not found; create it with `prefect work-pool create {pool} --type process`")
-    if subprocess.call([*prefect, "gcl", "inspect", GPU_LIMIT], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL) != 0:
-        created = subprocess.call([*prefect, "gcl", "create", GPU_LIMIT, "--limit", str(gpu_limit)], cwd=REPO, env=env)
-        if created != 0:
-            raise typer.Exit(created)
+    exists = subprocess.call([*prefect, "gcl", "inspect", GPU_LIMIT], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) == 0
+    if not exists or gpu_limit is not None:
+        slots = str(gpu_limit or visible_gpus())
+        rc = subprocess.call([*prefect, "gcl", "update" if exists else "create", GPU_LIMIT, "--limit", slots],
+                             cwd=REPO, env=env)
+        if rc != 0:
+            raise typer.Exit(rc)
     with tempfile.TemporaryDirectory(prefix="dmd-deploy-") as tmp:
         prefect_file = pool_prefect_file(pool, Path(tmp))
         raise typer.Exit(subprocess.call([*prefect, "deploy", "--all", "--prefect-file", str(prefect_file)],
                                          cwd=REPO, env=env))
+
+
+def visible_gpus() -> int:
+    """GPUs this process sees, at least 1 (the size of the `gpu` limit when --gpu-limit is not given)."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 def pool_prefect_file(pool: str, folder: Path) -> Path:

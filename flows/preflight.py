@@ -124,7 +124,7 @@ def check_resume(cfg: PipelineConfig, root: str, run_name: str, stages: Optional
     store = run_store(root, run_name)
     if not store.exists(CONFIG):
         return
-    steps = list_checkpoints(store, resume_key(cfg))
+    steps = list_checkpoints(store, resume_key(store, cfg))
     if steps and steps[-1] > cfg.distill.steps:
         raise PreflightError(f"distill.steps={cfg.distill.steps} is below the run's latest checkpoint (step "
                              f"{steps[-1]}); raise distill.steps or pass --force to retrain from the start")

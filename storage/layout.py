@@ -49,8 +49,8 @@ def shard_key(shard_id: int) -> str:
     return f"pairs/shard-{shard_id:06d}.tar"
 
 
-def checkpoint_prefix(step: int) -> str:
-    return f"{CHECKPOINTS}/step-{step:08d}"
+def checkpoint_prefix(step: int, folder: str = CHECKPOINTS) -> str:
+    return f"{folder}/step-{step:08d}"
 
 
 def compile_cache_key(name: str) -> str:
@@ -62,11 +62,11 @@ def sample_grid_key(step: int) -> str:
     return f"distill/samples/step-{step:08d}.png"
 
 
-def checkpoint_steps(store: ArtifactStore) -> list[int]:
-    """Steps of the complete checkpoints (those whose marker was written), ascending."""
+def checkpoint_steps(store: ArtifactStore, folder: str = CHECKPOINTS) -> list[int]:
+    """Steps of the complete checkpoints (those whose marker was written) in `folder`, ascending."""
     steps = set()
-    for key in store.ls(CHECKPOINTS):
-        m = re.match(rf"^{CHECKPOINTS}/step-(\d+)/_complete\.json$", key)
+    for key in store.ls(folder):
+        m = re.match(rf"^{re.escape(folder)}/step-(\d+)/_complete\.json$", key)
         if m:
             steps.add(int(m.group(1)))
     return sorted(steps)

@@ -1,6 +1,7 @@
 """Stage `distill`: the dmd_core trainer fed by the pair shard stream and fresh noise; resumes automatically."""
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable, Optional
 
@@ -18,12 +19,14 @@ from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer, NonFiniteError
 from storage import ArtifactStore, ChecksumError
-from storage.checkpoints import list_checkpoints, read_checkpoint, write_checkpoint
+from storage.checkpoints import (checkpoint_folder, checkpoint_keys, list_checkpoints, read_checkpoint,
+                                 write_checkpoint)
 from storage.layout import METRICS, checkpoint_prefix, compile_cache_key, sample_grid_key
 from storage.plots import labelled_grid_png
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
 from tasks.ddp import launch_distill, wants_launch, writer_store
-from tasks.stages import DISTILL_STAGE, artifact_key, resume_key
+from tasks.gpu_slots import gpu_slots
+from tasks.stages import DISTILL_STAGE, artifact_key, config_resume_hash, resume_key
 
 METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "loss_gan_D",
                   "grad_norm_G", "grad_norm_fake", "nonfinite_skipped"]
@@ -53,16 +56,48 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
 
 
 def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
-    """Load the latest valid checkpoint written with this config; returns its step (0 if none). A damaged one
-    (a file whose sha256 differs from its marker's) is named and skipped for the one before it."""
-    steps = list_checkpoints(store, resume_key(cfg))
+    """Load the latest valid checkpoint written with this config and these pairs; returns its step (0 if none).
+    When there is none but the same config trained on another pair set (regenerated pairs), say so in one line
+    and start afresh, or with distill.on_new_pairs=continue take that set's latest weights (streams restarted)."""
+    key = resume_key(store, cfg)
+    steps = list_checkpoints(store, key)
+    if steps or not (old := checkpoints_of_other_pairs(store, cfg, key)):
+        return load_latest(store, trainer, key, steps)
+    old_key, old_steps = old
+    where = store.url(checkpoint_prefix(old_steps[-1], checkpoint_folder(store, old_key)))
+    if cfg.distill.on_new_pairs == "restart":
+        print(f"distill: the pairs changed since the checkpoints up to step {old_steps[-1]} ({where}); starting "
+              "from step 0, those stay in place (distill.on_new_pairs=continue resumes from their weights)")
+        return 0
+    start = load_latest(store, trainer, old_key, old_steps, fresh_streams=True)
+    if start:  # the weights carried over, as this pair set's first checkpoint
+        write_checkpoint(store, start, trainer.state_files(), key)
+        print(f"distill: the pairs changed since the checkpoints up to step {old_steps[-1]} ({where}); continuing "
+              f"from step {start}'s weights with the pair stream from its start (distill.on_new_pairs=continue)")
+    return start
+
+
+def checkpoints_of_other_pairs(store: ArtifactStore, cfg, key: str) -> Optional[tuple[str, list[int]]]:
+    """(key, steps) of the checkpoints of this config made on another pair set, the latest step's; None if none."""
+    config = config_resume_hash(cfg)
+    others = [(k, s) for k, s in checkpoint_keys(store).items() if k != key and k.split("-")[0] == config]
+    return max(others, key=lambda ks: ks[1][-1], default=None)
+
+
+def load_latest(store: ArtifactStore, trainer: DMDTrainer, key: str, steps: list[int],
+                fresh_streams: bool = False) -> int:
+    """Load the latest of `steps` (checkpoints of `key`); a damaged one (a file whose sha256 differs from its
+    marker's) is named and skipped for the one before it. Returns the step loaded, 0 if none."""
     for i in reversed(range(len(steps))):
         try:
-            files = read_checkpoint(store, steps[i])
+            files = read_checkpoint(store, steps[i], key)
         except ChecksumError as err:
             previous = f"step {steps[i - 1]}" if i else "the start"
             print(f"checkpoint step {steps[i]} is damaged ({err}); falling back to {previous}")
             continue
+        if fresh_streams:
+            state = json.loads(files["trainer_state.json"])
+            files["trainer_state.json"] = json.dumps({**state, "pairs": None, "real": None}).encode()
         trainer.load_state_files(files)
         return steps[i]
     return 0
@@ -99,8 +134,10 @@ def train_step_or_stop(store: ArtifactStore, trainer: DMDTrainer, cfg) -> dict:
     try:
         return trainer.train_step()
     except NonFiniteError as err:
-        steps = list_checkpoints(store, resume_key(cfg))
-        last = f"step {steps[-1]} ({store.url(checkpoint_prefix(steps[-1]))})" if steps else "none yet"
+        key = resume_key(store, cfg)
+        steps = list_checkpoints(store, key)
+        last = (f"step {steps[-1]} ({store.url(checkpoint_prefix(steps[-1], checkpoint_folder(store, key)))})"
+                if steps else "none yet")
         raise NonFiniteError(f"distill stopped: {err} (distill.max_consecutive_nonfinite="
                              f"{cfg.distill.max_consecutive_nonfinite}); last good checkpoint: {last}") from None
 
@@ -114,7 +151,7 @@ class CompileCache:
         mode = trainer.auto_compile_mode or trainer.compile_mode
         self.enabled = trainer.device.type == "cuda" and mode != "none"
         gpu = torch.cuda.get_device_name(trainer.device) if self.enabled else ""
-        self.key = compile_cache_key(stable_hash({"torch": torch.__version__, "gpu": gpu, "run": resume_key(cfg),
+        self.key = compile_cache_key(stable_hash({"torch": torch.__version__, "gpu": gpu, "run": resume_key(store, cfg),
                                                   "mode": mode, "scope": cfg.distill.compile_scope}))
         self.store, self.saved_bytes, self.loaded = store, 0, False
         if self.enabled and store.exists(self.key):
@@ -137,8 +174,8 @@ def run_distill(root: str, run_name: str, force: bool = False,
                 progress: Optional[Callable[[int, int], None]] = None) -> int:
     """Train to distill.steps, checkpointing every K steps; resumes from the latest checkpoint."""
     store, cfg = open_run(root, run_name)
-    key, d = resume_key(cfg), cfg.distill
-    if not force and DISTILL_STAGE.is_done(store, cfg):
+    key, d = resume_key(store, cfg), cfg.distill
+    if not force and DISTILL_STAGE.is_done(store, cfg) and d.steps in list_checkpoints(store, key):
         return d.steps
     if wants_launch(d):  # torchrun starts distill.world_size ranks, each running this function
         launch_distill(root, run_name, force, d)
@@ -198,5 +235,9 @@ def distill_task(root: str, run_name: str, force: bool = False) -> int:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     artifact = create_progress_artifact(0.0, key=artifact_key(run_name, "distill"), description="distillation steps")
-    return run_distill(root, run_name, force, progress=lambda s, n: update_progress_artifact(artifact, 100.0 * s / n)
-                       if s % 10 == 0 or s == n else None)
+    cfg = open_run(root, run_name)[1]
+    d = cfg.distill
+    ranks_here = d.world_size // d.nnodes if wants_launch(d) else 1  # torchrun starts them: one slot (GPU) each
+    with gpu_slots(cfg, occupy=ranks_here):
+        return run_distill(root, run_name, force, progress=lambda s, n: update_progress_artifact(
+            artifact, 100.0 * s / n) if s % 10 == 0 or s == n else None)

@@ -43,7 +43,7 @@ def _rows(run: str, config_hash: str, step: int, model: str, steps: int, w: floa
 
 def sweep_students(store, cfg, teacher, step: int) -> Callable[[float], torch.nn.Module]:
     """w -> the checkpoint's generator at w (the weights are loaded once)."""
-    D = student_denoiser(teacher, checkpoint_weights(store, step, cfg.export.use_ema), cfg.distill)
+    D = student_denoiser(teacher, checkpoint_weights(store, step, resume_key(store, cfg), cfg.export.use_ema), cfg.distill)
     G = Generator(D, teacher.schedule, cfg.distill.generator_timesteps)
     return lambda w: student_at(G, cfg.distill, w)
 
@@ -67,7 +67,7 @@ def _teacher_samples(root: str, store, cfg, teacher, z: torch.Tensor, y: torch.T
 
 def classifier_sweep(root, store, cfg, run_name, teacher, dataset, protocol, step, device) -> list[dict]:
     """Teacher N-step and student rows (fd, accuracy; the student also fd_teacher) at each w of the sweep."""
-    e, hashes = cfg.evaluate, result_hashes(cfg)
+    e, hashes = cfg.evaluate, result_hashes(store, cfg)
     images, labels = dataset
     n = min(e.n_samples or protocol.n, images.shape[0])
     model = classifier(store, cfg, images, labels)
@@ -93,7 +93,7 @@ def classifier_sweep(root, store, cfg, run_name, teacher, dataset, protocol, ste
 
 def image_sweep(root, store, cfg, run_name, teacher, protocol, step, device) -> list[dict]:
     """Student FID (and CLIP score for text models) at each w of the sweep, on the protocol's noise and prompts."""
-    e, hashes = cfg.evaluate, result_hashes(cfg)
+    e, hashes = cfg.evaluate, result_hashes(store, cfg)
     n, raw, z, ref, inception, clip, name = protocol_inputs(root, cfg, teacher, protocol, device)
     at, out = sweep_students(store, cfg, teacher, step), []
     precision = accel.resolve_precision(e.precision, device)
@@ -111,7 +111,7 @@ def image_sweep(root, store, cfg, run_name, teacher, protocol, step, device) -> 
 def run_guidance_sweep(root, store, cfg, run_name, teacher, protocol, dataset, step, device) -> list[dict]:
     """Score checkpoint `step` at every w of evaluate.guidance_sweep (once per config and step); write the table
     and the plot. Returns the current rows."""
-    hashes = result_hashes(cfg)
+    hashes = result_hashes(store, cfg)
     if store.exists(GUIDANCE_TABLE):
         have = [r for r in store.read_table(GUIDANCE_TABLE).to_pylist()
                 if r["checkpoint_step"] in (step, -1) and r["config_hash"] in (hashes["student"], hashes["teacher"])]

@@ -38,18 +38,18 @@ def rows(run: str, config_hash: str, step: int, model: str, steps: int, scores: 
             for k, v in scores.items()]
 
 
-def result_hashes(cfg) -> dict[str, str]:
+def result_hashes(store: ArtifactStore, cfg) -> dict[str, str]:
     """Config hash of each kind of row: a row is reused only while everything it depends on is unchanged."""
     teacher = cfg.section_hash("data", "teacher", "pairs", "evaluate")
     return {"real": cfg.section_hash("data", "evaluate"), "teacher": teacher,
             "teacher-G0": stable_hash([teacher, cfg.distill.generator_timesteps]),
-            "student": stable_hash([resume_key(cfg), cfg.section_hash("evaluate"), cfg.export.use_ema])}
+            "student": stable_hash([resume_key(store, cfg), cfg.section_hash("evaluate"), cfg.export.use_ema])}
 
 
 def student(store: ArtifactStore, cfg, teacher, step: int) -> Generator:
     """The checkpoint's generator (EMA or raw, as the export uses) on a copy of the teacher's denoiser; a guided
     student at its shown scale (a GuidedGenerator over the Generator)."""
-    D = student_denoiser(teacher, checkpoint_weights(store, step, cfg.export.use_ema), cfg.distill)
+    D = student_denoiser(teacher, checkpoint_weights(store, step, resume_key(store, cfg), cfg.export.use_ema), cfg.distill)
     return student_at(Generator(D, teacher.schedule, cfg.distill.generator_timesteps), cfg.distill)
 
 
@@ -131,7 +131,7 @@ class ClassifierScorer:
 def classifier_protocol(store, cfg, run_name, teacher, dataset, protocol, steps, needed,
                         device) -> tuple[list[dict], dict]:
     """Rows for the real floor, teacher N-step and 1-step, and the student checkpoints `steps`."""
-    e, hashes = cfg.evaluate, result_hashes(cfg)
+    e, hashes = cfg.evaluate, result_hashes(store, cfg)
     images, labels = dataset
     n = min(e.n_samples or protocol.n, images.shape[0])
     model = classifier(store, cfg, images, labels)
@@ -233,7 +233,7 @@ def protocol_inputs(root, cfg, teacher, protocol, device) -> tuple:
 
 def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device) -> tuple[list[dict], dict]:
     """FID (and CLIP for text models) of teacher N-step, teacher 1-step and the student checkpoints `steps`."""
-    e, hashes = cfg.evaluate, result_hashes(cfg)
+    e, hashes = cfg.evaluate, result_hashes(store, cfg)
     n, raw, z, ref, inception, clip, name = protocol_inputs(root, cfg, teacher, protocol, device)
     models = Models(store, cfg, teacher, device, images=True)
 

@@ -21,6 +21,7 @@ from storage.plots import labelled_grid_png
 from tasks.context import device_for, open_run, run_teacher
 from tasks.eval_guidance import run_guidance_sweep
 from tasks.eval_protocols import COLUMNS, KEY_COLUMNS, classifier_protocol, image_protocol, result_hashes
+from tasks.gpu_slots import gpu_slots
 from tasks.stages import artifact_key, resume_key
 
 
@@ -39,7 +40,7 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
                    "note": f"no evaluation protocol for data.name={cfg.data.name!r}: set evaluate.protocol"}
         store.write_json(SUMMARY, summary)
         return summary
-    device, hashes = device_for(cfg), result_hashes(cfg)
+    device, hashes = device_for(cfg), result_hashes(store, cfg)
     existing = store.read_table(RESULTS).to_pylist() if store.exists(RESULTS) else []
     have = {tuple(r.get(c) for c in KEY_COLUMNS) for r in existing}
 
@@ -47,7 +48,7 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
         return (run_name, hashes[kind], step, model, steps, metric) not in have
 
     teacher = run_teacher(store, cfg, device)
-    steps = list_checkpoints(store, resume_key(cfg))
+    steps = list_checkpoints(store, resume_key(store, cfg))
     steps = steps if all_checkpoints else steps[-1:]
     if protocol.classifier:
         dataset = real_dataset(cfg.data.name)
@@ -101,12 +102,11 @@ def summarize(store: ArtifactStore, rows: list[dict], run_name: str, hashes: dic
 def evaluate_task(root: str, run_name: str, all_checkpoints: bool = False) -> dict:
     """Prefect wrapper of run_evaluate; publishes the table, and the pictures embedded in a markdown artifact."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
-    from prefect.concurrency.sync import concurrency
 
-    with concurrency("gpu", occupy=1):  # created by `dmd deploy`; without it the slot is not enforced
+    store, cfg = open_run(root, run_name)
+    with gpu_slots(cfg):
         summary = run_evaluate(root, run_name, all_checkpoints)
     create_table_artifact(summary["rows"], key=artifact_key(run_name, "eval"), description=f"DMD evaluation of {run_name}")
-    store, _ = open_run(root, run_name)
     images = {name: store.read_bytes(key) for name, key in (("compare", EVAL_COMPARE), ("trend", TREND),
                                                             ("loss", LOSS)) if store.exists(key)}
     create_markdown_artifact(markdown_with_images(f"DMD evaluation of {run_name}", summary_markdown(summary), images),

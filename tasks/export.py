@@ -106,12 +106,12 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
     if not force and EXPORT_STAGE.is_done(store, cfg):
         return store.url(EXPORT)
     EXPORT_STAGE.unmark(store)
-    steps = list_checkpoints(store, resume_key(cfg))
+    steps = list_checkpoints(store, key := resume_key(store, cfg))
     if not steps or steps[-1] != cfg.distill.steps or not DISTILL_STAGE.is_done(store, cfg):
         raise FileNotFoundError(f"no final checkpoint (step {cfg.distill.steps}) in {store.url('distill')}: "
                                 "run the distill stage first")
     teacher = run_teacher(store, cfg, torch.device("cpu"))
-    D = student_denoiser(teacher, checkpoint_weights(store, steps[-1], cfg.export.use_ema), cfg.distill)
+    D = student_denoiser(teacher, checkpoint_weights(store, steps[-1], key, cfg.export.use_ema), cfg.distill)
     unet = D.unet
     pipe = student_pipeline(teacher, unet, cfg)
     kind = type(pipe).__name__

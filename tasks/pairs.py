@@ -18,6 +18,7 @@ from dmd_core.denoisers import cond_map
 from storage import ChecksumError, ShardRecord, read_manifest, verify_shard, write_manifest, write_shard
 from storage.layout import PAIRS_MANIFEST, shard_key
 from tasks.context import conditions, device_for, open_run, run_teacher, sample_noise
+from tasks.gpu_slots import gpu_slots
 from tasks.stages import PAIRS_STAGE
 
 
@@ -126,4 +127,5 @@ def pairs_shard_task(root: str, run_name: str, shard_id: int) -> ShardRecord:
     from tasks.workers import pin_worker_gpu
 
     pin_worker_gpu()
-    return run_pairs_shard(root, run_name, shard_id)
+    with gpu_slots(open_run(root, run_name)[1]):
+        return run_pairs_shard(root, run_name, shard_id)

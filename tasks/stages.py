@@ -4,13 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dmd_core.config import PipelineConfig, stable_hash
-from storage import ArtifactStore
-from storage.layout import EVAL_DIR, EXPORT, PAIRS_DIR, TEACHER, done_marker
+from dmd_core.datasets import DATASETS
+from storage import ArtifactStore, read_manifest
+from storage.layout import EVAL_DIR, EXPORT, PAIRS_DIR, PAIRS_MANIFEST, TEACHER, done_marker
+from storage.stream import manifest_fingerprint
 
 # Changing only these lets a run continue from its checkpoints (e.g. raise distill.steps to train longer); the
 # process count and the speed settings (compile, channels_last: bf16 rounding at most) change how, not what.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every",
-                     "world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id", "compile", "channels_last"}
+                     "world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id", "compile", "channels_last",
+                     "on_new_pairs"}
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,26 @@ EVALUATE_STAGE = Stage("evaluate", ("data", "teacher", "pairs", "distill", "eval
 STAGE_SPECS = {s.name: s for s in (TEACHER_STAGE, PAIRS_STAGE, DISTILL_STAGE, EXPORT_STAGE, EVALUATE_STAGE)}
 
 
-def resume_key(cfg: PipelineConfig) -> str:
-    """Hash stored with each checkpoint: the inputs that must match to resume from it."""
+def resume_key(store: ArtifactStore, cfg: PipelineConfig) -> str:
+    """Key stored with each checkpoint, `<config>-<pairs>`: the hash of the inputs that must match to resume from
+    it, and the fingerprint of the pair set it trained on (GPU pairs are not bit-stable: pairs regenerated under
+    the same config are another set)."""
+    return f"{config_resume_hash(cfg)}-{pairs_fingerprint(store, cfg)}"
+
+
+def config_resume_hash(cfg: PipelineConfig) -> str:
+    """The config part of `resume_key`."""
     return stable_hash({"upstream": PAIRS_STAGE.key(cfg),
                         "distill": cfg.distill.model_dump(mode="json", exclude=RESUMABLE_CHANGES)})
+
+
+def pairs_fingerprint(store: ArtifactStore, cfg: PipelineConfig) -> str:
+    """16 hex digits of the pair manifest's fingerprint (shards, sha256, counts); "unused" when distill reads no
+    pairs (no regression loss, and the GAN's real images come from the named dataset)."""
+    d = cfg.distill
+    if d.regression == "none" and not (d.gan.enabled and DATASETS.get(cfg.data.name) is None):
+        return "unused"
+    return manifest_fingerprint(read_manifest(store, PAIRS_MANIFEST))[:16]
 
 
 def artifact_key(run_name: str, what: str) -> str:

@@ -18,7 +18,7 @@ from dmd_core.config import load_config
 from storage.checkpoints import read_checkpoint
 from storage.layout import CONFIG, METRICS, checkpoint_prefix, run_store
 from tasks.context import open_run, run_teacher
-from tasks.stages import DISTILL_STAGE
+from tasks.stages import DISTILL_STAGE, resume_key
 
 OVERRIDES = ["distill.steps=4", "distill.checkpoint_every=1", "distill.sample_every=4",
              "distill.pairs_in_memory_mb=0"]  # stream the pairs from the shards: the rank split of ShardStream
@@ -50,7 +50,8 @@ def variant(root: str, name: str, **distill) -> str:
 
 
 def weights(root: str, run: str, step: int) -> dict:
-    return read_checkpoint(run_store(root, run), step)
+    store, cfg = open_run(root, run)
+    return read_checkpoint(store, step, resume_key(store, cfg))
 
 
 def relative_update_gap(root: str, a: str, b: str, step: int, name: str = "generator.safetensors") -> float:

@@ -9,6 +9,7 @@ from dmd_core import accel
 from dmd_core.config import ConfigError, EvaluateConfig, load_config, stable_hash
 from dmd_core.generator import Generator
 from dmd_core.teachers import Teacher
+from storage import ArtifactStore
 from tasks import eval_protocols
 from tasks.eval_protocols import Models, generating, result_hashes
 from tests.helpers import tiny_teacher
@@ -59,12 +60,13 @@ def test_default_precision_keeps_the_evaluate_hash_and_other_values_change_it():
     """At auto the field is left out of the dump: runs made before it existed keep their cached results."""
     assert "precision" not in EvaluateConfig().model_dump()
     assert stable_hash(EvaluateConfig().model_dump(mode="json")) == "29b79f76a77d6ec8"  # the hash before the field
-    base = result_hashes(load_config("digits-tiny"))
-    assert result_hashes(load_config("digits-tiny", overrides=["evaluate.precision=auto"])) == base
+    store = ArtifactStore("memory://dmd-eval-precision")  # no pairs: the student hash takes their empty fingerprint
+    base = result_hashes(store, load_config("digits-tiny"))
+    assert result_hashes(store, load_config("digits-tiny", overrides=["evaluate.precision=auto"])) == base
     for value in ("fp32", "bf16"):
         cfg = load_config("digits-tiny", overrides=[f"evaluate.precision={value}"])
         assert cfg.model_dump()["evaluate"]["precision"] == value
-        changed = result_hashes(cfg)
+        changed = result_hashes(store, cfg)
         assert all(changed[k] != base[k] for k in ("teacher", "teacher-G0", "student"))
 
 

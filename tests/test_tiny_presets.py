@@ -14,7 +14,7 @@ from dmd_core.denoisers import UNetDenoiser
 from dmd_core.generator import Generator
 from dmd_core.teachers import load_teacher
 from storage import iter_shards, read_manifest, read_manifest_metadata
-from storage.checkpoints import checkpoint_weights
+from storage.checkpoints import checkpoint_keys, checkpoint_weights
 from storage.layout import METRICS, PAIRS_MANIFEST, run_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +51,8 @@ def plain(script: str, export: Path, tmp_path: Path, z: torch.Tensor) -> torch.T
 
 def ema_generator(store, teacher, step: int) -> Generator:
     unet = teacher.student_unet().eval()
-    unet.load_state_dict({k.removeprefix("unet."): v for k, v in checkpoint_weights(store, step).items()})
+    (key,) = checkpoint_keys(store)  # the run's one set of checkpoints
+    unet.load_state_dict({k.removeprefix("unet."): v for k, v in checkpoint_weights(store, step, key).items()})
     return Generator(UNetDenoiser(unet, teacher.schedule, teacher.prediction_type), teacher.schedule, [999])
 
 
