@@ -161,7 +161,8 @@ class DistillConfig(_Model):
     concat_regression: bool = Field(False, description="DMD Alg. 1 line 7: the regression outputs join the DM "
                                                        "and fake-score batch (one generator forward)")
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
-        "auto", description="torch.compile mode of the three networks; auto = default on CUDA, none on CPU")
+        "auto", description="torch.compile mode of the three networks; auto: on CUDA, default once timed "
+                        "eager steps show the steps left repay the compile time; none on CPU")
     compile_scope: Literal["auto", "model", "blocks"] = Field(
         "auto", description="what compile covers in G and the fake score: model (one graph each), blocks (each "
                             "transformer and resnet block; regional compilation); auto = blocks with "
