@@ -64,6 +64,12 @@ def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
     if steps or not (old := checkpoints_of_other_pairs(store, cfg, key)):
         return load_latest(store, trainer, key, steps)
     old_key, old_steps = old
+    if old_key == config_resume_hash(cfg) and trained_on_these_pairs(store, old_key, old_steps[-1], key):
+        # written before the resume key named the pair set, on these very pairs: resume, under the new key
+        start = load_latest(store, trainer, old_key, old_steps)
+        if start:
+            write_checkpoint(store, start, trainer.state_files(), key)
+        return start
     where = store.url(checkpoint_prefix(old_steps[-1], checkpoint_folder(store, old_key)))
     if cfg.distill.on_new_pairs == "restart":
         print(f"distill: the pairs changed since the checkpoints up to step {old_steps[-1]} ({where}); starting "
@@ -75,6 +81,19 @@ def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
         print(f"distill: the pairs changed since the checkpoints up to step {old_steps[-1]} ({where}); continuing "
               f"from step {start}'s weights with the pair stream from its start (distill.on_new_pairs=continue)")
     return start
+
+
+def trained_on_these_pairs(store: ArtifactStore, old_key: str, step: int, key: str) -> bool:
+    """Whether checkpoint `step` of `old_key` streamed the pair set `key` names, by the manifest fingerprint its
+    shard stream recorded; a stream that recorded none (pairs held in memory, or none read) resumes as it did
+    before pair sets had keys."""
+    try:
+        state = json.loads(read_checkpoint(store, step, old_key)["trainer_state.json"])
+    except (ChecksumError, KeyError, ValueError):
+        return False
+    pairs = state.get("pairs")
+    recorded = pairs.get("manifest") if isinstance(pairs, dict) else None
+    return recorded is None or key.endswith("-" + recorded[:16])
 
 
 def checkpoints_of_other_pairs(store: ArtifactStore, cfg, key: str) -> Optional[tuple[str, list[int]]]:

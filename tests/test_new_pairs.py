@@ -101,3 +101,28 @@ def test_distill_after_new_pairs_restarts_under_a_new_key_or_continues(prefect_a
     state = json.loads(now[f"{key_3}/step-00000004/trainer_state.json"])
     assert state["step"] == 4 and state["pairs"]["position"] == 0 and state["pairs"]["epoch"] == 0
     assert json.loads(now[f"{key_2}/step-00000004/trainer_state.json"])["pairs"]["position"] != 0
+
+
+def test_checkpoints_written_before_pairs_were_keyed_still_resume(prefect_api, tmp_path):
+    """A run checkpointed when the resume key was the config hash alone resumes on the same pairs (no restart,
+    no line about new pairs), continuing under the new key; the old checkpoints stay as they were."""
+    from tasks.context import open_run
+    from tasks.stages import config_resume_hash, resume_key
+
+    root, run = str(tmp_path), tmp_path / "r"
+    first = dmd_run(prefect_api, root, "--stages", "teacher,pairs,distill")
+    assert first.returncode == 0, first.stderr[-3000:]
+    store, cfg = open_run(root, "r")
+    key, legacy = resume_key(store, cfg), config_resume_hash(cfg)
+    for marker in (run / CHECKPOINTS).glob("step-*/_complete.json"):  # as the previous release wrote them
+        marker.write_text(json.dumps({**json.loads(marker.read_text()), "hash": legacy}))
+    before = files_under(run / CHECKPOINTS)
+
+    again = dmd_run(prefect_api, root, "--stages", "distill", "--set", "distill.steps=6")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not said(again, "the pairs changed"), again.stdout[-3000:]
+    after = files_under(run / CHECKPOINTS)
+    assert {k: v for k, v in after.items() if not k.startswith(key)} == before
+    assert {k.split("/")[1] for k in after if k.startswith(key)} == {"step-00000004", "step-00000006"}
+    for name in ("generator.safetensors", "fake.safetensors", "ema.safetensors"):
+        assert after[f"{key}/step-00000004/{name}"] == before[f"step-00000004/{name}"]
