@@ -21,6 +21,7 @@ from dmd_core.generator import Generator  # noqa: E402
 from dmd_core.guidance import guided_denoiser, student_at, student_cond, student_denoiser  # noqa: E402
 from dmd_core.losses import dm_gradient  # noqa: E402
 from storage.checkpoints import checkpoint_folder, checkpoint_weights, list_checkpoints  # noqa: E402
+from storage.layout import checkpoint_prefix  # noqa: E402
 from tasks.context import open_run, run_teacher  # noqa: E402
 from tasks.stages import resume_key  # noqa: E402
 

@@ -180,7 +180,7 @@ def run_resume(args, root: str, source: str) -> dict:
     from storage.checkpoints import list_checkpoints
     from storage.layout import run_store
     from tasks.context import open_run
-    from tasks.ddp import launch_distill, torchrun_command
+    from tasks.launch import launch_distill, torchrun_command
     from tasks.stages import resume_key
 
     out = {}

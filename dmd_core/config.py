@@ -4,15 +4,25 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_DIR / "configs"
 STAGES = ("teacher", "pairs", "distill", "export", "evaluate")
 DEFAULT_PRESET = "digits"
+
+
+def _positive_scales(v: list[float]) -> list[float]:
+    if any(w <= 0 for w in v):
+        raise ValueError("guidance scales must be positive, e.g. [1, 1.5, 2, 3]")
+    return v
+
+
+GuidanceScales = Annotated[list[float], AfterValidator(_positive_scales)]  # pairs.guidance_scales, evaluate's sweep
 
 
 class ConfigError(ValueError):
@@ -77,7 +87,7 @@ class PairsConfig(_Model):
     solver: Literal["ddim", "euler", "heun", "pndm"] = "ddim"
     steps: int = Field(50, gt=0)
     guidance: float = Field(1.0, ge=0)
-    guidance_scales: Optional[list[float]] = Field(
+    guidance_scales: Optional[GuidanceScales] = Field(
         None, min_length=1, description="pairs at several CFG scales, for students over distill.guidance_range: pair "
                                         "i is made at guidance_scales[i % len], its json records it and the student "
                                         "regresses onto it at that w; None: every pair at `guidance`")
@@ -86,13 +96,6 @@ class PairsConfig(_Model):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast of the teacher's solver; auto = bf16 on CUDA, fp32 on CPU (kept in the manifest)")
-
-    @field_validator("guidance_scales")
-    @classmethod
-    def _positive_scales(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is not None and any(w <= 0 for w in v):
-            raise ValueError("guidance scales must be positive, e.g. [1, 1.5, 2, 2.5, 3]")
-        return v
 
     @model_serializer(mode="wrap")
     def _omit_unset_guidance_scales(self, handler):
@@ -274,18 +277,11 @@ class EvaluateConfig(_Model):
     clip_resize: Optional[int] = Field(None, description="resize before CLIP's preprocess (DMD2: 256)")
     random_extractors: bool = Field(False, description="tests only: random-init Inception-shaped and CLIP "
                                                        "extractors, no weights needed (numbers mean nothing)")
-    guidance_sweep: Optional[list[float]] = Field(None, min_length=1, description="guidance scales at which "
+    guidance_sweep: Optional[GuidanceScales] = Field(None, min_length=1, description="guidance scales at which "
                                                   "the teacher and the student are scored (eval/guidance.parquet)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast of the evaluated models' generation (and VAE decode); the feature "
                             "extractors keep their own precision; auto = bf16 on CUDA, fp32 on CPU (in each row)")
-
-    @field_validator("guidance_sweep")
-    @classmethod
-    def _positive_scales(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is not None and any(w <= 0 for w in v):
-            raise ValueError("guidance scales must be positive, e.g. [1, 1.5, 2, 3]")
-        return v
 
     @model_serializer(mode="wrap")
     def _omit_unset_fields(self, handler):

@@ -162,17 +162,6 @@ class DDPTrainer(DMDTrainer):
         return self._mine(sample_guidance(n * self.world_size, self.cfg.guidance_range, self.cfg.guidance_law,
                                           self.rng, self.device))
 
-    def _generate(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """DMD2 backward simulation as `Generator.backward_simulate`, re-noising with global-batch draws."""
-        n_steps = len(self.G.timesteps)
-        k = int(torch.randint(0, n_steps, (1,), generator=self.rng, device=self.device).item()) if n_steps > 1 else 0
-        x = z * self.schedule.init_noise_sigma
-        with torch.no_grad():
-            for i in range(k):
-                x0 = self.G.step(x, i, cond)
-                x = self.G.renoise(x0, i, self._randn(x0.shape[0], x0.dtype))
-        return self.G.step(x, k, cond)
-
     # ---- steps agree across ranks ------------------------------------------------------------
     def agree(self, flag: bool) -> bool:
         """Rank 0's decision on every rank (e.g. compile=auto's, timed per rank)."""

@@ -45,14 +45,14 @@ class Generator(nn.Module):
         return x0
 
     def backward_simulate(self, z: torch.Tensor, cond: Optional[torch.Tensor], k: int,
-                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """DMD2 backward simulation: roll G from pure noise without grad to step k, then step k with grad."""
+                          noise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """DMD2 backward simulation: roll G from pure noise without grad to step k, then step k with grad;
+        `noise(x0)` draws each re-noising's eps (shaped like x0)."""
         x = z * self.schedule.init_noise_sigma
         with torch.no_grad():
             for i in range(k):
                 x0 = self.step(x, i, cond)
-                eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x = self.renoise(x0, i, eps)
+                x = self.renoise(x0, i, noise(x0))
         return self.step(x, k, cond)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,7 +21,8 @@ from .conditions import ClassLabels, Conditions, Prompts, RawConditions
 from .denoisers import PREDICTION_TYPES, Cond, UNetDenoiser, with_guidance
 from .samplers import pndm_grid, pndm_sample, sample
 from .schedules import NoiseSchedule, VPSchedule, timestep_grid
-from .teacher_files import (TeacherLoadError, check_sd, check_teacher_folder, check_unet2d, read_scheduler, require,
+from .teacher_files import (TeacherLoadError, check_sd,  # noqa: F401  TeacherLoadError: importable from here too
+                            check_teacher_folder, check_unet2d, read_scheduler, require,
                             require_weights)
 
 KINDS = ("unet2d", "sd", "callable")

@@ -168,8 +168,8 @@ class DMDTrainer:
             raise ValueError("distill.concat_regression needs a one-step generator (one generator timestep)")
 
     # ---- sampling helpers -------------------------------------------------------------------
-    def _randn(self, n: int) -> torch.Tensor:
-        return torch.randn((n, *self.sample_shape), generator=self.rng, device=self.device)
+    def _randn(self, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return torch.randn((n, *self.sample_shape), generator=self.rng, device=self.device, dtype=dtype)
 
     def _cond(self, n: int) -> Cond:
         """Fresh conditions for n generator samples, drawn from the trainer's generator and encoded."""
@@ -218,9 +218,9 @@ class DMDTrainer:
 
     def _generate(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x = G(z) with grad; a multi-step G trains one random step after backward simulation (DMD2 §4.3)."""
-        n_steps = len(self.G.timesteps)
-        k = int(self._randint(0, n_steps, 1).item()) if n_steps > 1 else 0
-        return self.G.backward_simulate(z, cond, k, generator=self.rng)
+        n_steps = len(self.G.timesteps)  # k is one draw shared by every process (not a per-sample one)
+        k = int(torch.randint(0, n_steps, (1,), generator=self.rng, device=self.device).item()) if n_steps > 1 else 0
+        return self.G.backward_simulate(z, cond, k, noise=lambda x0: self._randn(x0.shape[0], x0.dtype))
 
     def _regression(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Regression loss (DMD Eq. 9): LPIPS on decoded images (decoder with grad), else in model space."""

@@ -1,108 +1,20 @@
-"""Data-parallel distill: start `world_size` ranks under torchrun, and the entry point each rank runs.
-
-`launch_distill` runs `python -m torch.distributed.run ... -m tasks.ddp ROOT RUN` in a child process (one node:
-`--standalone --nproc_per_node N`; several: c10d rendezvous at `distill.rdzv_endpoint`, the same command run
-on every node). Each rank opens the same run (the artifact root is passed on; credentials stay in the
-environment the ranks inherit) and runs `tasks.distill.run_distill`, which trains a `DDPTrainer`; rank 0
-alone writes. A rank that fails makes torchrun stop the others; the parent then raises one error naming the
-exit status, with the last lines the ranks printed.
-"""
+"""The entry point each torchrun rank of a data-parallel distill runs: `python -m tasks.ddp ROOT RUN [--force]`
+(started by `tasks.launch.launch_distill`): join the process group and run the distill stage."""
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-from collections import deque
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from dmd_core.config import PROJECT_DIR, DistillConfig
-from dmd_core.distributed import current
+import torch.distributed as dist
 
-_TAIL_LINES = 40
-_ERROR_TAG = "dmd-rank-error:"
-
-
-class DistributedRunError(RuntimeError):
-    """The ranks of a distributed distill run failed; the message names the exit status and their last lines."""
-
-
-def wants_launch(d: DistillConfig) -> bool:
-    """True when this process must start the ranks (it is not one of them already)."""
-    if current().world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
-        return False
-    return d.launcher == "torchrun" or (d.launcher == "auto" and d.world_size > 1)
-
-
-def torchrun_command(root: str, run_name: str, force: bool, d: DistillConfig) -> list[str]:
-    """The torchrun command line of this node (the same on every node of a multi-node run)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={d.world_size // d.nnodes}"]
-    if d.nnodes == 1:
-        cmd.append("--standalone")
-    else:
-        cmd += [f"--nnodes={d.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={d.rdzv_endpoint}",
-                f"--rdzv_id={d.rdzv_id}"]
-    return cmd + ["-m", "tasks.ddp", root, run_name] + (["--force"] if force else [])
-
-
-def launch_distill(root: str, run_name: str, force: bool, d: DistillConfig,
-                   log: Callable[[str], Any] = print) -> None:
-    """Run the distill stage as torchrun ranks and wait; DistributedRunError if they fail."""
-    cmd = torchrun_command(root, run_name, force, d)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_DIR), env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    log(f"distill: starting {d.world_size} ranks on {d.nnodes} node(s): {' '.join(cmd[1:])}")
-    tail: deque[str] = deque(maxlen=_TAIL_LINES)
-    errors: list[str] = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            if line.startswith(_ERROR_TAG):
-                errors.append(line[len(_ERROR_TAG):].strip())
-            log(line)
-        rc = proc.wait()
-    if rc != 0:
-        first = errors[0] if errors else "no rank reported an error (killed?)"
-        raise DistributedRunError(f"distill: {first} (torchrun exit status {rc}, {d.world_size} ranks); "
-                                  "last lines:\n" + "\n".join(tail))
-
-
-class RankStore:
-    """The run's store as ranks other than 0 use it: reads pass through, writes and deletes are dropped."""
-
-    _WRITES = frozenset({"write_bytes", "write_json", "write_table", "delete"})
-
-    def __init__(self, store) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str):
-        if name in self._WRITES:
-            return lambda *args, **kwargs: None
-        if name == "open":
-            return self._open
-        return getattr(self._store, name)
-
-    def _open(self, key: str, mode: str = "rb"):
-        if "r" not in mode:
-            raise PermissionError(f"rank {current().rank} may not write {key!r}: rank 0 writes the run")
-        return self._store.open(key, mode)
-
-
-def writer_store(store):
-    """`store` on rank 0 (or a single process), a `RankStore` on the other ranks."""
-    return store if current().rank == 0 else RankStore(store)
+from dmd_core.distributed import current, init_process_group
+from tasks.context import device_for, open_run
+from tasks.distill import run_distill
+from tasks.launch import ERROR_TAG
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """One rank: join the process group (nccl on cuda:LOCAL_RANK, gloo on CPU) and run the distill stage."""
-    import torch.distributed as dist
-
-    from dmd_core.distributed import init_process_group
-    from tasks.context import device_for, open_run
-    from tasks.distill import run_distill
-
     parser = argparse.ArgumentParser(prog="python -m tasks.ddp", description=__doc__.splitlines()[0])
     parser.add_argument("root")
     parser.add_argument("run_name")
@@ -113,7 +25,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         run_distill(args.root, args.run_name, args.force)
     except Exception as e:  # one line the launching process turns into its error message
-        print(f"{_ERROR_TAG} rank {env.rank} failed: {type(e).__name__}: {e}".replace("\n", " "), flush=True)
+        print(f"{ERROR_TAG} rank {env.rank} failed: {type(e).__name__}: {e}".replace("\n", " "), flush=True)
         raise
     finally:
         if dist.is_initialized():

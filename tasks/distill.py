@@ -24,7 +24,7 @@ from storage.checkpoints import (checkpoint_folder, checkpoint_keys, list_checkp
 from storage.layout import METRICS, checkpoint_prefix, compile_cache_key, sample_grid_key
 from storage.plots import labelled_grid_png
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
-from tasks.ddp import launch_distill, wants_launch, writer_store
+from tasks.launch import launch_distill, wants_launch, writer_store
 from tasks.gpu_slots import gpu_slots
 from tasks.stages import DISTILL_STAGE, artifact_key, config_resume_hash, resume_key
 

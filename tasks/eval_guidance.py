@@ -8,7 +8,6 @@ A fixed-guidance student has no w input: its rows repeat its one distribution at
 """
 from __future__ import annotations
 
-import datetime as dt
 from typing import Callable
 
 import torch
@@ -24,8 +23,8 @@ from dmd_core.metrics import features_and_predictions, gaussian_stats
 from storage.checkpoints import checkpoint_weights
 from storage.layout import root_store
 from storage.plots import guidance_png
-from tasks.eval_protocols import ClassifierScorer, classifier, generating, protocol_inputs, result_hashes
-from tasks.stages import TEACHER_STAGE
+from tasks.eval_protocols import ClassifierScorer, classifier, generating, protocol_inputs, result_hashes, rows
+from tasks.stages import TEACHER_STAGE, resume_key
 
 GUIDANCE_TABLE = "eval/guidance.parquet"
 GUIDANCE_PLOT = "eval/guidance.png"
@@ -35,10 +34,9 @@ COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "guidance"
 
 def _rows(run: str, config_hash: str, step: int, model: str, steps: int, w: float, scores: dict, n: int,
           precision: str) -> list:
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    return [{"run": run, "config_hash": config_hash, "checkpoint_step": step, "model": model, "steps": steps,
-             "guidance": float(w), "metric": k, "value": float(v), "n_samples": n, "time": now,
-             "precision": precision} for k, v in scores.items()]
+    """The evaluate stage's result rows (`eval_protocols.rows`) at guidance scale w."""
+    return [{**r, "guidance": float(w), "value": float(r["value"])}
+            for r in rows(run, config_hash, step, model, steps, scores, n, precision)]
 
 
 def sweep_students(store, cfg, teacher, step: int) -> Callable[[float], torch.nn.Module]:

@@ -123,9 +123,7 @@ def record_shards(root: str, run_name: str, records: list[ShardRecord], complete
 
 @task(name="pairs-shard", retries=2, cache_policy=NONE, persist_result=False)
 def pairs_shard_task(root: str, run_name: str, shard_id: int) -> ShardRecord:
-    """Prefect wrapper of run_pairs_shard (one shard per task, mapped over shard ids)."""
-    from tasks.workers import pin_worker_gpu
-
-    pin_worker_gpu()
+    """Prefect wrapper of run_pairs_shard (one shard per task, mapped over shard ids; in worker k of a local Dask
+    cluster it runs on GPU k mod n, `tasks.context.worker_gpu`)."""
     with gpu_slots(open_run(root, run_name)[1]):
         return run_pairs_shard(root, run_name, shard_id)

@@ -124,7 +124,7 @@ def test_two_ranks_equal_one_process_and_resume_exactly(base_run):
 
 
 def test_failed_ranks_raise_one_clear_error(base_run):
-    from tasks.ddp import DistributedRunError
+    from tasks.launch import DistributedRunError
     from tasks.distill import run_distill
 
     root = base_run
