@@ -52,6 +52,12 @@ def child(mode: str, blob_path: str, batch: int, steps: int) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     out["median_step_ms"] = round(1e3 * statistics.median(times[2:]), 2)
+    if mode != "eager":  # where the compile time went: torch's cache counters and per-phase compile times
+        from torch._dynamo.utils import compile_times, counters
+
+        out["counters"] = {group: dict(c) for group, c in counters.items()
+                           if group in ("inductor", "aot_autograd", "frames", "stats", "recompiles")}
+        out["compile_times"] = compile_times(repr="str", aggregate=True)[-4000:]
     if mode == "cold":
         blob = accel.compile_cache_bytes()
         with open(blob_path, "wb") as f:

@@ -20,6 +20,9 @@ from storage.layout import METRICS, PAIRS_MANIFEST, run_store
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red bicycle leaning against a brick wall"
 ATOL = 1e-5  # float32 on CPU; measured ~3e-7 (the two paths run the same ops in a different order)
+# A pixel student's x0 at t=999 is (x - sigma eps) / alpha with alpha = 0.0064: float32 rounding of eps (~1e-7) grows
+# 156-fold, halved in image space. Measured 3e-7 on one CPU, 2.1e-5 on another (AMD EPYC, AVX-512).
+ATOL_T999 = 5e-5
 
 PLAIN_SD = """
 import sys, torch
@@ -100,4 +103,4 @@ def test_pixel_tiny_end_to_end(prefect_api, tmp_path):
     with torch.no_grad():
         expected = (ema_generator(store, teacher, 4)(z) / 2 + 0.5).clamp(0, 1)
     got = plain(PLAIN_DDIM, root / "px" / "export", tmp_path, z)
-    assert float((got - expected).abs().max()) <= ATOL
+    assert float((got - expected).abs().max()) <= ATOL_T999
