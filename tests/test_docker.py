@@ -73,6 +73,14 @@ def test_dockerfile_is_pinned_and_non_root():
         i for i, line in enumerate(lines) if line.startswith("RUN"))
 
 
+def test_ci_tests_the_dockerfiles_python():
+    """.ci/run's second interpreter is the Python minor version the image installs (scipy and numpy resolve
+    differently per version: a 3.12-only failure must show in CI)."""
+    image = set(re.findall(r"python3\.(\d+)=", (DOCKER / "Dockerfile").read_text()))
+    ci = set(re.findall(r"version_info\[:2\] == \(3, (\d+)\)", (DOCKER.parent / ".ci" / "run").read_text()))
+    assert len(image) == 1 and image == ci, (image, ci)
+
+
 def test_dockerfile_passes_hadolint():
     beside = Path(sys.executable).parent / "hadolint"  # installed with the dev extra into this environment
     hadolint = str(beside) if beside.exists() else shutil.which("hadolint")

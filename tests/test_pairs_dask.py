@@ -58,10 +58,15 @@ def test_dask_pairs_equal_threads_and_survive_a_lost_worker(prefect_api, tmp_pat
             done.set()
             killer.join()
     assert killed, "no worker was busy to kill"
+    assert_same_pairs_as_threads(root, "dask")
+
+
+def assert_same_pairs_as_threads(root: str, run_name: str) -> None:
+    """Run `run_name` holds exactly the 48 pairs of run "threads", shard for shard (sha256, counts, producer)."""
     threads = read_manifest(run_store(root, "threads"), PAIRS_MANIFEST)
-    dask = read_manifest(store, PAIRS_MANIFEST)
-    assert len(dask) == 8 and sum(r.n_samples for r in dask) == 48
-    assert [(r.shard, r.sha256, r.n_samples, r.producer_hash) for r in dask] == \
+    records = read_manifest(run_store(root, run_name), PAIRS_MANIFEST)
+    assert len(records) == 8 and sum(r.n_samples for r in records) == 48
+    assert [(r.shard, r.sha256, r.n_samples, r.producer_hash) for r in records] == \
            [(r.shard, r.sha256, r.n_samples, r.producer_hash) for r in threads]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from storage import read_manifest
 from storage.layout import PAIRS_MANIFEST, run_store
-from tests.test_pairs_dask import REPO, teacher_and_pairs
+from tests.test_pairs_dask import REPO, assert_same_pairs_as_threads, teacher_and_pairs
 
 pytestmark = pytest.mark.slow
 TASK_TITLE = "ray::pairs-shard"  # Ray names a worker process after the task it runs (prefect-ray: the task name)
@@ -52,8 +52,4 @@ def test_ray_pairs_equal_threads_and_survive_a_lost_worker(prefect_api, tmp_path
     finally:
         ray.shutdown()
     assert killed, "no worker was busy to kill"
-    threads = read_manifest(run_store(root, "threads"), PAIRS_MANIFEST)
-    ray_records = read_manifest(store, PAIRS_MANIFEST)
-    assert len(ray_records) == 8 and sum(r.n_samples for r in ray_records) == 48
-    assert [(r.shard, r.sha256, r.n_samples, r.producer_hash) for r in ray_records] == \
-           [(r.shard, r.sha256, r.n_samples, r.producer_hash) for r in threads]
+    assert_same_pairs_as_threads(root, "ray")
