@@ -45,14 +45,18 @@ class Generator(nn.Module):
         return x0
 
     def backward_simulate(self, z: torch.Tensor, cond: Optional[torch.Tensor], k: int,
-                          noise: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """DMD2 backward simulation: roll G from pure noise without grad to step k, then step k with grad;
-        `noise(x0)` draws each re-noising's eps (shaped like x0)."""
+                          generator: Optional[torch.Generator] = None,
+                          noise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """DMD2 backward simulation: roll G from pure noise without grad to step k, then step k with grad.
+        Each re-noising's eps is `noise(x0)` when given (a data-parallel trainer draws the global batch), else
+        standard normal from `generator`, as `forward` draws it."""
         x = z * self.schedule.init_noise_sigma
         with torch.no_grad():
             for i in range(k):
                 x0 = self.step(x, i, cond)
-                x = self.renoise(x0, i, noise(x0))
+                eps = noise(x0) if noise is not None else \
+                    torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                x = self.renoise(x0, i, eps)
         return self.step(x, k, cond)
 
 

@@ -24,6 +24,7 @@ def test_multistep_generator_renoises_between_steps():
         expected = D(a * x0 + s * eps, torch.full((3,), 499), None)
         assert torch.allclose(got, expected, atol=1e-6)
         # Backward simulation to the last step reproduces the same rollout, now with grad on the last step.
+        assert torch.allclose(G.backward_simulate(z, None, 1, torch.Generator().manual_seed(1)), expected, atol=1e-6)
         g = torch.Generator().manual_seed(1)
         rollout = G.backward_simulate(z, None, 1, noise=lambda x0: torch.randn(x0.shape, generator=g))
         assert torch.allclose(rollout, expected, atol=1e-6)
