@@ -162,28 +162,29 @@ def train_step_or_stop(store: ArtifactStore, trainer: DMDTrainer, cfg) -> dict:
 
 
 class CompileCache:
-    """torch's compile cache artifacts kept with the run: loaded before the first compiled call, saved at the
-    checkpoints that follow new compilation. Keyed by torch version, GPU name, the checkpoint key and compile mode,
-    so only a process that would compile the same graphs reads them."""
+    """torch's compile cache artifacts kept with the run: loaded before the first compiled call; written at the
+    first checkpoint after compiling and at the last step, when they grew. Keyed by torch version, GPU name, the
+    config part of the checkpoint key and the compile mode: only a process compiling the same graphs reads them."""
 
-    def __init__(self, store: ArtifactStore, cfg, trainer: DMDTrainer) -> None:
+    def __init__(self, store: ArtifactStore, cfg, trainer: DMDTrainer, writer: bool) -> None:
         mode = trainer.auto_compile_mode or trainer.compile_mode
         self.enabled = trainer.device.type == "cuda" and mode != "none"
         gpu = torch.cuda.get_device_name(trainer.device) if self.enabled else ""
-        self.key = compile_cache_key(stable_hash({"torch": torch.__version__, "gpu": gpu, "run": resume_key(store, cfg),
-                                                  "mode": mode, "scope": cfg.distill.compile_scope}))
-        self.store, self.saved_bytes, self.loaded = store, 0, False
+        self.key = compile_cache_key(stable_hash({"torch": torch.__version__, "gpu": gpu, "mode": mode,
+                                                  "config": config_resume_hash(cfg),
+                                                  "scope": cfg.distill.compile_scope}))
+        self.store, self.writer, self.saved_bytes, self.loaded, self.written = store, writer, 0, False, False
         if self.enabled and store.exists(self.key):
             blob = store.read_bytes(self.key)
             accel.load_compile_cache(blob)
             self.saved_bytes, self.loaded = len(blob), True
             print(f"compile cache loaded: {store.url(self.key)} ({len(blob) / 2**20:.1f} MiB)")
 
-    def save(self, trainer: DMDTrainer) -> None:
-        """Write the artifacts when compiled code ran since the last save (size grew); rank 0 only (store)."""
-        if not self.enabled or trainer.compile_mode == "none":
+    def save(self, trainer: DMDTrainer, last: bool) -> None:
+        """At the first checkpoint after compiling, and at the last step: write the artifacts if they grew."""
+        if not (self.enabled and self.writer) or trainer.compile_mode == "none" or (self.written and not last):
             return
-        blob = accel.compile_cache_bytes()
+        blob, self.written = accel.compile_cache_bytes(), True
         if blob and len(blob) > self.saved_bytes:
             self.store.write_bytes(self.key, blob)
             self.saved_bytes = len(blob)
@@ -218,7 +219,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
         rows = [r for r in store.read_table(METRICS).to_pylist() if r["step"] < start]
     teacher = run_teacher(store, cfg, device)
     grid_cond, grid_cols = grid_conditions(cfg, teacher), 2 if teacher.vae is not None else 8
-    cache = CompileCache(store, cfg, trainer)
+    cache = CompileCache(store, cfg, trainer, writer=rank == 0)
     auto = accel.CompileWhenItPays(d.steps - start, cache.loaded) if trainer.auto_compile_mode else None
     t0 = time.time()
     writer = rank == 0
@@ -239,7 +240,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
             # metrics first: a kill between the two leaves rows that a resume from the previous checkpoint drops
             store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
             write_checkpoint(store, trainer.step, trainer.state_files(), key)  # every rank: RNG states are gathered
-            cache.save(trainer)
+            cache.save(trainer, last=trainer.step == d.steps)
         if writer and (trainer.step % d.sample_every == 0 or trainer.step == d.steps):
             store.write_bytes(sample_grid_key(trainer.step), sample_grid(trainer, grid_cond, cols=grid_cols))
         if progress is not None:

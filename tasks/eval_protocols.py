@@ -49,7 +49,8 @@ def result_hashes(store: ArtifactStore, cfg) -> dict[str, str]:
 def student(store: ArtifactStore, cfg, teacher, step: int) -> Generator:
     """The checkpoint's generator (EMA or raw, as the export uses) on a copy of the teacher's denoiser; a guided
     student at its shown scale (a GuidedGenerator over the Generator)."""
-    D = student_denoiser(teacher, checkpoint_weights(store, step, resume_key(store, cfg), cfg.export.use_ema), cfg.distill)
+    weights = checkpoint_weights(store, step, resume_key(store, cfg), cfg.export.use_ema)
+    D = student_denoiser(teacher, weights, cfg.distill)
     return student_at(Generator(D, teacher.schedule, cfg.distill.generator_timesteps), cfg.distill)
 
 
