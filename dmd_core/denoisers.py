@@ -6,9 +6,10 @@ from typing import Any, Callable, Protocol, Union
 import torch
 from torch import nn
 
+from .parametrisations import PARAMETRISATIONS, parametrisation
 from .schedules import NoiseSchedule
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = tuple(PARAMETRISATIONS)
 
 # A condition passes through samplers, losses and generators untouched (k-diffusion's `extra_args`):
 # None, a tensor (class ids for UNet2DModel) or a dict of tensors passed as keyword arguments to the
@@ -48,35 +49,9 @@ def cond_expand(null: Cond, n: int, like: Cond) -> Cond:
     return null.reshape(-1, *like.shape[1:])[:1].expand(n, *like.shape[1:])
 
 
-def x0_from_eps(x_t, eps, alpha_t, sigma_t):
-    """mu = (x_t - sigma_t * eps) / alpha_t (DMD App. H)."""
-    return (x_t - sigma_t * eps) / alpha_t
-
-
-def eps_from_x0(x_t, x0, alpha_t, sigma_t):
-    """eps = (x_t - alpha_t * x0) / sigma_t."""
-    return (x_t - alpha_t * x0) / sigma_t
-
-
-def x0_from_v(x_t, v, alpha_t, sigma_t):
-    """x0 = alpha_t x_t - sigma_t v for VP with alpha^2 + sigma^2 = 1 (Salimans & Ho 2022)."""
-    return alpha_t * x_t - sigma_t * v
-
-
-def v_from_x0(x_t, x0, alpha_t, sigma_t):
-    """v = alpha_t eps - sigma_t x0 = (alpha_t x_t - x0) / sigma_t for VP."""
-    return (alpha_t * x_t - x0) / sigma_t
-
-
 def to_x0(output, x_t, alpha_t, sigma_t, prediction_type: str):
-    """Convert a network output of `prediction_type` into the x0 prediction."""
-    if prediction_type == "epsilon":
-        return x0_from_eps(x_t, output, alpha_t, sigma_t)
-    if prediction_type == "v_prediction":
-        return x0_from_v(x_t, output, alpha_t, sigma_t)
-    if prediction_type == "sample":
-        return output
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    """Convert a network output of `prediction_type` into the x0 prediction (`parametrisations`)."""
+    return parametrisation(prediction_type).to_x0(output, x_t, alpha_t, sigma_t)
 
 
 class UNetDenoiser(nn.Module):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig, TeacherConfig
+from .parametrisations import parametrisation
 from .schedules import VPSchedule
 
 
@@ -63,9 +64,8 @@ def train_teacher(data: DataConfig, cfg: TeacherConfig, images: torch.Tensor, la
         t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=g).to(device)
         eps = torch.randn(x0.shape, generator=g).to(device)
         x_t = schedule.add_noise(x0, eps, t)
-        kind = cfg.prediction_type or "epsilon"
-        target = eps if kind == "epsilon" else (
-            schedule.alpha_t(t, x0) * eps - schedule.sigma_t(t, x0) * x0 if kind == "v_prediction" else x0)
+        target = parametrisation(cfg.prediction_type or "epsilon").target(x0, eps, schedule.alpha_t(t, x0),
+                                                                           schedule.sigma_t(t, x0))
         out = unet(x_t, t, class_labels=y if data.num_classes else None).sample
         loss = F.mse_loss(out, target)
         opt.zero_grad(set_to_none=True)

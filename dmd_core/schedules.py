@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .parametrisations import parametrisation
+
 
 class NoiseSchedule:
     """Discrete schedule: x_t = alpha_t * x + sigma_t * eps for integer t in [0, T)."""
@@ -44,10 +46,7 @@ class NoiseSchedule:
 
     def denoising_weight(self, t: torch.Tensor, like: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
         """The teacher's own loss weighting in x0 space (DMD Alg. 3): SNR for eps, SNR + 1 for v, 1 for x0."""
-        snr = self.snr(t, like)
-        if prediction_type == "v_prediction":
-            return snr + 1.0
-        return torch.ones_like(snr) if prediction_type == "sample" else snr
+        return parametrisation(prediction_type).loss_weight(self.snr(t, like))
 
 
 class VPSchedule(NoiseSchedule):

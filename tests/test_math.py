@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from dmd_core.denoisers import (CFGDenoiser, UNetDenoiser, eps_from_x0, to_x0, v_from_x0, x0_from_eps,
-                                x0_from_v)
+from dmd_core.denoisers import CFGDenoiser, UNetDenoiser, to_x0
+from dmd_core.parametrisations import PARAMETRISATIONS
 from dmd_core.losses import (denoising_loss, distribution_matching_loss, dm_gradient, dm_loss,
                              gan_discriminator_loss, gan_generator_loss, pseudo_huber_regression)
 from dmd_core.schedules import EDMSchedule, VPSchedule, timestep_grid
@@ -42,17 +42,30 @@ def test_edm_schedule_endpoints_and_weight():
 
 
 def test_eps_x0_v_round_trips():
+    """Each parametrisation's target at (x0, eps) converts back to x0 (closed forms of DMD App. H)."""
     _, _, x0, eps, a, s = _vp_state()
     x_t = a * x0 + s * eps
-    assert torch.allclose(x0_from_eps(x_t, eps, a, s), x0)
-    assert torch.allclose(eps_from_x0(x_t, x0, a, s), eps)
     v = a * eps - s * x0
-    assert torch.allclose(v_from_x0(x_t, x0, a, s), v)
-    assert torch.allclose(x0_from_v(x_t, v, a, s), x0)
+    assert torch.allclose((x_t - s * eps) / a, x0) and torch.allclose(a * x_t - s * v, x0)  # the VP identities
     for kind, out in (("epsilon", eps), ("v_prediction", v), ("sample", x0)):
-        assert torch.allclose(to_x0(out, x_t, a, s, kind), x0)
+        p = PARAMETRISATIONS[kind]
+        assert torch.allclose(p.target(x0, eps, a, s), out)
+        assert torch.allclose(to_x0(out, x_t, a, s, kind), x0) and torch.allclose(p.to_x0(out, x_t, a, s), x0)
     with pytest.raises(ValueError, match="prediction_type"):
         to_x0(eps, x_t, a, s, "score")
+
+
+def test_parametrisation_loss_weight_is_its_mse_in_x0_space():
+    """|out(x0_hat) - out(x0)|^2 = loss_weight(SNR) |x0_hat - x0|^2 at the same x_t, for eps, v and x0 outputs."""
+    _, _, x0, eps, a, s = _vp_state()
+    x_t = a * x0 + s * eps
+    x0_hat = x0 + 0.3 * torch.randn_like(x0)
+    for p in PARAMETRISATIONS.values():
+        eps_hat = (x_t - a * x0_hat) / s  # the eps implied by predicting x0_hat at this x_t
+        out, out_hat = p.target(x0, eps, a, s), p.target(x0_hat, eps_hat, a, s)
+        lhs = ((out_hat - out) ** 2).flatten(1).sum(1)
+        rhs = p.loss_weight((a / s) ** 2).flatten() * ((x0_hat - x0) ** 2).flatten(1).sum(1)
+        assert torch.allclose(lhs, rhs, rtol=1e-4), p.name
 
 
 def test_unet_denoiser_applies_the_eps_conversion():
@@ -127,7 +140,8 @@ def test_denoising_loss_uses_snr_weight():
     assert torch.allclose(denoising_loss(pred, x0, w), (a**2 / sig**2).flatten() * 0.25)
     # A v-prediction teacher's uniform v-MSE equals (SNR + 1) x the x0-MSE at the same x_t (VP: 1/sigma^2).
     x_t = a * x0 + sig * eps
-    v_mse = ((v_from_x0(x_t, pred, a, sig) - v_from_x0(x_t, x0, a, sig)) ** 2).flatten(1).mean(1)
+    v_of = lambda x0_: (a * x_t - x0_) / sig  # noqa: E731  v = (alpha x_t - x0) / sigma for VP
+    v_mse = ((v_of(pred) - v_of(x0)) ** 2).flatten(1).mean(1)
     assert torch.allclose(denoising_loss(pred, x0, s.denoising_weight(t, x0, "v_prediction")), v_mse)
     assert torch.equal(s.denoising_weight(t, x0, "sample"), torch.ones_like(w))
 
