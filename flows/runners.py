@@ -42,10 +42,20 @@ def pairs_task_runner(cfg: PipelineConfig) -> Optional[Any]:
     return RayTaskRunner(init_kwargs={"num_cpus": p.runner_workers})
 
 
+def tasks_use_gpus(cfg: PipelineConfig) -> bool:
+    """device=cuda, or auto on a host with CUDA: a CPU-only host's device=auto run asks for no GPU (a task asking
+    a local Ray for one there would never be scheduled). Point device=cuda at a remote GPU cluster."""
+    if cfg.device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return cfg.device == "cuda"
+
+
 @contextlib.contextmanager
 def one_gpu_per_task(cfg: PipelineConfig) -> Iterator[None]:
-    """Tasks submitted inside ask their engine for one GPU (on a run that may use GPUs)."""
-    if cfg.device == "cpu" or cfg.pairs.runner == "threads":
+    """Tasks submitted inside ask their engine for one GPU (on a run that uses GPUs)."""
+    if cfg.pairs.runner == "threads" or not tasks_use_gpus(cfg):
         yield
     elif cfg.pairs.runner == "dask":
         import dask

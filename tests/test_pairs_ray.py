@@ -44,8 +44,10 @@ def test_ray_pairs_equal_threads_and_survive_a_lost_worker(prefect_api, tmp_path
         killer = threading.Thread(target=kill_a_busy_worker, args=(store, done, killed), daemon=True)
         killer.start()
         try:
-            run = teacher_and_pairs(prefect_api, root, "ray", "pairs.runner=ray", f"pairs.runner_address={address}")
-            assert run.wait() == 0
+            # device=auto on this CPU-only host: the tasks must not ask Ray for a GPU it does not have
+            run = teacher_and_pairs(prefect_api, root, "ray", "pairs.runner=ray", f"pairs.runner_address={address}",
+                                    "device=auto")
+            assert run.wait(timeout=600) == 0
         finally:
             done.set()
             killer.join()
