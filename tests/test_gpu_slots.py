@@ -4,6 +4,7 @@ its slot is read from the server's `prefect.concurrency-limit.acquired/released`
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,8 +15,10 @@ import pytest
 from tests.test_e2e_prefect import REPO, prefect, prefect_env, stop  # noqa: F401 (prefect_env: the real server)
 
 pytestmark = pytest.mark.slow
-# device=auto may use a GPU, so its stages hold slots (on this CPU-only host too); long enough a distill to overlap
-OVERRIDES = ["device=auto", "distill.steps=80", "distill.checkpoint_every=40", "distill.sample_every=80"]
+# device=auto may use a GPU, so its stages hold slots (on this CPU-only host too). Both runs hold their slot for
+# seconds (a 320-step distill, 512 evaluated samples), longer than the worker takes to start one after the other.
+OVERRIDES = ["device=auto", "distill.steps=320", "distill.checkpoint_every=160", "distill.sample_every=320",
+             "evaluate.n_samples=512"]
 
 
 def slot_intervals(env: dict, since: dt.datetime) -> dict[str, tuple[dt.datetime, dt.datetime]]:
@@ -84,6 +87,7 @@ def test_one_gpu_slot_serialises_distill_and_evaluate_two_let_them_overlap(prefe
                                  env=env, capture_output=True, text=True, timeout=300)
         assert resized.returncode == 0, resized.stderr[-3000:]
         assert "2" in prefect(env, "gcl", "inspect", "gpu")
+        shutil.rmtree(os.path.join(root, "r", "eval"))  # else evaluate finds its rows (and marker) and returns at once
         two = distill_and_evaluate_together(env, root)
         assert overlap(two["distill"], two["evaluate"]) > 0, two  # both held a slot at the same time
     finally:
