@@ -9,12 +9,13 @@ import torch.distributed as dist
 
 from dmd_core.distributed import current, init_process_group
 from tasks.context import device_for, open_run
-from tasks.distill import run_distill
 from tasks.launch import ERROR_TAG
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     """One rank: join the process group (nccl on cuda:LOCAL_RANK, gloo on CPU) and run the distill stage."""
+    from tasks.distill import run_distill  # this module is that stage's rank entry point, run by torchrun
+
     parser = argparse.ArgumentParser(prog="python -m tasks.ddp", description=__doc__.splitlines()[0])
     parser.add_argument("root")
     parser.add_argument("run_name")
