@@ -15,14 +15,13 @@ import pytest
 from tests.test_e2e_prefect import REPO, prefect, prefect_env, stop  # noqa: F401 (prefect_env: the real server)
 
 pytestmark = pytest.mark.slow
-# device=auto may use a GPU, so its stages hold slots (on this CPU-only host too). Both runs hold their slot for
-# seconds (a 320-step distill, 512 evaluated samples), longer than the worker takes to start one after the other.
-OVERRIDES = ["device=auto", "distill.steps=320", "distill.checkpoint_every=160", "distill.sample_every=320",
-             "evaluate.n_samples=512"]
+# device=auto may use a GPU, so its stages hold slots (on this CPU-only host too). Distill holds its slot for
+# seconds (640 steps), longer than the worker takes to start the evaluation.
+OVERRIDES = ["device=auto", "distill.steps=640", "distill.checkpoint_every=320", "distill.sample_every=640"]
 
 
-def slot_intervals(env: dict, since: dt.datetime) -> dict[str, tuple[dt.datetime, dt.datetime]]:
-    """Task name ("distill", "evaluate", ...) -> (acquired, released) of the `gpu` slots held since `since`."""
+def slot_events(env: dict, since: dt.datetime) -> list[tuple[str, str, dt.datetime]]:
+    """(task name, "acquired" or "released", when) of the `gpu` slot events since `since`, oldest first."""
     body = {"filter": {"occurred": {"since": since.isoformat()},
                        "event": {"prefix": ["prefect.concurrency-limit."]}, "order": "ASC"}, "limit": 50}
     request = urllib.request.Request(f"{env['PREFECT_API_URL']}/events/filter", data=json.dumps(body).encode(),
@@ -30,25 +29,42 @@ def slot_intervals(env: dict, since: dt.datetime) -> dict[str, tuple[dt.datetime
     with urllib.request.urlopen(request, timeout=30) as r:
         events = json.load(r)["events"]
     assert len(events) < 50, "more slot events than one page"
-    held: dict[str, list] = {}
+    out = []
     for e in events:
         if e["resource"].get("prefect.resource.name") != "gpu":
             continue
         task = [r["prefect.resource.name"] for r in e["related"] if r["prefect.resource.role"] == "task-run"]
-        name = task[0].rsplit("-", 1)[0] if task else "?"
-        held.setdefault(name, []).append((e["event"].rsplit(".", 1)[1], dt.datetime.fromisoformat(e["occurred"])))
+        out.append((task[0].rsplit("-", 1)[0] if task else "?", e["event"].rsplit(".", 1)[1],
+                    dt.datetime.fromisoformat(e["occurred"])))
+    return out
+
+
+def slot_intervals(env: dict, since: dt.datetime) -> dict[str, tuple[dt.datetime, dt.datetime]]:
+    """Task name ("distill", "evaluate", ...) -> (acquired, released) of the `gpu` slots held since `since`."""
+    held: dict[str, list] = {}
+    for name, phase, when in slot_events(env, since):
+        held.setdefault(name, []).append((phase, when))
     return {name: (min(t for p, t in ts if p == "acquired"), max(t for p, t in ts if p == "released"))
             for name, ts in held.items() if {p for p, _ in ts} == {"acquired", "released"}}
 
 
+def deployment_run(env: dict, name: str, params: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "prefect", "deployment", "run", f"dmd/{name}", "--params",
+                             json.dumps(params), "--watch", "--watch-timeout", "400"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def distill_and_evaluate_together(env: dict, root: str) -> dict[str, tuple[dt.datetime, dt.datetime]]:
-    """Start the two deployment runs at once, wait for both; their slot intervals."""
+    """Run both deployments at once: distill first, evaluate as soon as distill holds its slot (flow runs start
+    seconds apart in a process worker, and a short evaluation could otherwise be over before distill asks);
+    wait for both; their slot intervals."""
     since = dt.datetime.now(dt.timezone.utc)
     params = {"preset": "digits-tiny", "overrides": OVERRIDES, "root": root, "run_name": "r"}
-    runs = [subprocess.Popen([sys.executable, "-m", "prefect", "deployment", "run", f"dmd/{name}", "--params",
-                              json.dumps({**params, **extra}), "--watch", "--watch-timeout", "400"], cwd=REPO,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for name, extra in (("distill", {"force": True}), ("evaluate", {}))]
+    runs = [deployment_run(env, "distill", {**params, "force": True})]
+    deadline = time.time() + 300
+    while not any(e[:2] == ("distill", "acquired") for e in slot_events(env, since)) and time.time() < deadline:
+        time.sleep(0.5)
+    runs.append(deployment_run(env, "evaluate", params))
     for run in runs:
         out = run.communicate(timeout=450)[0]
         assert run.returncode == 0 and "Completed" in out, out[-3000:]
