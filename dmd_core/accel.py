@@ -122,7 +122,7 @@ def match_state_layout(opt: torch.optim.Optimizer) -> None:
 # distill.compile=auto on CUDA: the trainer starts eager, times PROBE_STEPS steps (after a first warm-up step) and
 # compiles once when the steps left repay the compile time. Constants measured on an H200 (docs/benchmarks.md,
 # "When compiling pays"): a cold compile of the trainer's networks takes minutes whatever their size, compiled
-# steps save 30-45 % of an eager step, and torch's cache artifacts saved with the run cut a later compile to a
+# steps save 25-45 % of an eager step, and torch's cache artifacts saved with the run cut a later compile to a
 # fraction of the cold time.
 PROBE_STEPS = 3
 COLD_COMPILE_S = 225.0
@@ -130,11 +130,15 @@ CACHED_COMPILE_FRACTION = 0.25
 COMPILED_STEP_SAVING = 0.25
 
 
+def expected_compile_s(cached: bool) -> float:
+    """COLD_COMPILE_S, or CACHED_COMPILE_FRACTION of it with the run's compile cache loaded."""
+    return COLD_COMPILE_S * (CACHED_COMPILE_FRACTION if cached else 1.0)
+
+
 def compile_pays(steps_left: int, eager_step_s: float, cached: bool) -> bool:
     """Compile when steps_left x the saving per step (COMPILED_STEP_SAVING of an eager step) exceeds the compile
-    time expected: COLD_COMPILE_S, or CACHED_COMPILE_FRACTION of it with the run's compile cache loaded."""
-    compile_s = COLD_COMPILE_S * (CACHED_COMPILE_FRACTION if cached else 1.0)
-    return steps_left * COMPILED_STEP_SAVING * eager_step_s > compile_s
+    time expected (`expected_compile_s`)."""
+    return steps_left * COMPILED_STEP_SAVING * eager_step_s > expected_compile_s(cached)
 
 
 class CompileWhenItPays:
@@ -161,7 +165,7 @@ class CompileWhenItPays:
         """One line for the log: what was decided and on which numbers."""
         if self.eager_step_s is None:
             return "distill.compile=auto: eager (too few steps to time and repay a compile)"
-        compile_s = COLD_COMPILE_S * (CACHED_COMPILE_FRACTION if self.cached else 1.0)
+        compile_s = expected_compile_s(self.cached)
         saved = self.steps_left * COMPILED_STEP_SAVING * self.eager_step_s
         verdict = "compiling" if self.decided else "staying eager"
         return (f"distill.compile=auto: {verdict}: {self.steps_left} steps left x {self.eager_step_s * 1e3:.0f} ms "

@@ -100,7 +100,7 @@ class DMDTrainer:
                 unet = getattr(module, "unet", module)
                 if hasattr(unet, "enable_gradient_checkpointing"):
                     unet.enable_gradient_checkpointing()
-        # compile=auto on CUDA starts eager: `auto_compile` decides after timing a few steps (CompileWhenItPays).
+        # compile=auto on CUDA starts eager: the distill stage times a few steps and calls `compile` if it pays.
         resolved = accel.resolve_compile(cfg.compile, self.device)
         self.auto_compile_mode = resolved if cfg.compile == "auto" and resolved != "none" else None
         self.compile_mode = "none"
