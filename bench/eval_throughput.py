@@ -6,7 +6,7 @@ python bench/eval_throughput.py --tiny     (CPU smoke run on `dmd_core.tiny` com
 Per batch of B captions, in one process, timed stage by stage (torch.cuda.synchronize around each, wall clock),
 exactly as `tasks/eval_protocols.py` `image_protocol` runs them:
   encode   `Teacher.encode(prompts)`: byte tokenizer + CLIP ViT-L/14 text tower
-  unet     one-step generator `Generator(UNetDenoiser, t=999)`: one UNet2DConditionModel pass on 64x64x4 latents
+  unet     one-step generator `Generator(NetDenoiser, t=999)`: one UNet2DConditionModel pass on 64x64x4 latents
   decode   `Teacher.decode` (AutoencoderKL to 512x512), /2 + 0.5, clamp, `.float().cpu()`
   protocol `dmd_core.evaluation.to_protocol_images(images, 256)` (uint8, center crop + PIL Lanczos, CPU)
   fid      `dmd_core.fid.features(list(images), inception, "clean", device)`; of which `preprocess` (clean-fid's
@@ -135,7 +135,7 @@ def one_batch(ctx: dict, B: int, autocast: bool, device: str) -> dict:
 def build(tiny: bool, device: str) -> dict:
     t0 = time.time()
     teacher = build_teacher(tiny, device)
-    G = Generator(teacher.denoiser, teacher.schedule, (999,)).eval()  # same architecture as a student checkpoint
+    G = Generator(teacher.denoiser, teacher.process, (999,)).eval()  # same architecture as a student checkpoint
     cfg = with_guidance(teacher.denoiser, GUIDANCE, teacher.null_cond)
     if tiny:
         from dmd_core.tiny import TinyInception, register_tiny_clip
@@ -148,7 +148,7 @@ def build(tiny: bool, device: str) -> dict:
     clip = load_clip(clip_name, random_init=True, device=device)
     scorer = ClipScorer(*clip, prefix=DMD2_PREFIX, resize=256)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    info = {"unet_params": count(teacher.unet), "vae_params": count(teacher.vae),
+    info = {"unet_params": count(teacher.net), "vae_params": count(teacher.vae),
             "text_encoder_params": count(teacher.text_encoder), "inception_params": count(inception),
             "clip_params": count(clip[0]), "build_sd_s": round(t1 - t0, 1), "build_clip_s": round(time.time() - t1, 1)}
     return {"teacher": teacher, "G": G, "cfg": cfg, "inception": inception, "clip": scorer, "info": info}

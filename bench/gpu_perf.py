@@ -63,13 +63,13 @@ def timed(fn, iters: int, warmup: int) -> dict:
 def cifar_teacher(device: str):
     from diffusers import UNet2DModel
 
-    from dmd_core.denoisers import UNetDenoiser
+    from dmd_core.denoisers import NetDenoiser
     from dmd_core.teachers import Teacher, vp_schedule
 
     torch.manual_seed(0)
     unet = UNet2DModel(**CIFAR_UNET)
     schedule = vp_schedule(CIFAR_SCHEDULER)
-    return Teacher(kind="unet2d", denoiser=UNetDenoiser(unet, schedule, "epsilon"), schedule=schedule,
+    return Teacher(kind="unet2d", denoiser=NetDenoiser(unet, schedule, "epsilon"), schedule=schedule,
                    sample_shape=(3, 32, 32), prediction_type="epsilon",
                    scheduler_config=dict(CIFAR_SCHEDULER)).to(device).frozen()
 
@@ -149,8 +149,8 @@ def bench_train(args, out: dict) -> None:
     n_pairs = 4096
     g = torch.Generator().manual_seed(1)
     pairs = {"z": torch.randn(n_pairs, 3, 32, 32, generator=g), "y": torch.randn(n_pairs, 3, 32, 32, generator=g)}
-    res = out.setdefault("train", {"batch": B, "params_M": round(sum(p.numel() for p in teacher.unet.parameters()) / 1e6, 1)})
-    eager = EagerLoop(teacher.unet, teacher.schedule, B, pairs, device)
+    res = out.setdefault("train", {"batch": B, "params_M": round(sum(p.numel() for p in teacher.net.parameters()) / 1e6, 1)})
+    eager = EagerLoop(teacher.net, teacher.process, B, pairs, device)
     res["eager_loop"] = timed(eager, args.iters, args.warmup)
     del eager
     torch.cuda.empty_cache()
@@ -212,7 +212,7 @@ def bench_pairs(args, out: dict) -> None:
     device = args.pairs_device
     teacher = cifar_teacher("cpu")
     folder = tempfile.mkdtemp(prefix="cifar-teacher-")
-    teacher.unet.save_pretrained(f"{folder}/unet")
+    teacher.net.save_pretrained(f"{folder}/unet")
     from diffusers import DDPMScheduler
     DDPMScheduler(**{k: v for k, v in CIFAR_SCHEDULER.items() if not k.startswith("_")}).save_pretrained(
         f"{folder}/scheduler")

@@ -54,7 +54,7 @@ def main() -> None:
     y = torch.randint(0, 10, (args.n,), generator=g)
     cond = teacher.encode(y)
     D = student_denoiser(teacher, checkpoint_weights(store, step, key, True), d)
-    G = Generator(D, teacher.schedule, d.generator_timesteps)
+    G = Generator(D, teacher.process, d.generator_timesteps)
     prefix = checkpoint_prefix(step, checkpoint_folder(store, key))
     fake_w = bytes_to_tensors(store.read_bytes(f"{prefix}/fake.safetensors"))
     fake = guided_denoiser(teacher.denoiser, d.guidance_embedding_dim) if d.guidance_range else None
@@ -74,7 +74,7 @@ def main() -> None:
         # reference: the time embedding input norm (sinusoidal timestep features)
         tproj = D.unet.unet.time_proj(torch.tensor([999, 500, 50]))
         print("time_proj norms (t=999,500,50):", tproj.norm(dim=1).tolist())
-    sched = teacher.schedule
+    sched = teacher.process
     for w in scales:
         with torch.no_grad():
             x_ref = teacher.sample(cfg.pairs.solver, args.teacher_steps, z, cond, w).float()
@@ -97,7 +97,7 @@ def main() -> None:
                 pr, pf = real(xt, t, cond), fk(xt, t, cond)
                 p1 = fk(xt, t, cond, 1.0)
                 pt = teacher.denoiser(xt, t, cond)
-                a, s = sched.alpha_t(t, x), sched.sigma_t(t, x)
+                a, s = sched.alpha(t, x), sched.sigma(t, x)
                 grad = dm_gradient(x, xt, pr, pf, a, s, d.dm_weighting)
                 # denoising error of the fake on G's own samples (how well it models them) vs the real's
                 ef, er = ((pf - x) ** 2).mean(), ((pr - x) ** 2).mean()

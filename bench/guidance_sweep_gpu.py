@@ -74,7 +74,7 @@ def train(args) -> None:
         for _ in range(d.steps):
             trainer.train_step()
         times[name] = time.time() - t0
-        G = Generator(trainer.ema, teacher.schedule, d.generator_timesteps)
+        G = Generator(trainer.ema, teacher.process, d.generator_timesteps)
         for w in args.scales:
             renoise = torch.Generator(device).manual_seed(1)
             with torch.no_grad():

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dmd_core.conditions import Prompts  # noqa: E402
-from dmd_core.denoisers import UNetDenoiser  # noqa: E402
+from dmd_core.denoisers import NetDenoiser  # noqa: E402
 from dmd_core.teachers import Teacher, vp_schedule  # noqa: E402
 from dmd_core.tiny import SD_SCHEDULER, tiny_sd_components, write_byte_tokenizer  # noqa: E402
 
@@ -74,7 +74,7 @@ def build_teacher(tiny: bool, device: str, decoder: str = "full") -> Teacher:
     schedule = vp_schedule(SD_SCHEDULER)
     unet = parts["unet"]
     shape = (4, unet.config.sample_size, unet.config.sample_size)
-    teacher = Teacher(kind="sd", denoiser=UNetDenoiser(unet, schedule, "epsilon"), schedule=schedule,
+    teacher = Teacher(kind="sd", denoiser=NetDenoiser(unet, schedule, "epsilon"), schedule=schedule,
                       sample_shape=shape, prediction_type="epsilon", text_encoder=parts["text_encoder"],
                       tokenizer=CLIPTokenizer.from_pretrained(folder), vae=parts["vae"],
                       scheduler_config=dict(SD_SCHEDULER),
@@ -130,7 +130,7 @@ class EagerStep:
     def __init__(self, teacher: Teacher, lpips_model, batch: int, device: str) -> None:
         self.dev, self.B, self.R = torch.device(device), batch, max(batch // 2, 1)
         self.shape = teacher.sample_shape
-        self.real, self.lpips = teacher.unet, lpips_model
+        self.real, self.lpips = teacher.net, lpips_model
         self.vae = teacher.decoder if teacher.decoder is not None else teacher.vae  # the regression's decoder
         self.tok, self.clip = teacher.tokenizer, teacher.text_encoder
         self.G = copy.deepcopy(self.real).requires_grad_(True).train()
@@ -141,7 +141,7 @@ class EagerStep:
         adam = dict(lr=LR, betas=(0.9, 0.999), weight_decay=0.01)
         self.opt_G = torch.optim.AdamW(self.G.parameters(), **adam)
         self.opt_fake = torch.optim.AdamW(self.fake.parameters(), **adam)
-        abar = teacher.schedule.alphas_cumprod.float().to(self.dev)
+        abar = teacher.process.alphas_cumprod.float().to(self.dev)
         self.alpha, self.sigma = abar.sqrt(), (1 - abar).sqrt()
         self.null = self.encode([""])
         self.n = 0
@@ -324,7 +324,7 @@ def main() -> None:
     COMPILE, COMPILE_SCOPE = args.compile, args.compile_scope
     teacher = build_teacher(args.tiny, device, args.decoder)
     lpips_model = build_lpips("vgg", random_trunk=True).to(device)
-    n_unet = sum(p.numel() for p in teacher.unet.parameters())
+    n_unet = sum(p.numel() for p in teacher.net.parameters())
     result = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "tiny": args.tiny, "sample_shape": list(teacher.sample_shape),
               "unet_params": n_unet, "vae_params": sum(p.numel() for p in teacher.vae.parameters()),

@@ -48,8 +48,9 @@ class DataConfig(_Model):
 class TeacherConfig(_Model):
     """The teacher: `kind` picks the loader; `source` says whether it is trained here (digits) or a local folder."""
 
-    kind: Literal["unet2d", "sd", "callable"] = Field("unet2d", description="unet2d: UNet2DModel + scheduler; "
-                                                      "sd: Stable Diffusion folder; callable: teacher.factory")
+    kind: str = Field("unet2d", description="the teacher family (dmd_core.families): unet2d (UNet2DModel + "
+                                            "scheduler), sd (Stable Diffusion folder), sdxl (Stable Diffusion XL "
+                                            "folder); or callable (teacher.factory)")
     source: Literal["train", "path"] = "train"
     path: Optional[str] = Field(None, description="local diffusers folder when source=path")
     factory: Optional[str] = Field(None, description="'package.module:function' returning a Teacher (kind=callable)")
@@ -68,14 +69,30 @@ class TeacherConfig(_Model):
     class_dropout: float = Field(0.1, ge=0, lt=1, description="label dropout enabling classifier-free guidance")
     seed: int = 0
 
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from .families import KINDS
+
+        if v not in KINDS:
+            raise ValueError(f"must be one of {', '.join(KINDS)}")
+        return v
+
+    @property
+    def text(self) -> bool:
+        """A text-to-image family (its conditions are prompts)."""
+        from .families import FAMILIES, family
+
+        return self.kind in FAMILIES and family(self.kind).conditioning == "text"
+
     @model_validator(mode="after")
     def _path_needed(self) -> "TeacherConfig":
         if self.kind == "callable" and not self.factory:
             raise ValueError("teacher.factory is required when teacher.kind is 'callable'")
         if self.kind != "callable" and self.source == "path" and not self.path:
             raise ValueError("teacher.path is required when teacher.source is 'path'")
-        if self.kind == "sd" and self.source == "train":
-            raise ValueError("teacher.kind=sd loads a folder: set teacher.source=path and teacher.path")
+        if self.kind not in ("unet2d", "callable") and self.source == "train":
+            raise ValueError(f"teacher.kind={self.kind} loads a folder: set teacher.source=path and teacher.path")
         return self
 
 
@@ -323,11 +340,11 @@ class PipelineConfig(_Model):
 
     @model_validator(mode="after")
     def _timesteps_in_range(self) -> "PipelineConfig":
-        if self.teacher.kind == "sd" and not self.data.captions:
-            raise ValueError("data.captions is required for a text-to-image teacher (teacher.kind=sd)")
-        if (self.evaluate.protocol or "").startswith("coco") and self.teacher.kind != "sd":
+        if self.teacher.text and not self.data.captions:
+            raise ValueError(f"data.captions is required for a text-to-image teacher (teacher.kind={self.teacher.kind})")
+        if (self.evaluate.protocol or "").startswith("coco") and not self.teacher.text:
             raise ValueError(f"evaluate.protocol={self.evaluate.protocol} scores text-to-image teachers "
-                             "(teacher.kind=sd)")
+                             "(teacher.kind=sd or sdxl)")
         T = self.teacher.num_train_timesteps
         if self.distill.generator_timesteps[0] >= T:
             raise ValueError(f"distill.generator_timesteps must be below teacher.num_train_timesteps ({T})")

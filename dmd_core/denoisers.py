@@ -1,4 +1,4 @@
-"""The denoiser contract D(x_t, t, cond) -> x0 (mean prediction, DMD §3.1) and its adapters."""
+"""The denoiser contract D(x_s, s, cond) -> x0 (mean prediction, DMD §3.1) at a level s of a `NoiseProcess`."""
 from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Union
@@ -6,8 +6,9 @@ from typing import Any, Callable, Protocol, Union
 import torch
 from torch import nn
 
+from .backbones import backbone_for
 from .parametrisations import PARAMETRISATIONS, parametrisation
-from .schedules import NoiseSchedule
+from .processes import NoiseProcess, full_level
 
 PREDICTION_TYPES = tuple(PARAMETRISATIONS)
 
@@ -18,9 +19,9 @@ Cond = Union[None, torch.Tensor, dict[str, Any]]
 
 
 class Denoiser(Protocol):
-    """Anything called as D(x_t, t, cond) that returns the x0 (mean) prediction."""
+    """Anything called as D(x_s, s, cond) with levels s (B,) that returns the x0 (mean) prediction."""
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor: ...
+    def __call__(self, x_t: torch.Tensor, s: torch.Tensor, cond: Cond = None) -> torch.Tensor: ...
 
 
 def cond_map(fn: Callable[[torch.Tensor], torch.Tensor], cond: Cond) -> Cond:
@@ -49,35 +50,34 @@ def cond_expand(null: Cond, n: int, like: Cond) -> Cond:
     return null.reshape(-1, *like.shape[1:])[:1].expand(n, *like.shape[1:])
 
 
-def to_x0(output, x_t, alpha_t, sigma_t, prediction_type: str):
-    """Convert a network output of `prediction_type` into the x0 prediction (`parametrisations`)."""
-    return parametrisation(prediction_type).to_x0(output, x_t, alpha_t, sigma_t)
+class NetDenoiser(nn.Module):
+    """D(x_s, s, cond) -> x0 = Parametrisation.to_x0(backbone(net, x_s, c_noise(s), cond), x_s, alpha, sigma)
+    (EDM's preconditioning; DMD App. H): any network a `Backbone` adapts, over a `NoiseProcess`."""
 
-
-class UNetDenoiser(nn.Module):
-    """Wraps a diffusers `UNet2DModel` (unconditional or class-conditional) as D(x_t, t, cond) -> x0."""
-
-    def __init__(self, unet: nn.Module, schedule: NoiseSchedule, prediction_type: str = "epsilon") -> None:
+    def __init__(self, net: nn.Module, process: NoiseProcess, prediction_type: str = "epsilon") -> None:
         super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        self.unet = unet
-        self.schedule = schedule
+        self.parametrisation = parametrisation(prediction_type)
+        self.net = net
+        self.backbone = backbone_for(net)
+        self.process = process
         self.prediction_type = prediction_type
+        self._register_load_state_dict_pre_hook(_legacy_keys)
 
-    def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-        """The network output in its own parameterisation; a dict condition becomes keyword arguments."""
-        t = torch.as_tensor(t, device=x_t.device).long().expand(x_t.shape[0])
-        if cond is None:
-            return self.unet(x_t, t).sample
-        if isinstance(cond, dict):
-            return self.unet(x_t, t, **cond).sample
-        return self.unet(x_t, t, class_labels=cond).sample
+    def raw(self, x_t: torch.Tensor, s: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        """The network output in its own parametrisation."""
+        s = full_level(s, x_t)
+        return self.backbone(self.net, x_t, self.process.c_noise(s), cond)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-        out = self.raw(x_t, t, cond).to(x_t.dtype)
-        alpha_t, sigma_t = self.schedule.alpha_t(t, x_t), self.schedule.sigma_t(t, x_t)
-        return to_x0(out, x_t, alpha_t, sigma_t, self.prediction_type)
+    def forward(self, x_t: torch.Tensor, s: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        s = full_level(s, x_t)
+        out = self.raw(x_t, s, cond).to(x_t.dtype)
+        return self.parametrisation.to_x0(out, x_t, self.process.alpha(s, x_t), self.process.sigma(s, x_t))
+
+
+def _legacy_keys(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the backbone redesign name the network `unet.`; it is `net.` now."""
+    for key in [k for k in state_dict if k.startswith(prefix + "unet.")]:
+        state_dict[prefix + "net." + key[len(prefix) + 5:]] = state_dict.pop(key)
 
 
 class CFGDenoiser(nn.Module):
@@ -102,14 +102,14 @@ class CFGDenoiser(nn.Module):
             raise ValueError(f"per-sample guidance: w has shape {tuple(self.w.shape)}, the batch is {like.shape[0]}")
         return self.w.to(like).reshape(-1, *([1] * (like.ndim - 1)))
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, s: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         if cond is None or (isinstance(self.w, float) and self.w == 1.0):
-            return self.denoiser(x_t, t, cond)
+            return self.denoiser(x_t, s, cond)
         if self.null_cond is None:
             raise ValueError("classifier-free guidance needs the teacher's null condition")
         null = cond_expand(self.null_cond, x_t.shape[0], cond)
-        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        x0 = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), cond_cat(null, cond))
+        s = full_level(s, x_t)
+        x0 = self.denoiser(torch.cat([x_t, x_t]), torch.cat([s, s]), cond_cat(null, cond))
         x0_uncond, x0_cond = x0.chunk(2)
         return x0_uncond + self._scale(x0_cond) * (x0_cond - x0_uncond)
 

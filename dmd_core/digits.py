@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .config import DataConfig, TeacherConfig
 from .parametrisations import parametrisation
-from .schedules import VPSchedule
+from .processes import VPDiscrete
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +51,7 @@ def train_teacher(data: DataConfig, cfg: TeacherConfig, images: torch.Tensor, la
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     unet = build_unet(data, cfg).to(device).train()
-    schedule = VPSchedule.from_scheduler(build_scheduler(cfg))
+    process = VPDiscrete.from_scheduler(build_scheduler(cfg))
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (1 - s / max(cfg.train_steps, 1)))
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -61,12 +61,12 @@ def train_teacher(data: DataConfig, cfg: TeacherConfig, images: torch.Tensor, la
         if data.num_classes:
             drop = torch.rand(cfg.batch_size, generator=g).to(device) < cfg.class_dropout
             y = torch.where(drop, torch.full_like(y, data.num_classes), y)
-        t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=g).to(device)
+        s = process.level(torch.randint(0, process.T, (cfg.batch_size,), generator=g).to(device))
         eps = torch.randn(x0.shape, generator=g).to(device)
-        x_t = schedule.add_noise(x0, eps, t)
-        target = parametrisation(cfg.prediction_type or "epsilon").target(x0, eps, schedule.alpha_t(t, x0),
-                                                                           schedule.sigma_t(t, x0))
-        out = unet(x_t, t, class_labels=y if data.num_classes else None).sample
+        x_t = process.add_noise(x0, eps, s)
+        target = parametrisation(cfg.prediction_type or "epsilon").target(x0, eps, process.alpha(s, x0),
+                                                                           process.sigma(s, x0))
+        out = unet(x_t, process.c_noise(s), class_labels=y if data.num_classes else None).sample
         loss = F.mse_loss(out, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

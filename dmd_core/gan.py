@@ -1,4 +1,4 @@
-"""DMD2 GAN head: a small classifier on the fake score UNet's bottleneck (mid-block) features."""
+"""DMD2 GAN head: a small classifier on the fake score network's bottleneck (a UNet's mid-block) features."""
 from __future__ import annotations
 
 import torch
@@ -22,14 +22,14 @@ class GANHead(nn.Module):
 
 
 class BottleneckFeatures:
-    """Captures the output of `unet.mid_block` on every forward of the fake score network."""
+    """Captures the output of the fake score network's bottleneck (its backbone says which module) on every forward."""
 
-    def __init__(self, unet: nn.Module) -> None:
-        if getattr(unet, "mid_block", None) is None:
-            raise ValueError("the GAN head needs a UNet with a mid_block (diffusers UNet2DModel/UNet2DConditionModel)")
+    def __init__(self, denoiser: nn.Module) -> None:
+        if not hasattr(denoiser, "backbone"):
+            raise ValueError("the GAN head needs a network denoiser (NetDenoiser) whose backbone has a bottleneck")
+        module, self.channels = denoiser.backbone.bottleneck(denoiser.net)
         self.value: torch.Tensor | None = None
-        unet.mid_block.register_forward_hook(self._hook)
-        self.channels = int(unet.config.block_out_channels[-1])
+        module.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
         self.value = output[0] if isinstance(output, tuple) else output

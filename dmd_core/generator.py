@@ -6,37 +6,39 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .schedules import NoiseSchedule, full_t
+from .processes import NoiseProcess, full_level
 
 
 class Generator(nn.Module):
     """G_theta(z) = mu_base(z, t*) for one step; with several `timesteps`, DMD2's re-noising sampler.
 
-    `denoiser` is a copy of the teacher (same architecture and weights); `timesteps` is (t*,) for a
-    one-step generator, e.g. (999, 749, 499, 249) for DMD2's four-step generator.
+    `denoiser` is a copy of the teacher (same architecture and weights); `timesteps` (in the process's timestep
+    convention, as configs write them) is (t*,) for a one-step generator, e.g. (999, 749, 499, 249) for DMD2's
+    four-step generator; it runs at their levels s_i = process.level(t_i).
     """
 
-    def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, timesteps: Sequence[int] = (999,)) -> None:
+    def __init__(self, denoiser: nn.Module, process: NoiseProcess, timesteps: Sequence[int] = (999,)) -> None:
         super().__init__()
         ts = [int(t) for t in timesteps]
-        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= schedule.T or ts[-1] < 0:
-            raise ValueError(f"generator timesteps must be strictly decreasing within [0, {schedule.T}), got {ts}")
+        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= process.T or ts[-1] < 0:
+            raise ValueError(f"generator timesteps must be strictly decreasing within [0, {process.T}), got {ts}")
         self.denoiser = denoiser
-        self.schedule = schedule
+        self.process = process
         self.timesteps = ts
+        self.levels = process.levels(ts)
 
     def step(self, x_t: torch.Tensor, i: int, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One generator evaluation x0 = G(x_{t_i}, t_i)."""
-        return self.denoiser(x_t, full_t(self.timesteps[i], x_t), cond)
+        """One generator evaluation x0 = G(x_{s_i}, s_i)."""
+        return self.denoiser(x_t, full_level(self.levels[i], x_t), cond)
 
     def renoise(self, x0: torch.Tensor, i: int, eps: torch.Tensor) -> torch.Tensor:
-        """Forward-diffuse x0 to the next generator timestep t_{i+1} with fresh noise (DMD2 §4.3)."""
-        return self.schedule.add_noise(x0, eps, full_t(self.timesteps[i + 1], x0))
+        """Forward-diffuse x0 to the next generator level s_{i+1} with fresh noise (DMD2 §4.3)."""
+        return self.process.add_noise(x0, eps, full_level(self.levels[i + 1], x0))
 
     def forward(self, z: torch.Tensor, cond: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Sample: x = init_noise_sigma * z, then alternate denoise / re-noise over the timesteps."""
-        x = z * self.schedule.init_noise_sigma
+        x = z * self.process.init_noise_sigma
         for i in range(len(self.timesteps)):
             x0 = self.step(x, i, cond)
             if i + 1 < len(self.timesteps):
@@ -50,7 +52,7 @@ class Generator(nn.Module):
         """DMD2 backward simulation: roll G from pure noise without grad to step k, then step k with grad.
         Each re-noising's eps is `noise(x0)` when given (a data-parallel trainer draws the global batch), else
         standard normal from `generator`, as `forward` draws it."""
-        x = z * self.schedule.init_noise_sigma
+        x = z * self.process.init_noise_sigma
         with torch.no_grad():
             for i in range(k):
                 x0 = self.step(x, i, cond)
@@ -60,6 +62,6 @@ class Generator(nn.Module):
         return self.step(x, k, cond)
 
 
-def one_step(denoiser: Callable, schedule: NoiseSchedule, t_star: int) -> Generator:
+def one_step(denoiser: Callable, process: NoiseProcess, t_star: int) -> Generator:
     """The one-step generator conditioned at t* (DMD: T-1; DMD2 SDXL: 399)."""
-    return Generator(denoiser, schedule, (t_star,))
+    return Generator(denoiser, process, (t_star,))

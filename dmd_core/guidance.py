@@ -11,15 +11,14 @@ skips CFG). `UNet2DModel` students wrap the network with a `GuidanceEmbedding` a
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .denoisers import Cond, UNetDenoiser
-from .guidance_embedding import GuidanceEmbedding, guidance_scale_embedding
+from .backbones import GuidedUNet2D  # noqa: F401  (importable from here, as before)
+from .denoisers import Cond, NetDenoiser
 
 GUIDANCE_LAWS = ("uniform", "log-uniform")
 
@@ -36,74 +35,20 @@ def sample_guidance(n: int, w_range: Sequence[float], law: str, generator: torch
     raise ValueError(f"guidance_law must be one of {GUIDANCE_LAWS}, got {law!r}")
 
 
-class GuidedUNet2D(nn.Module):
-    """A `UNet2DModel` that also takes `guidance_scale` (B,), embedded and added to its time embedding's input."""
-
-    def __init__(self, unet: nn.Module, guidance: GuidanceEmbedding) -> None:
-        super().__init__()
-        self.unet, self.guidance = unet, guidance
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.unet.enable_gradient_checkpointing()
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
-                guidance_scale: Optional[torch.Tensor] = None):
-        if guidance_scale is None:
-            return self.unet(sample, timestep, class_labels=class_labels)
-        with self.guidance.applied(self.unet, guidance_scale):
-            return self.unet(sample, timestep, class_labels=class_labels)
-
-
-def is_text_unet(unet: nn.Module) -> bool:
-    """A UNet2DConditionModel (cross-attention, `timestep_cond`), as opposed to a UNet2DModel."""
-    return hasattr(getattr(unet, "config", None), "cross_attention_dim")
-
-
-def guided_unet(unet: nn.Module, embedding_dim: int) -> nn.Module:
-    """The teacher's network plus a zero-initialised guidance projection; every other weight copied exactly."""
-    if is_text_unet(unet):
-        from diffusers import UNet2DConditionModel
-
-        student = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": embedding_dim})
-        missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
-        if unexpected or missing != ["time_embedding.cond_proj.weight"]:
-            raise ValueError(f"guided student: unexpected weight layout (missing {missing}, unexpected {unexpected})")
-        nn.init.zeros_(student.time_embedding.cond_proj.weight)
-        return student.to(next(unet.parameters()).device)
-    channels = unet.time_embedding.linear_1.in_features
-    guidance = GuidanceEmbedding(embedding_dim, channels).to(next(unet.parameters()).device)
-    return GuidedUNet2D(copy.deepcopy(unet), guidance)
-
-
-def guided_denoiser(denoiser: UNetDenoiser, embedding_dim: int) -> UNetDenoiser:
-    """A trainable D(x_t, t, cond) whose network also takes the guidance scale; equals `denoiser` at start."""
-    student = UNetDenoiser(guided_unet(denoiser.unet, embedding_dim), denoiser.schedule, denoiser.prediction_type)
-    return student.requires_grad_(True).train()
+def guided_denoiser(denoiser: NetDenoiser, embedding_dim: int) -> NetDenoiser:
+    """A trainable D(x_s, s, cond) whose network also takes the guidance scale; equals `denoiser` at start."""
+    net = denoiser.backbone.guided(denoiser.net, embedding_dim)
+    return NetDenoiser(net, denoiser.process, denoiser.prediction_type).requires_grad_(True).train()
 
 
 def student_cond(denoiser: nn.Module, cond: Cond, w: torch.Tensor) -> Cond:
-    """The guided student's condition: `cond` plus w (B,), as keyword arguments of its network.
-
-    Text UNets get `timestep_cond` = embedding(w - 1, time_cond_proj_dim) (StableDiffusionPipeline's);
-    `GuidedUNet2D` gets `guidance_scale` = w and class ids as `class_labels`.
-    """
+    """The guided student's condition: `cond` plus w (B,), as its backbone passes it (text UNets: `timestep_cond` =
+    embedding(w - 1), StableDiffusionPipeline's; `GuidedUNet2D`: `guidance_scale` = w)."""
     denoiser = getattr(denoiser, "module", denoiser)  # DistributedDataParallel
-    unet = getattr(denoiser, "unet", denoiser)
-    if is_text_unet(unet):
-        dim = unet.config.time_cond_proj_dim
-        emb = guidance_scale_embedding(w.float() - 1, dim).to(w.device)
-        return {**cond, "timestep_cond": emb}
-    out = {"guidance_scale": w}
-    if isinstance(cond, dict):
-        return {**cond, **out}
-    return out if cond is None else {"class_labels": cond, **out}
+    return denoiser.backbone.guidance_cond(denoiser.net, cond, w)
 
 
-def load_guided_student(denoiser: UNetDenoiser, weights: dict[str, torch.Tensor], embedding_dim: int) -> UNetDenoiser:
+def load_guided_student(denoiser: NetDenoiser, weights: dict[str, torch.Tensor], embedding_dim: int) -> NetDenoiser:
     """A frozen guided student holding a checkpoint's generator weights."""
     student = guided_denoiser(denoiser, embedding_dim)
     student.load_state_dict(weights)

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .schedules import NoiseSchedule
+from .processes import NoiseProcess
 
 DM_WEIGHTINGS = ("dmd", "sigma_over_alpha", "sigma3_over_alpha")
 
@@ -42,16 +42,16 @@ def distribution_matching_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Ten
     return 0.5 * _per_sample_mean((x - target) ** 2)
 
 
-def dm_loss(x: torch.Tensor, mu_real: Callable, mu_fake: Callable, schedule: NoiseSchedule,
-            t: torch.Tensor, eps: torch.Tensor, cond: Optional[torch.Tensor] = None,
+def dm_loss(x: torch.Tensor, mu_real: Callable, mu_fake: Callable, process: NoiseProcess,
+            s: torch.Tensor, eps: torch.Tensor, cond: Optional[torch.Tensor] = None,
             weighting: str = "dmd") -> tuple[torch.Tensor, torch.Tensor]:
-    """Diffuse x to x_t, denoise with real and fake scores without grad, return (per-sample loss, grad)."""
+    """Diffuse x to x_s at levels s, denoise with real and fake scores without grad, return (per-sample loss, grad)."""
     with torch.no_grad():
-        x_t = schedule.add_noise(x.detach(), eps, t)
-        pred_real = mu_real(x_t, t, cond)
-        pred_fake = mu_fake(x_t, t, cond)
+        x_t = process.add_noise(x.detach(), eps, s)
+        pred_real = mu_real(x_t, s, cond)
+        pred_fake = mu_fake(x_t, s, cond)
         grad = dm_gradient(x.detach(), x_t, pred_real.to(x.dtype), pred_fake.to(x.dtype),
-                           schedule.alpha_t(t, x), schedule.sigma_t(t, x), weighting)
+                           process.alpha(s, x), process.sigma(s, x), weighting)
     return distribution_matching_loss(x, grad), grad
 
 

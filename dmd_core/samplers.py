@@ -1,54 +1,49 @@
-"""Deterministic ODE samplers as pure functions of (denoiser, z, timesteps, schedule, cond)."""
+"""Deterministic ODE samplers as pure functions of (denoiser, z, levels, process, cond)."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .schedules import NoiseSchedule, full_t
-
-
-def _check_grid(timesteps: Sequence[int], schedule: NoiseSchedule) -> list[int]:
-    ts = [int(t) for t in timesteps]
-    if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= schedule.T or ts[-1] < 0:
-        raise ValueError(f"timesteps must be strictly decreasing within [0, {schedule.T}), got {ts}")
-    return ts
+from .processes import NoiseProcess, check_levels, full_level
 
 
 @torch.no_grad()
-def ddim_sample(denoiser: Callable, z: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
+def ddim_sample(denoiser: Callable, z: torch.Tensor, levels: Sequence[float], process: NoiseProcess,
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DDIM with eta = 0 (Song et al. 2021, Eq. 12): x_s = alpha_s x0 + sigma_s eps_hat; ends at x0."""
-    ts = _check_grid(timesteps, schedule)
-    x = z * schedule.init_noise_sigma
+    ts = check_levels(levels)
+    x = z * process.init_noise_sigma
     x0 = x
     for i, t in enumerate(ts):
-        x0 = denoiser(x, full_t(t, x), cond)
+        x0 = denoiser(x, full_level(t, x), cond)
         if i + 1 == len(ts):
             break
-        eps_hat = (x - schedule.alpha_t(full_t(t, x), x) * x0) / schedule.sigma_t(full_t(t, x), x)
-        s = full_t(ts[i + 1], x)
-        x = schedule.alpha_t(s, x) * x0 + schedule.sigma_t(s, x) * eps_hat
+        eps_hat = (x - process.alpha(full_level(t, x), x) * x0) / process.sigma(full_level(t, x), x)
+        s = full_level(ts[i + 1], x)
+        x = process.alpha(s, x) * x0 + process.sigma(s, x) * eps_hat
     return x0
 
 
-def _edm_ode(denoiser: Callable, z: torch.Tensor, ts: list[int], schedule: NoiseSchedule,
+def _edm_ode(denoiser: Callable, z: torch.Tensor, ts: list[float], process: NoiseProcess,
              cond: Optional[torch.Tensor], heun: bool) -> torch.Tensor:
     """EDM Alg. 1 (S_churn = 0) in the scaled variables x~ = x/alpha_t, sigma~ = sigma_t/alpha_t."""
-    x = z * schedule.init_noise_sigma
-    alpha0 = schedule.alpha_t(full_t(ts[0], x), x)
+    x = z * process.init_noise_sigma
+    alpha0 = process.alpha(full_level(ts[0], x), x)
     x_tilde = x / alpha0
 
-    def d(x_tilde: torch.Tensor, t: int) -> torch.Tensor:
+    def d(x_tilde: torch.Tensor, t: float) -> torch.Tensor:
         """dx~/dsigma~ = (x~ - D(x)) / sigma~."""
-        tt = full_t(t, x_tilde)
-        alpha, sigma = schedule.alpha_t(tt, x_tilde), schedule.sigma_t(tt, x_tilde)
+        tt = full_level(t, x_tilde)
+        alpha, sigma = process.alpha(tt, x_tilde), process.sigma(tt, x_tilde)
         return (x_tilde - denoiser(alpha * x_tilde, tt, cond)) / (sigma / alpha)
 
-    def sigma_tilde(t: Optional[int]) -> torch.Tensor:
+    def sigma_tilde(t: Optional[float]) -> torch.Tensor:
         if t is None:
             return torch.zeros((), dtype=x.dtype, device=x.device)
-        return (schedule.sigmas[t] / schedule.alphas[t]).to(x.dtype).to(x.device)
+        ref = torch.zeros(1, dtype=torch.float64, device=x.device)  # the ratio in float64, then x's dtype
+        tt = full_level(t, ref)
+        return (process.sigma(tt, ref) / process.alpha(tt, ref)).reshape(()).to(x.dtype)
 
     for i, t in enumerate(ts):
         t_next = ts[i + 1] if i + 1 < len(ts) else None
@@ -62,17 +57,17 @@ def _edm_ode(denoiser: Callable, z: torch.Tensor, ts: list[int], schedule: Noise
 
 
 @torch.no_grad()
-def euler_sample(denoiser: Callable, z: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
+def euler_sample(denoiser: Callable, z: torch.Tensor, levels: Sequence[float], process: NoiseProcess,
                  cond: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Euler steps of the probability-flow ODE (EDM Alg. 1 without the 2nd-order correction)."""
-    return _edm_ode(denoiser, z, _check_grid(timesteps, schedule), schedule, cond, heun=False)
+    return _edm_ode(denoiser, z, check_levels(levels), process, cond, heun=False)
 
 
 @torch.no_grad()
-def heun_sample(denoiser: Callable, z: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
+def heun_sample(denoiser: Callable, z: torch.Tensor, levels: Sequence[float], process: NoiseProcess,
                 cond: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Heun's 2nd-order sampler, EDM Alg. 1 with S_churn = 0."""
-    return _edm_ode(denoiser, z, _check_grid(timesteps, schedule), schedule, cond, heun=True)
+    return _edm_ode(denoiser, z, check_levels(levels), process, cond, heun=True)
 
 
 def pndm_grid(T: int, steps: int, steps_offset: int = 0) -> list[int]:
@@ -100,29 +95,29 @@ def _plms_eps(ets: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pndm_sample(denoiser: Callable, z: torch.Tensor, timesteps: Sequence[int], schedule: NoiseSchedule,
+def pndm_sample(denoiser: Callable, z: torch.Tensor, levels: Sequence[float], process: NoiseProcess,
                 cond: Optional[torch.Tensor] = None, set_alpha_to_one: bool = False) -> torch.Tensor:
     """PLMS / PNDM with skip_prk_steps (Liu et al. 2022 Alg. 2; diffusers `PNDMScheduler.step_plms`).
 
-    `timesteps` are the distinct decreasing noise levels the ODE passes through, e.g. `pndm_grid(1000, 50, 1)`
-    = [981, 961, ..., 1]; step i goes ts[i] -> ts[i+1] and the last goes ts[-1] -> the end, whose alpha^2 is
-    diffusers' `final_alpha_cumprod`: 1 (sigma = 0) if `set_alpha_to_one`, else the schedule's t = 0.
+    `levels` are the distinct decreasing noise levels the ODE passes through, e.g. the levels of
+    `pndm_grid(1000, 50, 1)` = [981, 961, ..., 1]; step i goes ts[i] -> ts[i+1] and the last goes ts[-1] -> the
+    end, whose alpha^2 is diffusers' `final_alpha_cumprod`: 1 (sigma = 0) if `set_alpha_to_one`, else level 0's.
     The first interval is a pseudo improved-Euler step (one extra evaluation, diffusers' repeated timestep);
     the rest use the 2nd/3rd/4th-order eps history. Returns the sample at the end, diffusers' last
     `prev_sample` (what SD pipelines decode): the clean x0 estimate when `set_alpha_to_one`, else x at t = 0.
     """
-    ts = _check_grid(timesteps, schedule)
-    x = z * schedule.init_noise_sigma
+    ts = check_levels(levels)
+    x = z * process.init_noise_sigma
 
-    def coeffs(t: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def coeffs(t: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
         if t is None and set_alpha_to_one:
             return torch.ones((), dtype=x.dtype, device=x.device), torch.zeros((), dtype=x.dtype, device=x.device)
-        tt = full_t(0 if t is None else t, x)
-        return schedule.alpha_t(tt, x), schedule.sigma_t(tt, x)
+        tt = full_level(0.0 if t is None else t, x)
+        return process.alpha(tt, x), process.sigma(tt, x)
 
-    def eps_hat(x_t: torch.Tensor, t: int) -> torch.Tensor:
+    def eps_hat(x_t: torch.Tensor, t: float) -> torch.Tensor:
         alpha_t, sigma_t = coeffs(t)
-        return (x_t - alpha_t * denoiser(x_t, full_t(t, x_t), cond)) / sigma_t
+        return (x_t - alpha_t * denoiser(x_t, full_level(t, x_t), cond)) / sigma_t
 
     ets: list[torch.Tensor] = []
     for i, t in enumerate(ts):
@@ -139,9 +134,9 @@ def pndm_sample(denoiser: Callable, z: torch.Tensor, timesteps: Sequence[int], s
 SAMPLERS = {"ddim": ddim_sample, "euler": euler_sample, "heun": heun_sample, "pndm": pndm_sample}
 
 
-def sample(solver: str, denoiser: Callable, z: torch.Tensor, timesteps: Sequence[int],
-           schedule: NoiseSchedule, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample(solver: str, denoiser: Callable, z: torch.Tensor, levels: Sequence[float],
+           process: NoiseProcess, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatch to a sampler by name."""
     if solver not in SAMPLERS:
         raise ValueError(f"solver must be one of {sorted(SAMPLERS)}, got {solver!r}")
-    return SAMPLERS[solver](denoiser, z, timesteps, schedule, cond)
+    return SAMPLERS[solver](denoiser, z, levels, process, cond)

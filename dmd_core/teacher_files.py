@@ -34,20 +34,13 @@ def check_unet2d(root: Path) -> tuple[Path, Path]:
     return unet_dir, sched_dir
 
 
-def check_sd(root: Path) -> None:
-    for name in ("unet", "vae", "text_encoder"):
-        require(root / name / "config.json")
-        require_weights(root / name)
-    for name in ("vocab.json", "merges.txt"):
-        require(root / "tokenizer" / name)
-    require(root / "scheduler" / "scheduler_config.json")
-
-
 def check_teacher_folder(kind: str, path: str | Path) -> None:
-    """The files a loader of `kind` needs are there (cheap: nothing is loaded); TeacherLoadError names one."""
+    """The files the family of `kind` loads are there (cheap: nothing is loaded); TeacherLoadError names one."""
+    from .families import family
+
     if not (path and Path(path).is_dir()):
         raise TeacherLoadError(f"teacher folder {path} not found")
-    {"unet2d": check_unet2d, "sd": check_sd}[kind](Path(path))
+    family(kind).check_folder(Path(path))
 
 
 def read_scheduler(folder: Path) -> dict:

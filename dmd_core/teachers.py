@@ -1,9 +1,8 @@
-"""One object per loaded teacher: denoiser, schedule, sample shape, condition encoder, decoder (DMD §3.1).
+"""One object per loaded teacher: denoiser, noise process, sample shape, conditions, latent codec (DMD §3.1).
 
-Loaders, one per kind, each from a local diffusers folder (no download, safetensors only):
-`unet2d` (UNet2DModel + scheduler; unconditional or class-conditional), `sd` (the Stable Diffusion layout:
-UNet2DConditionModel, CLIPTextModel, CLIPTokenizer, AutoencoderKL, scheduler), and `callable` (a user
-factory "module:function" returning a `Teacher`).
+What differs between teacher families (loading, folder checks, condition encoding and the null condition, the latent
+codec, exports) lives in the family (`dmd_core.families`); a `Teacher` holds its parts and asks its family.
+`callable` teachers come from a user factory "module:function" returning a `Teacher`.
 """
 from __future__ import annotations
 
@@ -11,21 +10,41 @@ import copy
 import importlib
 import inspect
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .conditions import ClassLabels, Conditions, Prompts, RawConditions
-from .denoisers import PREDICTION_TYPES, Cond, UNetDenoiser, with_guidance
+from .denoisers import Cond, NetDenoiser, with_guidance
+from .families import KINDS, family as family_of  # noqa: F401  KINDS: importable from here too
+from .processes import NoiseProcess, VPDiscrete
 from .samplers import pndm_grid, pndm_sample, sample
-from .schedules import NoiseSchedule, VPSchedule, timestep_grid
-from .teacher_files import (TeacherLoadError, check_sd,  # noqa: F401  TeacherLoadError: importable from here too
-                            check_teacher_folder, check_unet2d, read_scheduler, require,
-                            require_weights)
+from .teacher_files import TeacherLoadError, check_teacher_folder  # noqa: F401  importable from here too
 
-KINDS = ("unet2d", "sd", "callable")
+
+@dataclass(eq=False)
+class LatentCodec:
+    """Model space <-> VAE latents: x = (vae_latent - shift) * scale; `decoder` (e.g. TAESD) decodes for the
+    regression loss when given (DMD App. B.3)."""
+
+    vae: nn.Module
+    scale: float
+    shift: float = 0.0
+    decoder: Optional[nn.Module] = None
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] through the VAE."""
+        return self.vae.decode(x / self.scale + self.shift).sample
+
+    def decode_for_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode with grad: the smaller decoder when given, else the VAE."""
+        if self.decoder is None:
+            return self.decode(x)
+        return self.decoder.decode(x / self.decoder.config.scaling_factor).sample
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.vae, self.decoder) if m is not None]
 
 
 @dataclass(eq=False)
@@ -34,29 +53,50 @@ class Teacher:
 
     kind: str
     denoiser: nn.Module
-    schedule: NoiseSchedule
+    process: NoiseProcess
     sample_shape: tuple[int, ...]
     prediction_type: str
     num_classes: int = 0
-    text_encoder: Optional[nn.Module] = None
-    tokenizer: Any = None
-    vae: Optional[nn.Module] = None
-    decoder: Optional[nn.Module] = None
+    encoders: dict[str, nn.Module] = field(default_factory=dict)  # text encoders, by component name
+    tokenizers: dict[str, Any] = field(default_factory=dict)
+    codec: Optional[LatentCodec] = None
     scheduler_config: dict = field(default_factory=dict)
+    pipeline_config: dict = field(default_factory=dict)  # model_index.json keys the family reads
     _null: Cond = None
+
+    @property
+    def family(self):
+        return family_of(self.kind)
 
     @property
     def conditioning(self) -> str:
         """'text', 'class' or 'none'."""
-        return "text" if self.text_encoder is not None else ("class" if self.num_classes else "none")
+        return "text" if self.tokenizers else ("class" if self.num_classes else "none")
 
     @property
-    def unet(self) -> nn.Module:
-        return getattr(self.denoiser, "unet", self.denoiser)
+    def net(self) -> nn.Module:
+        """The teacher's network (inside its denoiser)."""
+        return getattr(self.denoiser, "net", self.denoiser)
+
+    @property
+    def vae(self) -> Optional[nn.Module]:
+        """The latent codec's VAE (None for pixel teachers)."""
+        return None if self.codec is None else self.codec.vae
+
+    @property
+    def text_encoder(self) -> Optional[nn.Module]:
+        return self.encoders.get("text_encoder")
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers.get("tokenizer")
 
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
+
+    def modules(self) -> list[nn.Module]:
+        return [self.denoiser, *self.encoders.values(), *(self.codec.modules() if self.codec else [])]
 
     def conditions(self, prompts: Optional[list[str]] = None) -> Optional[Conditions]:
         """The condition source for this teacher: class ids, the given prompts, or None."""
@@ -68,48 +108,44 @@ class Teacher:
 
     @torch.no_grad()
     def encode(self, raw: RawConditions) -> Cond:
-        """Raw conditions -> the network's condition: class ids pass through; prompts -> CLIP hidden states
-        (in the text encoder's own precision, also inside an autocast region, as pair generation encodes)."""
+        """Raw conditions -> the network's condition: class ids pass through; prompts go through the family's text
+        encoders (in their own precision, also inside an autocast region, as pair generation encodes)."""
         if raw is None or self.conditioning != "text":
             return None if raw is None else torch.as_tensor(raw, device=self.device).long()
-        ids = self.tokenizer(list(raw), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        # As StableDiffusionPipeline.encode_prompt: last hidden state, no attention mask for CLIP.
-        with torch.autocast(self.text_encoder.device.type, enabled=False):
-            return {"encoder_hidden_states": self.text_encoder(ids.to(self.text_encoder.device))[0]}
+        device = next(iter(self.encoders.values())).device
+        with torch.autocast(device.type, enabled=False):
+            return self.family.encode(self, list(raw))
 
     @property
     def null_cond(self) -> Cond:
-        """The unconditional input for classifier-free guidance, with batch 1."""
+        """The unconditional input for classifier-free guidance, with batch 1 (the empty prompt's encoding)."""
         if self.conditioning == "class":
             return torch.tensor([self.num_classes], device=self.device)
         if self.conditioning == "text":
-            if self._null is None or self._null["encoder_hidden_states"].device != self.text_encoder.device:
-                self._null = self.encode([""])
+            device = next(iter(self.encoders.values())).device
+            if self._null is None or _device_of(self._null) != device:
+                self._null = self.family.null_cond(self)
             return self._null
         return None
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Model space -> images in [-1, 1]: identity for pixel teachers, the VAE decode for latent ones."""
-        return x if self.vae is None else self.vae.decode(x / self.vae.config.scaling_factor).sample
+        return x if self.codec is None else self.codec.decode(x)
 
     def decode_for_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode for the regression loss (with grad): the smaller `decoder` when given (DMD App. B.3), else `decode`."""
-        dec = self.decoder if self.decoder is not None else self.vae
-        return x if dec is None else dec.decode(x / dec.config.scaling_factor).sample
+        """Decode for the regression loss (with grad): the smaller decoder when given (DMD App. B.3), else `decode`."""
+        return x if self.codec is None else self.codec.decode_for_loss(x)
 
     def to(self, device: torch.device | str) -> "Teacher":
-        for module in (self.denoiser, self.text_encoder, self.vae, self.decoder):
-            if module is not None:
-                module.to(device)
+        for module in self.modules():
+            module.to(device)
         self._null = None
         return self
 
     def frozen(self) -> "Teacher":
         """Eval mode, no parameter gradients (gradients still flow to inputs, e.g. through the decoder)."""
-        for module in (self.denoiser, self.text_encoder, self.vae, self.decoder):
-            if module is not None:
-                module.eval().requires_grad_(False)
+        for module in self.modules():
+            module.eval().requires_grad_(False)
         return self
 
     @torch.no_grad()
@@ -117,20 +153,26 @@ class Teacher:
         """The teacher's deterministic ODE solution from noise z (model space), with CFG at `guidance`."""
         D = with_guidance(self.denoiser, guidance, self.null_cond)
         if solver == "pndm":  # diffusers' PNDM grid and end point, as the teacher's scheduler config sets them
-            grid = pndm_grid(self.schedule.T, steps, int(self.scheduler_config.get("steps_offset", 0)))
-            return pndm_sample(D, z, grid, self.schedule, cond,
+            grid = pndm_grid(self.process.T, steps, int(self.scheduler_config.get("steps_offset", 0)))
+            return pndm_sample(D, z, self.process.levels(grid), self.process, cond,
                                set_alpha_to_one=bool(self.scheduler_config.get("set_alpha_to_one", False)))
-        return sample(solver, D, z, timestep_grid(self.schedule.T, steps), self.schedule, cond)
+        return sample(solver, D, z, self.process.grid(steps), self.process, cond)
 
-    def student_unet(self) -> nn.Module:
+    def student_net(self) -> nn.Module:
         """A trainable copy of the teacher's network (the generator and fake score start from it, DMD Alg. 1)."""
-        return copy.deepcopy(self.unet).requires_grad_(True).train()
+        return copy.deepcopy(self.net).requires_grad_(True).train()
 
     def student(self, weights: dict[str, torch.Tensor]) -> nn.Module:
         """A frozen copy of the teacher's denoiser holding a checkpoint's generator weights (its state dict)."""
         denoiser = copy.deepcopy(self.denoiser)
         denoiser.load_state_dict(weights)
         return denoiser.eval().requires_grad_(False)
+
+
+def _device_of(cond: Cond) -> Optional[torch.device]:
+    if isinstance(cond, dict):
+        return _device_of(next(iter(cond.values())))
+    return cond.device if isinstance(cond, torch.Tensor) else None
 
 
 def ddpm_scheduler(scheduler_config: dict):
@@ -141,71 +183,18 @@ def ddpm_scheduler(scheduler_config: dict):
     return DDPMScheduler(**{k: v for k, v in scheduler_config.items() if k in keys})
 
 
-def vp_schedule(scheduler_config: dict) -> VPSchedule:
+def vp_process(scheduler_config: dict) -> VPDiscrete:
     """alphas_cumprod of any diffusers DDPM-family scheduler config (linear, scaled_linear, cosine betas...)."""
-    return VPSchedule.from_scheduler(ddpm_scheduler(scheduler_config))
+    return VPDiscrete.from_scheduler(ddpm_scheduler(scheduler_config))
 
 
-def _prediction_type(scheduler_config: dict, override: Optional[str]) -> str:
-    kind = override or scheduler_config.get("prediction_type", "epsilon")
-    if kind not in PREDICTION_TYPES:
-        raise ValueError(f"teacher.prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
-    return kind
-
-
-def _shape(config) -> tuple[int, int, int]:
-    size = config.sample_size
+def network_teacher(kind: str, net: nn.Module, process: NoiseProcess, prediction_type: str, **parts: Any) -> Teacher:
+    """A frozen teacher of family `kind` over `net`, its sample shape read from the network's config."""
+    size = net.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(config.in_channels), int(h), int(w)
-
-
-def load_unet2d(path: str | Path, prediction_type: Optional[str] = None, **_: Any) -> Teacher:
-    """A `UNet2DModel` teacher: `unet/` + `scheduler/` subfolders, or a flat folder (google/ddpm-cifar10-32).
-
-    Class-conditional models carry one extra class embedding, the null class used for guidance.
-    """
-    from diffusers import UNet2DModel
-
-    root = Path(path)
-    unet_dir, sched_dir = check_unet2d(root)
-    config = read_scheduler(sched_dir)
-    # low_cpu_mem_usage=False: accelerate's empty-weights init patches nn.Module globally (not thread-safe).
-    unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, use_safetensors=True)
-    kind = _prediction_type(config, prediction_type)
-    schedule = vp_schedule(config)
-    classes = int(unet.config.num_class_embeds or 0)
-    return Teacher("unet2d", UNetDenoiser(unet, schedule, kind), schedule, _shape(unet.config), kind,
-                   num_classes=max(classes - 1, 0), scheduler_config=config).frozen()
-
-
-def load_sd(path: str | Path, prediction_type: Optional[str] = None, decoder_path: Optional[str] = None,
-            **_: Any) -> Teacher:
-    """A Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), eps- or v-prediction.
-
-    `decoder_path`: an optional smaller decoder folder (diffusers `AutoencoderTiny`, e.g. TAESD) used
-    instead of the VAE to decode for the regression loss (DMD App. B.3).
-    """
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    root = Path(path)
-    check_sd(root)
-    config = read_scheduler(root / "scheduler")
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", low_cpu_mem_usage=False, use_safetensors=True)
-    vae = AutoencoderKL.from_pretrained(root / "vae", low_cpu_mem_usage=False, use_safetensors=True)
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    decoder = None
-    if decoder_path:
-        dec = Path(decoder_path)
-        require(dec / "config.json")
-        require_weights(dec)
-        decoder = AutoencoderTiny.from_pretrained(dec, low_cpu_mem_usage=False, use_safetensors=True)
-    kind = _prediction_type(config, prediction_type)
-    schedule = vp_schedule(config)
-    return Teacher("sd", UNetDenoiser(unet, schedule, kind), schedule, _shape(unet.config), kind,
-                   text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, decoder=decoder,
-                   scheduler_config=config).frozen()
+    shape = (int(net.config.in_channels), int(h), int(w))
+    return Teacher(kind, NetDenoiser(net, process, prediction_type), process, shape, prediction_type,
+                   **parts).frozen()
 
 
 def load_callable(path: Optional[str], factory: Optional[str] = None, **kwargs: Any) -> Teacher:
@@ -223,13 +212,11 @@ def load_callable(path: Optional[str], factory: Optional[str] = None, **kwargs: 
     return teacher
 
 
-LOADERS: dict[str, Callable[..., Teacher]] = {"unet2d": load_unet2d, "sd": load_sd, "callable": load_callable}
-
-
-def load_teacher(kind: str, path: Optional[str | Path], **options: Any) -> Teacher:
-    """Load a teacher of `kind` from a local folder."""
-    if kind not in LOADERS:
+def load_teacher(kind: str, path: Optional[str], **options: Any) -> Teacher:
+    """Load a teacher of `kind` (a registered family, or callable) from a local folder."""
+    if kind == "callable":
+        return load_callable(path, **options)
+    if kind not in KINDS:
         raise ValueError(f"teacher.kind must be one of {KINDS}, got {kind!r}")
-    if kind != "callable":
-        check_teacher_folder(kind, path)
-    return LOADERS[kind](path, **options)
+    check_teacher_folder(kind, path)
+    return family_of(kind).load(path, **options)

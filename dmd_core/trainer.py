@@ -12,13 +12,13 @@ from . import accel
 from .checkpoint import bytes_to_tensors, files_to_state, state_to_files, tensors_to_bytes
 from .conditions import ClassLabels, Conditions
 from .config import DistillConfig
-from .denoisers import PREDICTION_TYPES, CFGDenoiser, Cond, cond_cat, with_guidance
+from .denoisers import PREDICTION_TYPES, CFGDenoiser, Cond, NetDenoiser, cond_cat, with_guidance
 from .gan import BottleneckFeatures, GANHead
 from .generator import Generator
 from .guidance import guided_denoiser, sample_guidance, student_cond
 from .losses import (denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss, lpips_regression,
                      mse_regression, pseudo_huber_regression)
-from .schedules import NoiseSchedule
+from .processes import NoiseProcess
 from .streams import Stream
 from .teachers import Teacher
 
@@ -46,12 +46,12 @@ def _identity_encode(raw):
 class DMDTrainer:
     """One call of `train_step()` = one DMD2 iteration: maybe a generator update, always a fake-score update.
 
-    `teacher` is a `Teacher` (schedule, sample shape, conditions, encoder and decoder come with it) or any
-    denoiser callable D(x_t, t, cond) -> x0, which then needs `schedule`, `sample_shape` and its
+    `teacher` is a `Teacher` (process, sample shape, conditions, encoder and decoder come with it) or any
+    denoiser callable D(x_s, s, cond) -> x0, which then needs `process`, `sample_shape` and its
     `prediction_type` (the fake score is trained with the teacher's own weighting, DMD Alg. 3).
     """
 
-    def __init__(self, cfg: DistillConfig, teacher: Callable | Teacher, schedule: Optional[NoiseSchedule] = None,
+    def __init__(self, cfg: DistillConfig, teacher: Callable | Teacher, process: Optional[NoiseProcess] = None,
                  sample_shape: Optional[tuple] = None, *, conditions: Optional[Conditions] = None,
                  num_classes: int = 0, null_cond: Cond | int = None, prediction_type: Optional[str] = None,
                  pairs: Optional[Stream] = None, real: Optional[Stream] = None,
@@ -64,19 +64,19 @@ class DMDTrainer:
         self.decode_for_loss: Callable = _identity_encode
         if isinstance(teacher, Teacher):
             teacher = teacher.to(self.device).frozen()
-            schedule, sample_shape = schedule or teacher.schedule, sample_shape or teacher.sample_shape
+            process, sample_shape = process or teacher.process, sample_shape or teacher.sample_shape
             prediction_type = prediction_type or teacher.prediction_type
             conditions = conditions or (teacher.conditions() if teacher.conditioning != "none" else None)
             null_cond = teacher.null_cond if null_cond is None else null_cond
             self.encode, self.decode, self.decode_for_loss = teacher.encode, teacher.decode, teacher.decode_for_loss
             teacher = teacher.denoiser
-        if schedule is None or sample_shape is None:
-            raise ValueError("a callable teacher needs `schedule` and `sample_shape`")
+        if process is None or sample_shape is None:
+            raise ValueError("a callable teacher needs `process` and `sample_shape`")
         self.prediction_type = prediction_type or getattr(teacher, "prediction_type", None)
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"state the teacher's prediction_type (one of {PREDICTION_TYPES}): the fake score "
                              f"is trained with its weighting; got {self.prediction_type!r}")
-        self.schedule, self.sample_shape = schedule, tuple(sample_shape)
+        self.process, self.sample_shape = process, tuple(sample_shape)
         self.conditions = conditions if conditions is not None else (ClassLabels(num_classes) if num_classes else None)
         self._check_streams(cfg, pairs, real, lpips_model)
         self.pairs, self.real, self.lpips_model = pairs, real, lpips_model
@@ -87,19 +87,18 @@ class DMDTrainer:
         # guidance_range: G(z, c, w) for every w in the range, against the real score's CFG at a per-sample w.
         self.teacher_denoiser, self.null_cond, self.pairs_guidance = teacher, null_cond, float(pairs_guidance)
         if cfg.guidance_range is not None and generator_init is None:
-            if not hasattr(teacher, "unet"):
-                raise TypeError("distill.guidance_range needs a diffusers UNet teacher, or `generator_init` taking w")
+            if not isinstance(teacher, NetDenoiser):
+                raise TypeError("distill.guidance_range needs a network teacher, or `generator_init` taking w")
             generator_init = guided_denoiser(teacher, cfg.guidance_embedding_dim)
             # The fake score models G's distribution at each w, so it takes w too (no CFG): p_fake(x | c, w).
             fake_init = fake_init if fake_init is not None else guided_denoiser(teacher, cfg.guidance_embedding_dim)
-        self.G = Generator(_trainable_copy(generator_init, teacher, "generator_init"), schedule,
+        self.G = Generator(_trainable_copy(generator_init, teacher, "generator_init"), process,
                            cfg.generator_timesteps).to(self.device)
         self.mu_fake = _trainable_copy(fake_init, teacher, "fake_init").to(self.device)
         if cfg.gradient_checkpointing:
             for module in (self.G.denoiser, self.mu_fake):
-                unet = getattr(module, "unet", module)
-                if hasattr(unet, "enable_gradient_checkpointing"):
-                    unet.enable_gradient_checkpointing()
+                if isinstance(module, NetDenoiser):
+                    module.backbone.checkpointing(module.net)
         # compile=auto on CUDA starts eager: the distill stage times a few steps and calls `compile` if it pays.
         resolved = accel.resolve_compile(cfg.compile, self.device)
         self.auto_compile_mode = resolved if cfg.compile == "auto" and resolved != "none" else None
@@ -114,8 +113,7 @@ class DMDTrainer:
         fake_params = [p for p in self.mu_fake.parameters() if p.requires_grad]
         self.gan_head, self.features = None, None
         if cfg.gan.enabled:
-            unet = getattr(self.mu_fake, "unet", self.mu_fake)
-            self.features = BottleneckFeatures(getattr(unet, "unet", unet))  # inside a GuidedUNet2D
+            self.features = BottleneckFeatures(self.mu_fake)
             self.gan_head = GANHead(self.features.channels).to(self.device)
             fake_params += list(self.gan_head.parameters())
         adam = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -181,8 +179,9 @@ class DMDTrainer:
         raw = batch.get("cond")
         return None if raw is None else self.encode(raw)
 
-    def _randint(self, lo: int, hi: int, n: int) -> torch.Tensor:
-        return torch.randint(lo, hi, (n,), generator=self.rng, device=self.device)
+    def _levels(self, n: int, lo: float, hi: float) -> torch.Tensor:
+        """n training levels in [lo, hi) from the trainer's generator (DMD Alg. 2-3)."""
+        return self.process.draw_levels(n, lo, hi, self.rng, self.device)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.bf16)
@@ -233,10 +232,10 @@ class DMDTrainer:
         return mse_regression(x, y)
 
     def _gan_logits(self, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Noise x0 at a random t, run the fake score network, classify its bottleneck features."""
+        """Noise x0 at a random level, run the fake score network, classify its bottleneck features."""
         n = x0.shape[0]
-        t = self._randint(0, self.schedule.T, n)
-        self.mu_fake(self.schedule.add_noise(x0, self._randn(n), t), t, cond)
+        s = self._levels(n, 0.0, 1.0)
+        self.mu_fake(self.process.add_noise(x0, self._randn(n), s), s, cond)
         return self.gan_head(self.features.take())
 
     # ---- one iteration ----------------------------------------------------------------------
@@ -260,11 +259,10 @@ class DMDTrainer:
         """DMD Alg. 1 lines 5-13; returns the (detached) samples, conditions and scales the fake score trains on."""
         cfg, B = self.cfg, z.shape[0]
         self.opt_G.zero_grad(set_to_none=True)
-        T = self.schedule.T
         batch = self.pairs.next_batch(self.device) if cfg.regression != "none" else None
         concat = cfg.concat_regression and batch is not None
         n_dm = B + (batch["z"].shape[0] if concat else 0)
-        t = self._randint(int(cfg.dm_t_min * T), int(cfg.dm_t_max * T), n_dm)
+        s = self._levels(n_dm, cfg.dm_t_min, cfg.dm_t_max)
         eps = self._randn(n_dm)
         # The regression pairs were made at pairs.guidance (or each at its own w, pairs.guidance_scales): a guided
         # G regresses onto them at that w.
@@ -273,24 +271,24 @@ class DMDTrainer:
             if concat:  # Alg. 1 line 7: x = concat(x, x_ref), one generator forward for both
                 cond = cond_cat(cond, self._batch_cond(batch))
                 w = None if w is None else torch.cat([w, w_ref])
-                x = self.G.step(torch.cat([z, batch["z"]]) * self.schedule.init_noise_sigma, 0,
+                x = self.G.step(torch.cat([z, batch["z"]]) * self.process.init_noise_sigma, 0,
                                 self.generator_cond(cond, w))
                 x_ref = x[B:]
             elif batch is not None and len(self.G.timesteps) == 1:
                 # One forward for the DM and the regression batch; unlike Alg. 1 line 7 the outputs stay apart.
                 w_all = None if w is None else torch.cat([w, w_ref])
-                x_all = self.G.step(torch.cat([z, batch["z"]]) * self.schedule.init_noise_sigma, 0,
+                x_all = self.G.step(torch.cat([z, batch["z"]]) * self.process.init_noise_sigma, 0,
                                     self.generator_cond(cond_cat(cond, self._batch_cond(batch)), w_all))
                 x, x_ref = x_all[:B], x_all[B:]
             else:
                 x = self._generate(z, self.generator_cond(cond, w))
-            loss_dm, _ = dm_loss(x.float(), self._real_score(w), self._fake_score(w), self.schedule, t, eps, cond,
+            loss_dm, _ = dm_loss(x.float(), self._real_score(w), self._fake_score(w), self.process, s, eps, cond,
                                  cfg.dm_weighting)
             loss_G = cfg.dm_weight * loss_dm.mean()
             metrics["loss_dm"] = loss_dm.detach().mean()
             if batch is not None:
                 if len(self.G.timesteps) > 1:
-                    x_ref = self.G.step(batch["z"] * self.schedule.init_noise_sigma, 0,
+                    x_ref = self.G.step(batch["z"] * self.process.init_noise_sigma, 0,
                                         self.generator_cond(self._batch_cond(batch), w_ref))
                 loss_reg = self._regression(x_ref.float(), batch["y"].float()).mean()
                 loss_G = loss_G + cfg.lambda_reg * loss_reg
@@ -313,11 +311,11 @@ class DMDTrainer:
         if self.opt_fake is None:
             return True
         self.opt_fake.zero_grad(set_to_none=True)
-        t = self._randint(0, self.schedule.T, B)
-        x_t = self.schedule.add_noise(x, self._randn(B), t)
+        s = self._levels(B, 0.0, 1.0)
+        x_t = self.process.add_noise(x, self._randn(B), s)
         with self._autocast():
-            pred = self._fake_score(w)(x_t, t, cond).float()
-            weight = self.schedule.denoising_weight(t, x, self.prediction_type)
+            pred = self._fake_score(w)(x_t, s, cond).float()
+            weight = self.process.denoising_weight(s, x, self.prediction_type)
             loss_fake = denoising_loss(pred, x, weight).mean()
             loss = loss_fake
             if cfg.gan.enabled:
@@ -375,7 +373,7 @@ class DMDTrainer:
 
     def ema_generator(self) -> Generator:
         """The EMA weights as a generator with the same timesteps."""
-        return Generator(self.ema, self.schedule, self.G.timesteps)
+        return Generator(self.ema, self.process, self.G.timesteps)
 
     # ---- exact resume -----------------------------------------------------------------------
     def state_files(self) -> dict[str, bytes]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from dmd_core.config import PipelineConfig, resolve_path
+from dmd_core.families import family
 from dmd_core.teacher_files import TeacherLoadError, check_teacher_folder
 from storage.layout import CONFIG, list_runs, run_store
 
@@ -90,7 +91,7 @@ def check_teacher(cfg: PipelineConfig) -> None:
             check_teacher_folder(t.kind, resolve_path(t.path))
         except TeacherLoadError as err:
             raise PreflightError(f"teacher.path: {err}") from None
-        if t.kind == "unet2d":
+        if not family(t.kind).latent:  # a pixel teacher's images are the data's
             check_teacher_shape(cfg, Path(resolve_path(t.path)))
     if cfg.data.captions and "://" not in cfg.data.captions and not Path(resolve_path(cfg.data.captions)).is_file():
         raise PreflightError(f"data.captions: {cfg.data.captions} not found")

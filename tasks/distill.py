@@ -218,7 +218,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
     if start and store.exists(METRICS):
         rows = [r for r in store.read_table(METRICS).to_pylist() if r["step"] < start]
     teacher = run_teacher(store, cfg, device)
-    grid_cond, grid_cols = grid_conditions(cfg, teacher), 2 if teacher.vae is not None else 8
+    grid_cond, grid_cols = grid_conditions(cfg, teacher), 2 if teacher.codec is not None else 8
     cache = CompileCache(store, cfg, trainer, writer=rank == 0)
     auto = accel.CompileWhenItPays(d.steps - start, cache.loaded) if trainer.auto_compile_mode else None
     t0 = time.time()

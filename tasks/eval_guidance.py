@@ -43,7 +43,7 @@ def sweep_students(store, cfg, teacher, step: int) -> Callable[[float], torch.nn
     """w -> the checkpoint's generator at w (the weights are loaded once)."""
     weights = checkpoint_weights(store, step, resume_key(store, cfg), cfg.export.use_ema)
     D = student_denoiser(teacher, weights, cfg.distill)
-    G = Generator(D, teacher.schedule, cfg.distill.generator_timesteps)
+    G = Generator(D, teacher.process, cfg.distill.generator_timesteps)
     return lambda w: student_at(G, cfg.distill, w)
 
 

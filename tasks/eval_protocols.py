@@ -51,7 +51,7 @@ def student(store: ArtifactStore, cfg, teacher, step: int) -> Generator:
     student at its shown scale (a GuidedGenerator over the Generator)."""
     weights = checkpoint_weights(store, step, resume_key(store, cfg), cfg.export.use_ema)
     D = student_denoiser(teacher, weights, cfg.distill)
-    return student_at(Generator(D, teacher.schedule, cfg.distill.generator_timesteps), cfg.distill)
+    return student_at(Generator(D, teacher.process, cfg.distill.generator_timesteps), cfg.distill)
 
 
 def generating(teacher, body: Callable, precision: str, device, images: bool = False) -> Callable:
@@ -93,7 +93,7 @@ class Models:
     def teacher_generator(self) -> Callable:
         """The teacher run at the generator's timesteps: the student before distillation."""
         T = self.teacher
-        G0 = Generator(with_guidance(T.denoiser, self.cfg.pairs.guidance, T.null_cond), T.schedule,
+        G0 = Generator(with_guidance(T.denoiser, self.cfg.pairs.guidance, T.null_cond), T.process,
                        self.cfg.distill.generator_timesteps)
         g = self._renoise()  # one stream per model: batches get fresh re-noising eps
         return self._sampler(lambda z, cond: G0(z, cond, generator=g))

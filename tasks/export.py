@@ -1,48 +1,37 @@
 """Stage `export`: the final (EMA) generator as a folder stock diffusers loads, with a model card.
 
-Stable Diffusion teachers -> `StableDiffusionPipeline`; unconditional one-step pixel students -> `DDIMPipeline`;
-class-conditional (or non-representable multi-step) pixel students -> the shipped `DMDPipeline` (pipeline.py).
+The teacher's family builds the pipeline (`TeacherFamily.export`): StableDiffusionPipeline, StableDiffusionXLPipeline,
+DDIMPipeline for unconditional one-step pixel students, or the shipped `DMDPipeline` (pipeline.py) where no stock
+pipeline fits; the stage saves it, checks it reloads and reproduces the generator, and writes the model card.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
 import dmd_core.guidance_embedding as guidance_module
 import dmd_core.pipeline as pipeline_module
-from dmd_core.exports import ddim_export, stable_diffusion_export
+from dmd_core.families import family
 from dmd_core.generator import Generator
-from dmd_core.guidance import GuidedUNet2D, shown_scale, student_at, student_denoiser
-from dmd_core.pipeline import DMDPipeline
+from dmd_core.guidance import shown_scale, student_at, student_denoiser
 from storage.checkpoints import checkpoint_weights, list_checkpoints
 from storage.layout import EXPORT, LEGACY_EXPORT_MARKER, METRICS
 from storage.models import local_folder, save_folder
 from tasks.context import open_run, prompts, run_teacher
 from tasks.stages import DISTILL_STAGE, EXPORT_STAGE, resume_key
 
-USAGE = {
-    "StableDiffusionPipeline": ['from diffusers import StableDiffusionPipeline',
-                                'pipe = StableDiffusionPipeline.from_pretrained("PATH")',
-                                'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={w}).images[0]'],
-    "DDIMPipeline": ['from diffusers import DDIMPipeline', 'pipe = DDIMPipeline.from_pretrained("PATH")',
-                     'images = pipe(batch_size=16, num_inference_steps={n}).images'],
-    "DMDPipeline": ['from diffusers import DiffusionPipeline',
-                    'pipe = DiffusionPipeline.from_pretrained("PATH", custom_pipeline="PATH", trust_remote_code=True)',
-                    'images = pipe(batch_size=16, class_labels=list(range(16))).images'],
-    "guided": ['# one student for every guidance scale in {range}: pass guidance_scale=w (one network call, no CFG)'],
-}
+GUIDED_USAGE = ['# one student for every guidance scale in {range}: pass guidance_scale=w (one network call, no CFG)']
 
 
 def model_card(cfg, step: int, final_metrics: dict, pipeline: str) -> str:
     """README.md of the export: how to load it, what it was distilled from, the config and metrics."""
     d = cfg.distill
     n, w = len(d.generator_timesteps), shown_scale(d) if d.guidance_range else 1.0
-    usage = USAGE[pipeline] + (USAGE["guided"] if d.guidance_range else [])
+    usage = family(cfg.teacher.kind).usage(pipeline) + (GUIDED_USAGE if d.guidance_range else [])
     lines = [
         "---", "library_name: diffusers", "tags: [dmd, distribution-matching-distillation, one-step]", "---",
         f"# {cfg.name}: {n}-step DMD generator", "",
@@ -81,23 +70,10 @@ def add_evaluation(store, table: str, step: int) -> bool:
     return True
 
 
-def student_pipeline(teacher, unet, cfg):
-    """The export pipeline: stock where one fits the student exactly, else DMDPipeline."""
-    ts = cfg.distill.generator_timesteps
-    if teacher.kind == "sd":  # a guided student's UNet has time_cond_proj_dim: the stock pipeline embeds w itself
-        return stable_diffusion_export(unet, teacher.vae, teacher.text_encoder, teacher.tokenizer,
-                                       teacher.scheduler_config, ts, teacher.prediction_type)
-    from diffusers import DDPMScheduler
-
-    if isinstance(unet, GuidedUNet2D):
-        return DMDPipeline(unet.unet, DDPMScheduler.from_config(teacher.scheduler_config), ts, teacher.prediction_type,
-                           guidance=unet.guidance, guidance_scale=shown_scale(cfg.distill))
-    if not teacher.num_classes:
-        try:
-            return ddim_export(unet, teacher.scheduler_config, ts, teacher.prediction_type)
-        except ValueError:
-            pass
-    return DMDPipeline(unet, DDPMScheduler.from_config(teacher.scheduler_config), ts, teacher.prediction_type)
+def student_pipeline(teacher, net, cfg):
+    """The export pipeline the teacher's family builds: stock where one fits the student exactly, else DMDPipeline."""
+    guided = {"guidance_scale": shown_scale(cfg.distill)} if cfg.distill.guidance_range else None
+    return teacher.family.export(teacher, net, cfg.distill.generator_timesteps, guided)
 
 
 def run_export(root: str, run_name: str, force: bool = False) -> str:
@@ -112,8 +88,7 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
                                 "run the distill stage first")
     teacher = run_teacher(store, cfg, torch.device("cpu"))
     D = student_denoiser(teacher, checkpoint_weights(store, steps[-1], key, cfg.export.use_ema), cfg.distill)
-    unet = D.unet
-    pipe = student_pipeline(teacher, unet, cfg)
+    pipe = student_pipeline(teacher, D.net, cfg)
     kind = type(pipe).__name__
     scales = export_scales(cfg.distill)
     rows = store.read_table(METRICS).to_pylist() if store.exists(METRICS) else []
@@ -173,9 +148,7 @@ def check_export(store, cfg, teacher, student, kind: str, n: int = 4) -> float:
 @torch.no_grad()
 def check_export_at(store, cfg, teacher, student, kind: str, w: float, n: int = 4) -> float:
     """check_export at one guidance scale w (passed as guidance_scale; 1.0 for a fixed-guidance student)."""
-    from diffusers import DDIMPipeline, StableDiffusionPipeline
-
-    G = student_at(Generator(student, teacher.schedule, cfg.distill.generator_timesteps), cfg.distill, w)
+    G = student_at(Generator(student, teacher.process, cfg.distill.generator_timesteps), cfg.distill, w)
     z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
     raw = None
     if teacher.conditioning == "text":
@@ -187,19 +160,8 @@ def check_export_at(store, cfg, teacher, student, kind: str, w: float, n: int = 
     expected = (teacher.decode(x0) / 2 + 0.5).clamp(0, 1)
     steps = len(cfg.distill.generator_timesteps)
     with local_folder(store, EXPORT) as path:
-        if kind == "StableDiffusionPipeline":
-            pipe = StableDiffusionPipeline.from_pretrained(path, low_cpu_mem_usage=False)
-            got = pipe(raw, num_inference_steps=steps, guidance_scale=w, latents=z, output_type="pt",
-                       generator=torch.Generator().manual_seed(1)).images
-        elif kind == "DDIMPipeline":
-            pipe = DDIMPipeline.from_pretrained(path, low_cpu_mem_usage=False)
-            got = pipe(batch_size=n, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
-                       output_type="np").images
-            got = torch.from_numpy(np.asarray(got)).permute(0, 3, 1, 2)
-        else:
-            pipe = DMDPipeline.from_pretrained(path, low_cpu_mem_usage=False, trust_remote_code=True)
-            got = pipe(latents=z, class_labels=raw, generator=torch.Generator().manual_seed(1), output_type="pt",
-                       guidance_scale=w if cfg.distill.guidance_range else None).images
+        got = teacher.family.run_export(kind, path, z, raw, steps, w, seed=1,
+                                        guided=cfg.distill.guidance_range is not None)
     err = float((got.float() - expected.float()).abs().max())
     if not err <= cfg.export.check_atol:
         raise RuntimeError(f"export check failed: reloaded {kind} at guidance_scale={w:g} differs from the "

@@ -11,6 +11,7 @@ from prefect.cache_policies import NONE
 from dmd_core.config import resolve_path, stable_hash
 from dmd_core.datasets import real_dataset
 from dmd_core.digits import train_teacher
+from dmd_core.families import family
 from storage.layout import TEACHER
 from storage.models import save_folder
 from tasks.context import open_run
@@ -35,21 +36,13 @@ def _variant(name: str) -> bool:
 
 
 def teacher_files(src: Path, kind: str = "unet2d") -> dict[str, Path]:
-    """Relative path in the run's teacher/ folder -> source file: the components the loader of `kind` reads,
-    without weight variants, other frameworks' or pickled weights, or single-file checkpoints. A flat
-    UNet2DModel folder (google/ddpm-cifar10-32) is laid out as unet/ + scheduler/."""
+    """Relative path in the run's teacher/ folder -> source file: the components the family of `kind` reads
+    (`TeacherFamily.select_files`), without weight variants, other frameworks' or pickled weights, or single-file
+    checkpoints."""
     files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*"))
              if p.is_file() and p.name not in SKIP and not p.name.endswith(SKIP_SUFFIXES) and not _variant(p.name)
              and not any(part.startswith(".") for part in p.relative_to(src).parts)}
-    if kind == "callable":
-        return files
-    if kind == "sd":
-        keep = ("unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
-        return {k: p for k, p in files.items() if k == "model_index.json" or k.startswith(keep)}
-    if "config.json" in files and "scheduler_config.json" in files and not (src / "unet").is_dir():
-        return {(f"scheduler/{k}" if k == "scheduler_config.json" else f"unet/{k}"): p for k, p in files.items()
-                if "/" not in k}
-    return {k: p for k, p in files.items() if k.startswith(("unet/", "scheduler/"))} if (src / "unet").is_dir() else files
+    return files if kind == "callable" else family(kind).select_files(src, files)
 
 
 def _copy(files: dict[str, Path], dst: str) -> dict[str, str]:

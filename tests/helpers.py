@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 
-from dmd_core.denoisers import UNetDenoiser
-from dmd_core.schedules import VPSchedule
+from dmd_core.denoisers import NetDenoiser
+from dmd_core.processes import VPDiscrete
 
 
 def tiny_unet(num_classes: int = 10, channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
@@ -19,9 +19,9 @@ def tiny_unet(num_classes: int = 10, channels: int = 1, size: int = 8, seed: int
     )
 
 
-def tiny_teacher(num_classes: int = 10, seed: int = 0) -> UNetDenoiser:
+def tiny_teacher(num_classes: int = 10, seed: int = 0) -> NetDenoiser:
     """A random-init teacher denoiser on the DDPM linear schedule."""
-    return UNetDenoiser(tiny_unet(num_classes, seed=seed), VPSchedule.linear(), "epsilon")
+    return NetDenoiser(tiny_unet(num_classes, seed=seed), VPDiscrete.linear(), "epsilon")
 
 
 def make_trainer(stream_cls=None, **overrides):
@@ -39,5 +39,5 @@ def make_trainer(stream_cls=None, **overrides):
     cfg = dict(batch_size=8, regression="mse", lambda_reg=0.5, generator_timesteps=[999, 499],
                fake_updates_per_generator=2, ema_decay=0.9, lr=1e-3, gan={"enabled": True})
     cfg.update(overrides)
-    return DMDTrainer(DistillConfig(**cfg), teacher, teacher.schedule, (1, 8, 8), num_classes=10, null_cond=10,
+    return DMDTrainer(DistillConfig(**cfg), teacher, teacher.process, (1, 8, 8), num_classes=10, null_cond=10,
                       pairs=stream_cls(tensors, 8, seed=1), real=TensorStream(tensors, 8, seed=2))

@@ -32,7 +32,7 @@ def test_channels_last_training_matches_nchw_and_resumes_exactly():
     """NHWC weights change memory layout only: the same losses, and a checkpoint round trip continues exactly."""
     base = dict(generator_timesteps=[999], fake_updates_per_generator=1, gan={"enabled": False})
     plain, nhwc = make_trainer(**base), make_trainer(**base, channels_last=True)
-    conv = nhwc.G.denoiser.unet.down_blocks[0].resnets[0].conv1.weight
+    conv = nhwc.G.denoiser.net.down_blocks[0].resnets[0].conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     for _ in range(3):
         a, b = plain.train_step(), nhwc.train_step()
@@ -41,7 +41,7 @@ def test_channels_last_training_matches_nchw_and_resumes_exactly():
 
     resumed = make_trainer(**base, channels_last=True)
     resumed.load_state_files(nhwc.state_files())
-    moment = resumed.opt_G.state[resumed.G.denoiser.unet.down_blocks[0].resnets[0].conv1.weight]["exp_avg"]
+    moment = resumed.opt_G.state[resumed.G.denoiser.net.down_blocks[0].resnets[0].conv1.weight]["exp_avg"]
     assert moment.stride() == conv.stride()  # the checkpoint is NCHW; the moments follow the parameter
     for _ in range(2):
         a, b = nhwc.train_step(), resumed.train_step()

@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def teacher() -> Teacher:
     D = tiny_teacher()
-    return Teacher("unet2d", D, D.schedule, (1, 8, 8), "epsilon", num_classes=10).frozen()
+    return Teacher("unet2d", D, D.process, (1, 8, 8), "epsilon", num_classes=10).frozen()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def samples(teacher, inputs, precision: str, images: bool = False, monkeypatch=N
     cfg = load_config("digits-tiny", overrides=[f"evaluate.precision={precision}"])
     if monkeypatch is not None:
         monkeypatch.setattr(eval_protocols, "student", lambda store, cfg, T, step: Generator(
-            T.denoiser, T.schedule, cfg.distill.generator_timesteps))
+            T.denoiser, T.process, cfg.distill.generator_timesteps))
     models = Models(None, cfg, teacher, CPU, images=images)
     out = {"teacher_steps": models.teacher_steps()(*inputs), "teacher_generator": models.teacher_generator()(*inputs)}
     if monkeypatch is not None:

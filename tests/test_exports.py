@@ -100,9 +100,9 @@ def test_stable_diffusion_one_step_export_runs_the_student(tokenizer, tmp_path, 
                                                         ([999, 499], "v_prediction")])
 @torch.no_grad()
 def test_stable_diffusion_multi_step_export_renoises_like_dmd2(tokenizer, tmp_path, timesteps, prediction_type):
-    from dmd_core.denoisers import UNetDenoiser
+    from dmd_core.denoisers import NetDenoiser
     from dmd_core.generator import Generator
-    from dmd_core.schedules import VPSchedule
+    from dmd_core.processes import VPDiscrete
 
     parts = tiny_sd_components(prediction_type=prediction_type)
     pipe = save_and_reload_sd(parts, tokenizer, timesteps, prediction_type, tmp_path)
@@ -113,8 +113,8 @@ def test_stable_diffusion_multi_step_export_renoises_like_dmd2(tokenizer, tmp_pa
     expected, emb, x0 = sd_reference(parts, tokenizer, z, timesteps, prediction_type, torch.Generator().manual_seed(7))
     assert (images - expected).abs().max() <= tolerance(x0)
     # The trainer's generator draws the same re-noising eps from the same generator state.
-    schedule = VPSchedule.from_scheduler(parts["scheduler"])
-    G = Generator(UNetDenoiser(parts["unet"], schedule, prediction_type), schedule, timesteps)
+    schedule = VPDiscrete.from_scheduler(parts["scheduler"])
+    G = Generator(NetDenoiser(parts["unet"], schedule, prediction_type), schedule, timesteps)
     x0 = G(z, {"encoder_hidden_states": emb}, generator=torch.Generator().manual_seed(7))
     latents = pipe(PROMPTS, num_inference_steps=len(timesteps), guidance_scale=1.0, output_type="latent",
                    latents=z, generator=torch.Generator().manual_seed(7)).images

@@ -3,25 +3,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmd_core.denoisers import UNetDenoiser
+from dmd_core.denoisers import NetDenoiser
 from dmd_core.generator import Generator
 from dmd_core.losses import lpips_regression
 from dmd_core.perceptual import build_lpips
-from dmd_core.schedules import VPSchedule
+from dmd_core.processes import VPDiscrete
 from tests.helpers import tiny_unet
 
 
 def test_multistep_generator_renoises_between_steps():
-    sched = VPSchedule.linear()
-    D = UNetDenoiser(tiny_unet(num_classes=0).eval(), sched)
+    sched = VPDiscrete.linear()
+    D = NetDenoiser(tiny_unet(num_classes=0).eval(), sched)
     G = Generator(D, sched, [999, 499])
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = G(z, None, generator=torch.Generator().manual_seed(1))
-        x0 = D(z, torch.full((3,), 999), None)
+        x0 = D(z, torch.full((3,), 1.0), None)
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
         a, s = sched.alphas[499].float(), sched.sigmas[499].float()
-        expected = D(a * x0 + s * eps, torch.full((3,), 499), None)
+        expected = D(a * x0 + s * eps, torch.full((3,), 499 / 999), None)
         assert torch.allclose(got, expected, atol=1e-6)
         # Backward simulation to the last step reproduces the same rollout, now with grad on the last step.
         assert torch.allclose(G.backward_simulate(z, None, 1, torch.Generator().manual_seed(1)), expected, atol=1e-6)

@@ -23,7 +23,7 @@ from torch import nn
 
 from dmd_core.config import DistillConfig
 from dmd_core.samplers import ddim_sample
-from dmd_core.schedules import NoiseSchedule, VPSchedule, timestep_grid
+from dmd_core.processes import NoiseProcess, VPDiscrete
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
 
@@ -46,12 +46,12 @@ class GMMDenoiser:
     E[x | x_t, k] = m_k + alpha_t s^2 / (alpha_t^2 s^2 + sigma_t^2) (x_t - alpha_t m_k).
     """
 
-    def __init__(self, means: torch.Tensor, std: float, schedule: NoiseSchedule) -> None:
+    def __init__(self, means: torch.Tensor, std: float, schedule: NoiseProcess) -> None:
         self.means, self.std, self.schedule = means.double(), std, schedule
 
     def log_density(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log p_t(x_t) of the diffused mixture, (B,)."""
-        alpha_t, sigma_t = self.schedule.alpha_t(t, x_t), self.schedule.sigma_t(t, x_t)
+        alpha_t, sigma_t = self.schedule.alpha(t, x_t), self.schedule.sigma(t, x_t)
         var = alpha_t**2 * self.std**2 + sigma_t**2                                    # (B, 1)
         sq = ((x_t[:, None, :] - alpha_t[:, None] * self.means[None]) ** 2).sum(-1)   # (B, K)
         log_n = -0.5 * sq / var - torch.log(2 * math.pi * var)
@@ -59,7 +59,7 @@ class GMMDenoiser:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x_t.double()
-        alpha_t, sigma_t = self.schedule.alpha_t(t, x), self.schedule.sigma_t(t, x)   # (B, 1)
+        alpha_t, sigma_t = self.schedule.alpha(t, x), self.schedule.sigma(t, x)   # (B, 1)
         var = alpha_t**2 * self.std**2 + sigma_t**2
         diff = x[:, None, :] - alpha_t[:, None] * self.means[None]                    # (B, K, 2)
         resp = torch.softmax(-0.5 * (diff**2).sum(-1) / var, dim=1)                   # equal weights
@@ -74,7 +74,7 @@ class MLPDenoiser(nn.Module):
     boundaries between modes within a few hundred steps instead of a few thousand.
     """
 
-    def __init__(self, schedule: NoiseSchedule, hidden: int = 128, n_freq: int = 6, in_scale: float = 3.0) -> None:
+    def __init__(self, schedule: NoiseProcess, hidden: int = 128, n_freq: int = 6, in_scale: float = 3.0) -> None:
         super().__init__()
         self.schedule, self.in_scale = schedule, in_scale
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(n_freq, dtype=torch.float32) / 2)
@@ -82,9 +82,9 @@ class MLPDenoiser(nn.Module):
                                  nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        alpha_t, sigma_t = self.schedule.alpha_t(t, x_t), self.schedule.sigma_t(t, x_t)
-        phase = (t.to(x_t.dtype) / self.schedule.T)[:, None] * self.freqs
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])  # the level s
+        alpha_t, sigma_t = self.schedule.alpha(t, x_t), self.schedule.sigma(t, x_t)
+        phase = (t.to(x_t.dtype) * (self.schedule.T - 1) / self.schedule.T)[:, None] * self.freqs
         v = self.net(torch.cat([self.in_scale * x_t, phase.sin(), phase.cos()], 1))
         return alpha_t * x_t - sigma_t * v
 
@@ -96,21 +96,21 @@ class NoFakeScore(nn.Module):
     only climbs log p_real (DMD Fig. 3a). It has no parameters: the trainer then skips the fake-score update.
     """
 
-    def __init__(self, schedule: NoiseSchedule) -> None:
+    def __init__(self, schedule: NoiseProcess) -> None:
         super().__init__()
         self.schedule = schedule
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return x_t / self.schedule.alpha_t(t, x_t)
+        return x_t / self.schedule.alpha(t, x_t)
 
 
-def blob_generator(schedule: NoiseSchedule, start: torch.Tensor, seed: int) -> MLPDenoiser:
+def blob_generator(schedule: NoiseProcess, start: torch.Tensor, seed: int) -> MLPDenoiser:
     """The shared starting generator: G(z) = D(z, T-1) is a narrow blob around `start` (DMD Fig. 3, left)."""
     torch.manual_seed(seed)
     g = MLPDenoiser(schedule)
-    t_star = torch.tensor([schedule.T - 1])
+    t_star = torch.tensor([1.0])
     with torch.no_grad():  # x0 = alpha z - sigma v: shift v so that x0 sits at `start`
-        g.net[-1].bias.copy_(-start / schedule.sigma_t(t_star, start[None])[0])
+        g.net[-1].bias.copy_(-start / schedule.sigma(t_star, start[None])[0])
     return g
 
 
@@ -126,7 +126,7 @@ def train_toy(full: bool, seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor]
     full=True: DM with a learned fake score + MSE regression on ODE pairs (DMD Fig. 3c).
     full=False: DM with `NoFakeScore`, no regression: the real score alone (DMD Fig. 3a).
     """
-    schedule = VPSchedule.linear()
+    schedule = VPDiscrete.linear()
     means = mode_centers()
     teacher = GMMDenoiser(means, MODE_STD, schedule)
     steps = 2000 if full else 400
@@ -136,7 +136,7 @@ def train_toy(full: bool, seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor]
     pairs = None
     if full:
         z = torch.randn(N_PAIRS, 2, generator=torch.Generator().manual_seed(seed + 1))
-        y = ddim_sample(teacher, z, timestep_grid(schedule.T, 100), schedule)
+        y = ddim_sample(teacher, z, schedule.grid(100), schedule)
         pairs = TensorStream({"z": z, "y": y}, batch_size=cfg.batch_size, seed=seed)
     generator = blob_generator(schedule, torch.tensor(START), seed)
     torch.manual_seed(seed + 2)
@@ -163,24 +163,24 @@ def one_thread():
 
 def test_gmm_denoiser_is_tweedie_of_its_density():
     """E[x | x_t] = (x_t + sigma_t^2 grad log p_t(x_t)) / alpha_t (Tweedie), checked by autograd."""
-    schedule = VPSchedule.linear()
+    schedule = VPDiscrete.linear()
     teacher = GMMDenoiser(mode_centers(), MODE_STD, schedule)
     g = torch.Generator().manual_seed(0)
     x_t = (3 * torch.randn(64, 2, generator=g, dtype=torch.float64)).requires_grad_(True)
-    t = torch.randint(0, schedule.T, (64,), generator=g)
+    t = schedule.level(torch.randint(0, schedule.T, (64,), generator=g))
     (score,) = torch.autograd.grad(teacher.log_density(x_t, t).sum(), x_t)
-    alpha_t, sigma_t = schedule.alpha_t(t, x_t), schedule.sigma_t(t, x_t)
+    alpha_t, sigma_t = schedule.alpha(t, x_t), schedule.sigma(t, x_t)
     expected = (x_t.detach() + sigma_t**2 * score) / alpha_t
     torch.testing.assert_close(teacher(x_t.detach(), t), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_both_runs_start_from_one_blob():
     """The shared starting generator puts every sample in the central mode's cell, far from the others."""
-    schedule, means = VPSchedule.linear(), mode_centers()
+    schedule, means = VPDiscrete.linear(), mode_centers()
     g = blob_generator(schedule, torch.tensor(START), SEED)
     z = torch.randn(N_EVAL, 2, generator=torch.Generator().manual_seed(SEED + 3))
     with torch.no_grad():
-        x = g(z, torch.full((N_EVAL,), schedule.T - 1))
+        x = g(z, torch.full((N_EVAL,), 1.0))
     masses, _ = mode_masses(x, means)
     assert masses[GRID**2 // 2] == 1.0
     assert (x - torch.tensor(START)).norm(dim=1).max() < 0.5

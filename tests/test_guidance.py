@@ -1,6 +1,5 @@
 """One student for every guidance scale: per-sample CFG, the zero-initialised guidance input, the exports that
 honour `guidance_scale` in stock diffusers, and the unchanged default path."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +8,10 @@ import pytest
 import torch
 
 from dmd_core.config import ConfigError, DistillConfig, load_config
-from dmd_core.denoisers import CFGDenoiser, UNetDenoiser
+from dmd_core.denoisers import CFGDenoiser, NetDenoiser
 from dmd_core.guidance import (GuidedGenerator, guided_denoiser, sample_guidance, shown_scale, student_cond)
 from dmd_core.guidance_embedding import guidance_scale_embedding
-from dmd_core.schedules import VPSchedule
+from dmd_core.processes import VPDiscrete
 from dmd_core.teachers import load_teacher
 from tests.helpers import make_trainer, tiny_teacher
 
@@ -37,7 +36,7 @@ def test_per_sample_cfg_equals_scalar_cfg_sample_by_sample():
     # float64: a batch of 5 and a batch of 1 take different float32 conv kernels on some CPUs (1.8e-5 apart)
     D = tiny_teacher().double()
     g = torch.Generator().manual_seed(0)
-    x_t, t = torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64), torch.tensor([999, 700, 500, 100, 3])
+    x_t, t = torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64), torch.tensor([999, 700, 500, 100, 3]) / 999
     cond, w = torch.tensor([0, 3, 9, 4, 4]), torch.tensor([1.0, 1.5, 2.0, 3.0, 7.5])
     batched = CFGDenoiser(D, w, 10)(x_t, t, cond)
     for i in range(5):
@@ -54,7 +53,7 @@ def test_per_sample_cfg_on_text_conditions(sd_teacher):
     D, null = sd_teacher.denoiser, sd_teacher.null_cond
     cond = sd_teacher.encode(["a red square", "two digits"])
     x_t = torch.randn(2, *sd_teacher.sample_shape, generator=torch.Generator().manual_seed(1))
-    t, w = torch.tensor([900, 300]), torch.tensor([1.5, 4.0])
+    t, w = torch.tensor([900, 300]) / 999, torch.tensor([1.5, 4.0])
     batched = CFGDenoiser(D, w, null)(x_t, t, cond)
     for i in range(2):
         one = CFGDenoiser(D, float(w[i]), null)(x_t[i:i + 1], t[i:i + 1],
@@ -82,18 +81,18 @@ def test_guidance_draws_are_in_range_and_seeded():
 
 @torch.no_grad()
 def test_zero_initialised_guidance_input_starts_as_the_teacher(sd_teacher):
-    D = UNetDenoiser(tiny_teacher().unet, VPSchedule.linear(), "v_prediction")
+    D = NetDenoiser(tiny_teacher().net, VPDiscrete.linear(), "v_prediction")
     S = guided_denoiser(D, 32)
-    x_t, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([999, 500, 10])
+    x_t, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([999, 500, 10]) / 999
     cond = torch.tensor([1, 2, 10])
     for w in (1.0, 2.5):
         assert torch.equal(S(x_t, t, student_cond(S, cond, torch.full((3,), w))), D(x_t, t, cond))
-    _randomise(S, "unet.guidance.cond_proj.weight")
+    _randomise(S, "net.guidance.cond_proj.weight")
     assert not torch.equal(S(x_t, t, student_cond(S, cond, torch.full((3,), 2.5))), D(x_t, t, cond))
 
     T = sd_teacher.denoiser
     S = guided_denoiser(T, 256)
-    assert S.unet.config.time_cond_proj_dim == 256 and not S.unet.time_embedding.cond_proj.weight.any()
+    assert S.net.config.time_cond_proj_dim == 256 and not S.net.time_embedding.cond_proj.weight.any()
     cond = sd_teacher.encode(["a cat", "a mat", ""])
     x_t = torch.randn(3, *sd_teacher.sample_shape, generator=torch.Generator().manual_seed(3))
     for w in (1.0, 3.0):
@@ -119,7 +118,7 @@ def test_guided_fake_score_models_each_w():
     """The fake score takes w (no CFG): it starts as the teacher and learns G's distribution at each w apart."""
     trainer = make_trainer(guidance_range=(1.0, 3.0))
     fake, teacher = trainer.mu_fake, trainer.teacher_denoiser
-    x_t, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([900, 600, 300, 50])
+    x_t, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([900, 600, 300, 50]) / 999
     cond = torch.tensor([0, 1, 2, 10])
 
     def at(w: float) -> torch.Tensor:
@@ -129,41 +128,54 @@ def test_guided_fake_score_models_each_w():
     assert torch.equal(at(1.0), teacher(x_t, t, cond)) and torch.equal(at(3.0), teacher(x_t, t, cond))
     for _ in range(2):
         trainer.train_step()
-    assert dict(fake.named_parameters())["unet.guidance.cond_proj.weight"].abs().sum() > 0
+    assert dict(fake.named_parameters())["net.guidance.cond_proj.weight"].abs().sum() > 0
     assert (at(1.0) - at(3.0)).abs().max() > 0
 
 
-def _trainer_at(commit: str):
-    """DMDTrainer as dmd_core/trainer.py was at `commit`, imported from git inside the current package."""
-    source = subprocess.run(["git", "show", f"{commit}:dmd_core/trainer.py"], cwd=PROJECT, capture_output=True,
-                            text=True)
-    if source.returncode != 0:
-        pytest.skip(f"git history without {commit}")
-    spec = importlib.util.spec_from_loader("dmd_core._trainer_before_guidance", loader=None)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "dmd_core"
-    sys.modules[spec.name] = module
-    exec(compile(source.stdout, f"{commit}:dmd_core/trainer.py", "exec"), module.__dict__)
-    return module.DMDTrainer
+# The trainer before the core redesign (integer DDPM timesteps, `UNetDenoiser`), run from its own tree.
+BEFORE_CORE = "d570d9a"
+TRAIN_FOUR_STEPS = """
+import sys, torch
+from safetensors.torch import save_file
+from tests.helpers import make_trainer
+trainer = make_trainer(guidance=1.5)
+metrics = [trainer.train_step() for _ in range(4)]
+state = {f"G.{k}": v for k, v in trainer.G.denoiser.state_dict().items()}
+state.update({f"fake.{k}": v for k, v in trainer.mu_fake.state_dict().items()})
+save_file({k: v.contiguous() for k, v in state.items()}, sys.argv[1], metadata={"metrics": repr(metrics)})
+"""
 
 
-def test_without_guidance_range_training_is_bit_identical_to_before(monkeypatch):
-    """The trainer as it was before guidance ranges existed and the current one, on the default path (guidance 1.5,
-    TTUR, GAN, two-step G): identical generator and fake-score weights after a few steps."""
-    import dmd_core.trainer as trainer_module
+def _train_at(commit: str | None, tmp_path: Path) -> tuple[dict, str]:
+    """Four trainer steps of `make_trainer(guidance=1.5)` with the code of `commit` (None: this tree), each in a
+    fresh interpreter with the same settings."""
+    from safetensors import safe_open
 
-    before = _trainer_at("1fad61b")
-    now = make_trainer(guidance=1.5)
-    monkeypatch.setattr(trainer_module, "DMDTrainer", before)
-    old = make_trainer(guidance=1.5)
-    assert type(old) is before and type(now) is not before
-    for _ in range(4):
-        m_now, m_old = now.train_step(), old.train_step()
-        assert m_now == m_old
-    for a, b in ((now.G.denoiser, old.G.denoiser), (now.mu_fake, old.mu_fake)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert set(now.state_files()) == set(old.state_files())
+    tree = PROJECT
+    if commit is not None:
+        tree = tmp_path / commit
+        tree.mkdir()
+        archive = subprocess.run(["git", "archive", commit, "dmd_core", "tests/helpers.py", "tests/__init__.py"],
+                                 cwd=PROJECT, capture_output=True)
+        if archive.returncode != 0:
+            pytest.skip(f"git history without {commit}")
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    out = tmp_path / f"{commit or 'now'}.safetensors"
+    subprocess.run([sys.executable, "-c", TRAIN_FOUR_STEPS, str(out)], cwd=tree, check=True,
+                   env={**__import__("os").environ, "PYTHONPATH": str(tree)})
+    with safe_open(str(out), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()["metrics"]
+
+
+def test_training_is_bit_identical_to_the_trainer_before_the_core_redesign(tmp_path):
+    """The trainer of integer DDPM timesteps (before NoiseProcess, Backbone and families) and the current one, on
+    the default path (guidance 1.5, TTUR, GAN, two-step G): identical losses and weights after four steps; the
+    network's weights were named `unet.` then and `net.` now."""
+    before, metrics_before = _train_at(BEFORE_CORE, tmp_path)
+    state, metrics_now = _train_at(None, tmp_path)
+    assert metrics_now == metrics_before and "loss_gan_G" in metrics_now
+    renamed = {k.replace(".unet.", ".net.", 1): v for k, v in before.items()}
+    assert renamed.keys() == state.keys() and all(torch.equal(renamed[k], state[k]) for k in state)
 
 
 def test_unset_guidance_fields_leave_the_config_hash_alone():
@@ -188,10 +200,10 @@ def test_pixel_export_honours_guidance_scale_in_stock_diffusers(tmp_path):
     from dmd_core.pipeline import DMDPipeline
     from tasks.export import ship_guidance_component
 
-    teacher = UNetDenoiser(tiny_teacher().unet, VPSchedule.linear(), "v_prediction")
+    teacher = NetDenoiser(tiny_teacher().net, VPDiscrete.linear(), "v_prediction")
     S = guided_denoiser(teacher, 16).eval()
-    _randomise(S, "unet.guidance.cond_proj.weight", seed=4)
-    pipe = DMDPipeline(S.unet.unet, DDPMScheduler(), [999], "v_prediction", guidance=S.unet.guidance,
+    _randomise(S, "net.guidance.cond_proj.weight", seed=4)
+    pipe = DMDPipeline(S.net.unet, DDPMScheduler(), [999], "v_prediction", guidance=S.net.guidance,
                        guidance_scale=2.0)
     pipe.save_pretrained(tmp_path, safe_serialization=True)
     (tmp_path / "pipeline.py").write_text((PROJECT / "dmd_core" / "pipeline.py").read_text())
@@ -199,7 +211,7 @@ def test_pixel_export_honours_guidance_scale_in_stock_diffusers(tmp_path):
     loaded = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=str(tmp_path), trust_remote_code=True)
     assert type(loaded.guidance).__module__ != "dmd_core.guidance_embedding"  # the shipped file, not ours
     z, labels = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 2, 3])
-    G = Generator(S, teacher.schedule, (999,))
+    G = Generator(S, teacher.process, (999,))
     out = {}
     for w in (1.0, 3.0):
         out[w] = loaded(latents=z, class_labels=labels, guidance_scale=w, output_type="pt").images
@@ -224,7 +236,7 @@ def test_stable_diffusion_export_honours_guidance_scale_in_the_stock_pipeline(sd
     trainer = DMDTrainer(cfg, sd_teacher, conditions=sd_teacher.conditions(["a red square", "two digits"]))
     with torch.enable_grad():
         trainer.train_step()
-    unet = trainer.G.denoiser.unet
+    unet = trainer.G.denoiser.net
     assert unet.time_embedding.cond_proj.weight.any()  # the step moved the guidance projection off zero
     stable_diffusion_export(unet, sd_teacher.vae, sd_teacher.text_encoder, sd_teacher.tokenizer,
                             sd_teacher.scheduler_config, [999], sd_teacher.prediction_type).save_pretrained(tmp_path)
@@ -298,7 +310,7 @@ def test_guidance_lr_scale_puts_the_guidance_projections_in_their_own_group():
     for opt, module in ((trainer.opt_G, trainer.G.denoiser), (trainer.opt_fake, trainer.mu_fake)):
         rest, emb = opt.param_groups[:2]
         names = {id(p): n for n, p in module.named_parameters()}
-        assert [names[id(p)] for p in emb["params"]] == ["unet.guidance.cond_proj.weight"]
+        assert [names[id(p)] for p in emb["params"]] == ["net.guidance.cond_proj.weight"]
         assert all("guidance" not in names.get(id(p), "") for p in rest["params"])
     trainer.train_step()
     assert trainer.opt_G.param_groups[1]["lr"] == 10 * trainer.opt_G.param_groups[0]["lr"]

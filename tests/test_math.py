@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from dmd_core.denoisers import CFGDenoiser, UNetDenoiser, to_x0
-from dmd_core.parametrisations import PARAMETRISATIONS
+from dmd_core.denoisers import CFGDenoiser, NetDenoiser
+from dmd_core.parametrisations import PARAMETRISATIONS, parametrisation
 from dmd_core.losses import (denoising_loss, distribution_matching_loss, dm_gradient, dm_loss,
                              gan_discriminator_loss, gan_generator_loss, pseudo_huber_regression)
-from dmd_core.schedules import EDMSchedule, VPSchedule, timestep_grid
+from dmd_core.processes import EDM, VPDiscrete, timestep_grid
 from tests.helpers import tiny_unet
 
 
@@ -19,25 +19,25 @@ def _float64():
 
 def _vp_state(seed=0):
     g = torch.Generator().manual_seed(seed)
-    s = VPSchedule.linear()
-    t = torch.randint(0, 1000, (6,), generator=g)
+    s = VPDiscrete.linear()
+    t = s.level(torch.randint(0, 1000, (6,), generator=g))
     x0 = torch.randn(6, 2, 4, 4, generator=g)
     eps = torch.randn(6, 2, 4, 4, generator=g)
-    return s, t, x0, eps, s.alpha_t(t, x0), s.sigma_t(t, x0)
+    return s, t, x0, eps, s.alpha(t, x0), s.sigma(t, x0)
 
 
 def test_vp_schedule_is_variance_preserving():
-    s = VPSchedule.linear()
+    s = VPDiscrete.linear()
     assert torch.allclose(s.alphas**2 + s.sigmas**2, torch.ones(1000, dtype=torch.float64))
     assert s.alphas[0] > 0.99 and s.alphas[-1] < 0.01
 
 
 def test_edm_schedule_endpoints_and_weight():
-    s = EDMSchedule()
-    assert s.sigmas[0].item() == pytest.approx(0.002) and s.sigmas[-1].item() == pytest.approx(80.0)
-    t = torch.tensor([0, 500, 999])
+    s = EDM()
     like = torch.zeros(3, 1)
-    sigma = s.sigma_t(t, like)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    assert s.sigma(t, like)[0].item() == pytest.approx(0.002) and s.sigma(t, like)[-1].item() == pytest.approx(80.0)
+    sigma = s.sigma(t, like)
     assert torch.allclose(s.denoising_weight(t, like), (sigma**2 + 0.25) / (sigma * 0.5) ** 2)
 
 
@@ -50,9 +50,9 @@ def test_eps_x0_v_round_trips():
     for kind, out in (("epsilon", eps), ("v_prediction", v), ("sample", x0)):
         p = PARAMETRISATIONS[kind]
         assert torch.allclose(p.target(x0, eps, a, s), out)
-        assert torch.allclose(to_x0(out, x_t, a, s, kind), x0) and torch.allclose(p.to_x0(out, x_t, a, s), x0)
+        assert torch.allclose(p.to_x0(out, x_t, a, s), x0)
     with pytest.raises(ValueError, match="prediction_type"):
-        to_x0(eps, x_t, a, s, "score")
+        parametrisation("score")
 
 
 def test_parametrisation_loss_weight_is_its_mse_in_x0_space():
@@ -71,12 +71,14 @@ def test_parametrisation_loss_weight_is_its_mse_in_x0_space():
 def test_unet_denoiser_applies_the_eps_conversion():
     torch.set_default_dtype(torch.float32)
     unet = tiny_unet(num_classes=10).eval()
-    sched = VPSchedule.linear()
-    D = UNetDenoiser(unet, sched, "epsilon")
+    sched = VPDiscrete.linear()
+    D = NetDenoiser(unet, sched, "epsilon")
     x_t, t, c = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 990]), torch.tensor([1, 2, 10])
     eps = unet(x_t, t, class_labels=c).sample
-    expected = (x_t - sched.sigma_t(t, x_t) * eps) / sched.alpha_t(t, x_t)
-    assert torch.allclose(D(x_t, t, c), expected, atol=1e-5)
+    s = sched.level(t)
+    expected = (x_t - sched.sigma(s, x_t) * eps) / sched.alpha(s, x_t)
+    assert torch.equal(sched.c_noise(s), t)  # a discrete VP network takes its DDPM index
+    assert torch.allclose(D(x_t, s, c), expected, atol=1e-5)
 
 
 def test_cfg_wrapper_equals_formula():

@@ -3,24 +3,25 @@ import pytest
 import torch
 
 from dmd_core.samplers import SAMPLERS, ddim_sample, euler_sample, pndm_grid, pndm_sample, sample
-from dmd_core.schedules import EDMSchedule, VPSchedule, timestep_grid
+from dmd_core.processes import EDM, VPDiscrete, full_level, timestep_grid
 
 M, S = 1.5, 0.5  # data ~ N(M, S^2) in every dimension
-SCHEDULES = {"vp": VPSchedule.linear, "edm": EDMSchedule}
+SCHEDULES = {"vp": VPDiscrete.linear, "edm": EDM}
 
 
 def gaussian_denoiser(schedule):
     """E[x | x_t] for x ~ N(M, S^2): M + alpha S^2 / (alpha^2 S^2 + sigma^2) (x_t - alpha M)."""
     def D(x_t, t, cond=None):
-        a, s = schedule.alpha_t(t, x_t), schedule.sigma_t(t, x_t)
+        a, s = schedule.alpha(t, x_t), schedule.sigma(t, x_t)
         return M + a * S**2 / (a**2 * S**2 + s**2) * (x_t - a * M)
     return D
 
 
-def exact_flow(schedule, z, t0):
+def exact_flow(schedule, z, level=1.0):
     """The probability-flow ODE is affine for Gaussian data: x0 = M + S (x_T - a M) / sqrt(a^2 S^2 + s^2)."""
     x_T = z * schedule.init_noise_sigma
-    a, s = float(schedule.alphas[t0]), float(schedule.sigmas[t0])
+    one = torch.zeros(1, dtype=torch.float64)
+    a, s = float(schedule.alpha(full_level(level, one), one)), float(schedule.sigma(full_level(level, one), one))
     return M + S * (x_T - a * M) / (a**2 * S**2 + s**2) ** 0.5
 
 
@@ -34,15 +35,15 @@ def case(request):
 
 def test_samples_match_gaussian_moments(case):
     name, schedule, z = case
-    x = sample(name, gaussian_denoiser(schedule), z, timestep_grid(schedule.T, 256), schedule)
+    x = sample(name, gaussian_denoiser(schedule), z, schedule.grid(256), schedule)
     assert abs(x.mean().item() - M) < 0.03, x.mean()
     assert abs(x.std().item() - S) < 0.03 * S, x.std()
 
 
 def test_more_steps_converge_to_the_exact_flow(case):
     name, schedule, z = case
-    errors = [(sample(name, gaussian_denoiser(schedule), z, timestep_grid(schedule.T, n), schedule)
-               - exact_flow(schedule, z, schedule.T - 1)).abs().mean().item() for n in (4, 16, 64)]
+    errors = [(sample(name, gaussian_denoiser(schedule), z, schedule.grid(n), schedule)
+               - exact_flow(schedule, z)).abs().mean().item() for n in (4, 16, 64)]
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[2] < errors[0] / 8, errors
 
@@ -50,34 +51,34 @@ def test_more_steps_converge_to_the_exact_flow(case):
 def test_same_noise_same_sample_bit_for_bit(case):
     name, schedule, z = case
     D = gaussian_denoiser(schedule)
-    grid = timestep_grid(schedule.T, 10)
+    grid = schedule.grid(10)
     assert torch.equal(sample(name, D, z, grid, schedule), sample(name, D, z.clone(), grid, schedule))
 
 
 def test_ddim_equals_euler_on_vp():
     """DDIM (eta=0) is Euler in x/alpha, sigma/alpha: two independent formulas must agree."""
-    schedule = VPSchedule.linear()
+    schedule = VPDiscrete.linear()
     z = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     D = gaussian_denoiser(schedule)
-    grid = timestep_grid(1000, 8)
+    grid = schedule.grid(8)
     assert torch.allclose(ddim_sample(D, z, grid, schedule), euler_sample(D, z, grid, schedule), atol=1e-9)
 
 
 def test_heun_beats_euler_at_equal_steps():
-    schedule = EDMSchedule()
+    schedule = EDM()
     z = torch.randn(4096, 1, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    D, exact = gaussian_denoiser(schedule), exact_flow(schedule, z, 999)
-    err = {n: (sample(n, D, z, timestep_grid(1000, 16), schedule) - exact).abs().mean() for n in ("euler", "heun")}
+    D, exact = gaussian_denoiser(schedule), exact_flow(schedule, z)
+    err = {n: (sample(n, D, z, schedule.grid(16), schedule) - exact).abs().mean() for n in ("euler", "heun")}
     assert err["heun"] < err["euler"] / 2, err
 
 
 def test_bad_grid_and_solver_are_rejected():
-    schedule = VPSchedule.linear()
+    schedule = VPDiscrete.linear()
     z = torch.randn(2, 1)
     with pytest.raises(ValueError, match="strictly decreasing"):
-        ddim_sample(gaussian_denoiser(schedule), z, [10, 20], schedule)
+        ddim_sample(gaussian_denoiser(schedule), z, [0.1, 0.2], schedule)
     with pytest.raises(ValueError, match="solver"):
-        sample("pndm2", gaussian_denoiser(schedule), z, [10], schedule)
+        sample("pndm2", gaussian_denoiser(schedule), z, [0.5], schedule)
 
 
 def _diffusers_pndm(unet, scheduler, z, y, n):
@@ -100,12 +101,12 @@ def test_pndm_matches_diffusers_scheduler_on_a_real_unet(n, set_alpha_to_one, dt
     """
     from diffusers import PNDMScheduler
 
-    from dmd_core.denoisers import UNetDenoiser
+    from dmd_core.denoisers import NetDenoiser
     from tests.helpers import tiny_unet
 
     scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
                               set_alpha_to_one=set_alpha_to_one, steps_offset=1)
-    schedule = VPSchedule.from_scheduler(scheduler)
+    schedule = VPDiscrete.from_scheduler(scheduler)
     dtype = getattr(torch, dtype)
     if dtype == torch.float64:
         scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
@@ -115,7 +116,7 @@ def test_pndm_matches_diffusers_scheduler_on_a_real_unet(n, set_alpha_to_one, dt
     y = torch.tensor([3, 7])
     with torch.no_grad():
         expected = _diffusers_pndm(unet, scheduler, z, y, n)
-    got = pndm_sample(UNetDenoiser(unet, schedule, "epsilon"), z, pndm_grid(1000, n, steps_offset=1), schedule, y,
+    got = pndm_sample(NetDenoiser(unet, schedule, "epsilon"), z, schedule.levels(pndm_grid(1000, n, steps_offset=1)), schedule, y,
                       set_alpha_to_one=set_alpha_to_one)
     assert (got - expected).abs().max() <= rtol * expected.abs().max(), (got - expected).abs().max()
 
@@ -158,11 +159,11 @@ def test_ddim_x0_matches_diffusers_scheduler_on_the_digits_teacher(n):
         seen.append(x0)
         return x0
 
-    ours = ddim_sample(recording, z, timestep_grid(1000, n), teacher.schedule, cond)
+    ours = ddim_sample(recording, z, teacher.process.grid(n), teacher.process, cond)
     x, theirs = z.clone(), []
     with torch.no_grad():
         for t in scheduler.timesteps:
-            out = teacher.unet(x, t, class_labels=cond).sample
+            out = teacher.net(x, t, class_labels=cond).sample
             step = scheduler.step(out, t, x)
             x = step.prev_sample
             theirs.append(step.pred_original_sample)

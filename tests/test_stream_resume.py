@@ -80,7 +80,7 @@ def test_stream_resume_in_fresh_process_is_bit_identical(store_factory, backend,
     write_pairs(store)
 
     first = streaming_trainer(store)
-    initial = first.G.denoiser.unet.conv_in.weight.detach().clone()
+    initial = first.G.denoiser.net.conv_in.weight.detach().clone()
     for _ in range(N):
         first.train_step()
     position = first.pairs.state_dict()
@@ -117,4 +117,4 @@ def test_stream_resume_in_fresh_process_is_bit_identical(store_factory, backend,
         for key, value in module.state_dict().items():
             assert torch.equal(resumed[key], value), f"{name}.{key} differs after resume"
     # The weights moved, so equality above is not that of two untrained copies.
-    assert not torch.equal(straight.G.denoiser.unet.conv_in.weight, initial)
+    assert not torch.equal(straight.G.denoiser.net.conv_in.weight, initial)

@@ -8,7 +8,7 @@ import torch
 
 from dmd_core.config import DistillConfig
 from dmd_core.conditions import Prompts
-from dmd_core.denoisers import CFGDenoiser, UNetDenoiser, with_guidance
+from dmd_core.denoisers import CFGDenoiser, NetDenoiser, with_guidance
 from dmd_core.teachers import TeacherLoadError, load_teacher
 from dmd_core.tiny import tiny_pixel_unet, write_tiny_pixel_teacher, write_tiny_sd_teacher
 from dmd_core.trainer import DMDTrainer
@@ -81,9 +81,10 @@ def test_sd_prediction_type_comes_from_the_scheduler_config(tmp_path):
     x, t = latents(2), torch.tensor([100, 800])
     cond = teacher.encode(PROMPTS)
     with torch.no_grad():
-        v = teacher.unet(x, t, **cond).sample
-        got = teacher.denoiser(x, t, cond)
-    alpha_t, sigma_t = teacher.schedule.alpha_t(t, x), teacher.schedule.sigma_t(t, x)
+        v = teacher.net(x, t, **cond).sample
+        got = teacher.denoiser(x, teacher.process.level(t), cond)
+    s = teacher.process.level(t)
+    alpha_t, sigma_t = teacher.process.alpha(s, x), teacher.process.sigma(s, x)
     torch.testing.assert_close(got, alpha_t * x - sigma_t * v, rtol=0, atol=1e-6)
 
 
@@ -113,8 +114,8 @@ def test_unet2d_loader_reads_a_flat_folder(pixel_folder, tmp_path):
     shutil.copy(pixel_folder / "scheduler" / "scheduler_config.json", flat / "scheduler_config.json")
     nested, teacher = load_teacher("unet2d", pixel_folder), load_teacher("unet2d", flat)
     assert teacher.sample_shape == nested.sample_shape and teacher.prediction_type == nested.prediction_type
-    assert torch.equal(teacher.schedule.alphas, nested.schedule.alphas)
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    assert torch.equal(teacher.process.alphas, nested.process.alphas)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]) / 999
     with torch.no_grad():
         assert torch.equal(teacher.denoiser(x, t), nested.denoiser(x, t))
 
@@ -168,7 +169,7 @@ def test_nonexistent_folder_is_named(kind, tmp_path):
 def test_cfg_with_text_embeddings_is_the_formula(sd_teacher, w):
     """x0 = D(x, t, null) + w (D(x, t, c) - D(x, t, null)) (Ho & Salimans), null = the empty prompt's states."""
     D, null = sd_teacher.denoiser, sd_teacher.null_cond
-    x, t = latents(2, seed=1), torch.tensor([250, 750])
+    x, t = latents(2, seed=1), torch.tensor([250, 750]) / 999
     cond = sd_teacher.encode(PROMPTS)
     guided = with_guidance(D, w, null)
     assert isinstance(guided, CFGDenoiser) and guided.w == w
@@ -195,11 +196,11 @@ def test_fake_score_is_never_guided(sd_teacher):
     trainer = DMDTrainer(cfg, sd_teacher, conditions=Prompts(PROMPTS))
     assert isinstance(trainer.mu_real, CFGDenoiser) and trainer.mu_real.w == 3.0
     assert trainer.mu_real.denoiser is sd_teacher.denoiser
-    assert isinstance(trainer.mu_fake, UNetDenoiser) and not isinstance(trainer.mu_fake, CFGDenoiser)
-    assert trainer.mu_fake.unet is not sd_teacher.unet
+    assert isinstance(trainer.mu_fake, NetDenoiser) and not isinstance(trainer.mu_fake, CFGDenoiser)
+    assert trainer.mu_fake.net is not sd_teacher.net
 
     real, fake = [], []
-    handles = [record_calls(sd_teacher.unet, real), record_calls(trainer.mu_fake.unet, fake)]
+    handles = [record_calls(sd_teacher.net, real), record_calls(trainer.mu_fake.net, fake)]
     try:
         metrics = trainer.train_step()
     finally:
@@ -267,7 +268,7 @@ def test_lpips_on_decoded_latents_trains_the_generator_through_the_decoder(sd_te
     assert sorted(decoded) == [False, True], "decoded once with grad (G's output), once without (the target)"
     assert metrics["grad_norm_G"] > 0
     changed = [k for k, v in trainer.G.denoiser.state_dict().items() if not torch.equal(v, G_before[k])]
-    assert "unet.conv_in.weight" in changed and "unet.conv_out.weight" in changed
+    assert "net.conv_in.weight" in changed and "net.conv_out.weight" in changed
     assert all(torch.equal(v, vae_before[k]) for k, v in sd_teacher.vae.state_dict().items())
 
 
@@ -277,9 +278,9 @@ def test_concat_regression_runs_one_generator_forward_and_trains_the_fake_score_
     cfg = DistillConfig(batch_size=B, regression="lpips", concat_regression=True, guidance=3.0, bf16=False)
     pairs = PromptPairs(B_reg)
     trainer = DMDTrainer(cfg, sd_teacher, conditions=Prompts(PROMPTS), pairs=pairs, lpips_model=lpips_model)
-    G_before = trainer.G.denoiser.unet.conv_in.weight.detach().clone()
+    G_before = trainer.G.denoiser.net.conv_in.weight.detach().clone()
     generator, fake = [], []
-    handles = [record_calls(trainer.G.denoiser.unet, generator), record_calls(trainer.mu_fake.unet, fake)]
+    handles = [record_calls(trainer.G.denoiser.net, generator), record_calls(trainer.mu_fake.net, fake)]
     try:
         metrics = trainer.train_step()
     finally:
@@ -291,7 +292,7 @@ def test_concat_regression_runs_one_generator_forward_and_trains_the_fake_score_
     target_states = sd_teacher.encode(pairs.served[0])["encoder_hidden_states"]
     torch.testing.assert_close(fake[1][1][B:], target_states, rtol=0, atol=1e-5)
     assert torch.equal(generator[0][1], fake[1][1])
-    assert not torch.equal(trainer.G.denoiser.unet.conv_in.weight, G_before)
+    assert not torch.equal(trainer.G.denoiser.net.conv_in.weight, G_before)
 
 
 
@@ -327,7 +328,7 @@ def test_a_small_decoder_serves_the_regression_loss_only(sd_folder, tmp_path):
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         assert torch.equal(teacher.decode(x), teacher.vae.decode(x / teacher.vae.config.scaling_factor).sample)
-        assert torch.equal(teacher.decode_for_loss(x), teacher.decoder.decode(x).sample)
+        assert torch.equal(teacher.decode_for_loss(x), teacher.codec.decoder.decode(x).sample)
         assert not torch.allclose(teacher.decode(x), teacher.decode_for_loss(x))
     with pytest.raises(TeacherLoadError, match="nowhere"):
         load_teacher("sd", sd_folder, decoder_path=str(tmp_path / "nowhere"))

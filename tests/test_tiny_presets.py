@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dmd_core.denoisers import UNetDenoiser
+from dmd_core.denoisers import NetDenoiser
 from dmd_core.generator import Generator
 from dmd_core.teachers import load_teacher
 from storage import iter_shards, read_manifest, read_manifest_metadata
@@ -53,10 +53,10 @@ def plain(script: str, export: Path, tmp_path: Path, z: torch.Tensor) -> torch.T
 
 
 def ema_generator(store, teacher, step: int) -> Generator:
-    unet = teacher.student_unet().eval()
+    unet = teacher.student_net().eval()
     (key,) = checkpoint_keys(store)  # the run's one set of checkpoints
-    unet.load_state_dict({k.removeprefix("unet."): v for k, v in checkpoint_weights(store, step, key).items()})
-    return Generator(UNetDenoiser(unet, teacher.schedule, teacher.prediction_type), teacher.schedule, [999])
+    unet.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint_weights(store, step, key).items()})
+    return Generator(NetDenoiser(unet, teacher.process, teacher.prediction_type), teacher.process, [999])
 
 
 @pytest.mark.slow
@@ -86,7 +86,7 @@ def test_sd_tiny_end_to_end(prefect_api, tmp_path):
     assert float((got - expected).abs().max()) <= ATOL
     # the student moved away from the teacher (training happened) but the export is the EMA student
     with torch.no_grad():
-        teacher_x0 = Generator(teacher.denoiser, teacher.schedule, [999])(z, teacher.encode([PROMPT] * 2))
+        teacher_x0 = Generator(teacher.denoiser, teacher.process, [999])(z, teacher.encode([PROMPT] * 2))
     assert not torch.allclose(teacher_x0, x0)
 
 

@@ -61,8 +61,8 @@ def test_resume_in_fresh_process_is_exact(tmp_path, deterministic):
         for key, value in module.state_dict().items():
             assert torch.equal(resumed[key], value), f"{name}.{key} differs after resume"
     # And the weights did move: a resume that restored nothing would fail above, not pass trivially.
-    assert not torch.equal(straight.G.denoiser.state_dict()["unet.conv_in.weight"],
-                           make_trainer().G.denoiser.state_dict()["unet.conv_in.weight"])
+    assert not torch.equal(straight.G.denoiser.state_dict()["net.conv_in.weight"],
+                           make_trainer().G.denoiser.state_dict()["net.conv_in.weight"])
 
 
 class NaNOnce(TensorStream):
@@ -116,30 +116,30 @@ def test_ttur_updates_generator_every_kth_step_and_ema_follows():
     assert updated == [True, False, False, True, False, False]
     # EMA after 2 generator updates with decay d: ema = theta0 + (1 - d^k)-weighted moves; it lies strictly
     # between the initial and the current weights for a parameter that moved.
-    init = make_trainer().G.denoiser.state_dict()["unet.conv_in.weight"]
-    cur = trainer.G.denoiser.state_dict()["unet.conv_in.weight"]
-    ema = trainer.ema.state_dict()["unet.conv_in.weight"]
+    init = make_trainer().G.denoiser.state_dict()["net.conv_in.weight"]
+    cur = trainer.G.denoiser.state_dict()["net.conv_in.weight"]
+    ema = trainer.ema.state_dict()["net.conv_in.weight"]
     assert (ema - init).norm() < (cur - init).norm() and not torch.equal(ema, init)
 
 
 def test_plain_callable_teacher_needs_trainable_modules():
     from dmd_core.config import DistillConfig
-    from dmd_core.schedules import VPSchedule
+    from dmd_core.processes import VPDiscrete
     from dmd_core.trainer import DMDTrainer
 
     with pytest.raises(TypeError, match="generator_init"):
-        DMDTrainer(DistillConfig(regression="none"), lambda x, t, c: x, VPSchedule.linear(), (2,),
+        DMDTrainer(DistillConfig(regression="none"), lambda x, t, c: x, VPDiscrete.linear(), (2,),
                    prediction_type="sample")
 
 
 def test_callable_teacher_states_its_prediction_type():
     from dmd_core.config import DistillConfig
-    from dmd_core.schedules import VPSchedule
+    from dmd_core.processes import VPDiscrete
     from dmd_core.trainer import DMDTrainer
 
     net = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="prediction_type"):
-        DMDTrainer(DistillConfig(regression="none"), lambda x, t, c: x, VPSchedule.linear(), (2,),
+        DMDTrainer(DistillConfig(regression="none"), lambda x, t, c: x, VPDiscrete.linear(), (2,),
                    generator_init=net, fake_init=net)
 
 
@@ -150,7 +150,7 @@ def test_plain_function_where_a_module_is_needed_is_a_type_error():
 
     teacher = tiny_teacher()
     with pytest.raises(TypeError, match="fake_init.*function"):
-        DMDTrainer(DistillConfig(regression="none"), teacher, teacher.schedule, (1, 8, 8),
+        DMDTrainer(DistillConfig(regression="none"), teacher, teacher.process, (1, 8, 8),
                    fake_init=lambda x, t, c: x)
 
 
@@ -164,9 +164,9 @@ def test_frozen_fake_score_needs_no_parameters():
 
     class Frozen(torch.nn.Module):
         def forward(self, x_t, t, cond=None):
-            return x_t / teacher.schedule.alpha_t(t, x_t)
+            return x_t / teacher.process.alpha(t, x_t)
 
-    trainer = DMDTrainer(DistillConfig(regression="none", batch_size=4), teacher, teacher.schedule, (1, 8, 8),
+    trainer = DMDTrainer(DistillConfig(regression="none", batch_size=4), teacher, teacher.process, (1, 8, 8),
                          num_classes=10, null_cond=10, fake_init=Frozen())
     before = {k: v.clone() for k, v in trainer.G.denoiser.state_dict().items()}
     m = trainer.train_step()

@@ -12,7 +12,7 @@ import experiment as ex  # noqa: E402
 from dmd_core.config import DistillConfig, TeacherConfig  # noqa: E402
 from dmd_core.metrics import train_classifier  # noqa: E402
 from dmd_core.samplers import ddim_sample  # noqa: E402
-from dmd_core.schedules import timestep_grid  # noqa: E402
+from dmd_core.processes import timestep_grid  # noqa: E402
 from dmd_core.streams import TensorStream  # noqa: E402
 from dmd_core.trainer import DMDTrainer  # noqa: E402
 

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from dmd_core.config import DataConfig, DistillConfig, TeacherConfig
-from dmd_core.denoisers import UNetDenoiser
+from dmd_core.denoisers import NetDenoiser
 from dmd_core.generator import Generator
 from dmd_core.fid import frechet_distance
 from dmd_core.metrics import features_and_predictions, gaussian_stats, train_classifier
 from dmd_core.samplers import ddim_sample
-from dmd_core.schedules import VPSchedule, timestep_grid
+from dmd_core.processes import VPDiscrete, timestep_grid
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer
 
@@ -55,7 +55,7 @@ def load_digits_cached() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def teacher_cached(tcfg: TeacherConfig, device: str):
-    """(UNetDenoiser on CPU, VPSchedule); trains once per config and caches the EMA weights as safetensors."""
+    """(NetDenoiser on CPU, VPDiscrete); trains once per config and caches the EMA weights as safetensors."""
     from safetensors.torch import load_file, save_file
 
     from dmd_core.digits import build_scheduler, build_unet, train_teacher
@@ -75,8 +75,8 @@ def teacher_cached(tcfg: TeacherConfig, device: str):
         save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp))
         tmp.rename(path)
     unet = unet.eval().requires_grad_(False)
-    schedule = VPSchedule.from_scheduler(scheduler)
-    return UNetDenoiser(unet, schedule, tcfg.prediction_type), schedule
+    schedule = VPDiscrete.from_scheduler(scheduler)
+    return NetDenoiser(unet, schedule, tcfg.prediction_type), schedule
 
 
 @torch.no_grad()

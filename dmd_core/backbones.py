@@ -1,0 +1,138 @@
+"""Backbone adapters: how a network class is called, where its bottleneck is (the DMD2 GAN head's input), how it
+takes a guidance scale and how it checkpoints its activations. Nothing outside this module touches a network's
+attributes; a new network class (a transformer) adds one adapter here and one line in `BACKBONES`.
+
+A condition is opaque to samplers and losses (k-diffusion's `extra_args`): None, a tensor of class ids, or a
+dict of tensors passed as keyword arguments (`encoder_hidden_states`; SDXL's `added_cond_kwargs` nests a dict).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .guidance_embedding import GuidanceEmbedding, guidance_scale_embedding
+
+
+class Backbone:
+    """The adapter of one network class; stateless (the network is passed in), so state_dicts stay the network's."""
+
+    def matches(self, net: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, c_noise: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The network output (in its own parametrisation) at input x, noise input c_noise (B,), condition cond."""
+        raise NotImplementedError
+
+    def bottleneck(self, net: nn.Module) -> tuple[nn.Module, int]:
+        """The module whose output feeds the GAN head, and its channels."""
+        raise NotImplementedError
+
+    def checkpointing(self, net: nn.Module) -> None:
+        """Recompute activations in backward (gradient checkpointing)."""
+        net.enable_gradient_checkpointing()
+
+    def guided(self, net: nn.Module, embedding_dim: int) -> nn.Module:
+        """A copy of `net` that also takes a guidance scale w, equal to `net` at initialisation."""
+        raise NotImplementedError
+
+    def guidance_cond(self, net: nn.Module, cond: Any, w: torch.Tensor) -> Any:
+        """The condition of a guided network: `cond` plus the guidance scales w (B,)."""
+        raise NotImplementedError
+
+
+class GuidedUNet2D(nn.Module):
+    """A `UNet2DModel` that also takes `guidance_scale` (B,), embedded and added to its time embedding's input."""
+
+    def __init__(self, unet: nn.Module, guidance: GuidanceEmbedding) -> None:
+        super().__init__()
+        self.unet, self.guidance = unet, guidance
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                guidance_scale: Optional[torch.Tensor] = None):
+        if guidance_scale is None:
+            return self.unet(sample, timestep, class_labels=class_labels)
+        with self.guidance.applied(self.unet, guidance_scale):
+            return self.unet(sample, timestep, class_labels=class_labels)
+
+
+class UNet2D(Backbone):
+    """diffusers `UNet2DModel` (pixel teachers; class ids as `class_labels`), also inside a `GuidedUNet2D`."""
+
+    def matches(self, net):
+        from diffusers import UNet2DModel
+
+        return isinstance(net, (UNet2DModel, GuidedUNet2D))
+
+    def __call__(self, net, x, c_noise, cond):
+        if cond is None:
+            return net(x, c_noise).sample
+        if isinstance(cond, dict):
+            return net(x, c_noise, **cond).sample
+        return net(x, c_noise, class_labels=cond).sample
+
+    def bottleneck(self, net):
+        inner = net.unet if isinstance(net, GuidedUNet2D) else net
+        return inner.mid_block, int(inner.config.block_out_channels[-1])
+
+    def guided(self, net, embedding_dim):
+        channels = net.time_embedding.linear_1.in_features
+        guidance = GuidanceEmbedding(embedding_dim, channels).to(next(net.parameters()).device)
+        return GuidedUNet2D(copy.deepcopy(net), guidance)
+
+    def guidance_cond(self, net, cond, w):
+        out = {"guidance_scale": w}
+        if isinstance(cond, dict):
+            return {**cond, **out}
+        return out if cond is None else {"class_labels": cond, **out}
+
+
+class UNet2DCondition(Backbone):
+    """diffusers `UNet2DConditionModel` (SD, SDXL): the condition dict is its keyword arguments; a guided copy sets
+    `time_cond_proj_dim` and takes `timestep_cond` = embedding(w - 1), as the stock pipelines compute it."""
+
+    def matches(self, net):
+        from diffusers import UNet2DConditionModel
+
+        return isinstance(net, UNet2DConditionModel)
+
+    def __call__(self, net, x, c_noise, cond):
+        return net(x, c_noise, **(cond or {})).sample
+
+    def bottleneck(self, net):
+        return net.mid_block, int(net.config.block_out_channels[-1])
+
+    def guided(self, net, embedding_dim):
+        from diffusers import UNet2DConditionModel
+
+        student = UNet2DConditionModel.from_config({**net.config, "time_cond_proj_dim": embedding_dim})
+        missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
+        if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+            raise ValueError(f"guided student: unexpected weight layout (missing {missing}, unexpected {unexpected})")
+        nn.init.zeros_(student.time_embedding.cond_proj.weight)
+        return student.to(next(net.parameters()).device)
+
+    def guidance_cond(self, net, cond, w):
+        emb = guidance_scale_embedding(w.float() - 1, net.config.time_cond_proj_dim).to(w.device)
+        return {**(cond or {}), "timestep_cond": emb}
+
+
+BACKBONES: list[Backbone] = [UNet2D(), UNet2DCondition()]
+
+
+def backbone_for(net: nn.Module) -> Backbone:
+    """The adapter of `net`'s class; TypeError names the class when none matches."""
+    net = getattr(net, "_orig_mod", net)  # torch.compile'd
+    for backbone in BACKBONES:
+        if backbone.matches(net):
+            return backbone
+    raise TypeError(f"no backbone adapter for {type(net).__name__}: add one to dmd_core.backbones.BACKBONES")
