@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dmd_core.conditions import Prompts  # noqa: E402
 from dmd_core.denoisers import NetDenoiser  # noqa: E402
-from dmd_core.teachers import Teacher, vp_schedule  # noqa: E402
+from dmd_core.teachers import LatentCodec, Teacher, vp_process  # noqa: E402
 from dmd_core.tiny import SD_SCHEDULER, tiny_sd_components, write_byte_tokenizer  # noqa: E402
 
 PROMPTS = ["a photo of a cat sitting on a windowsill", "a red bus driving down a city street",
@@ -71,14 +71,16 @@ def build_teacher(tiny: bool, device: str, decoder: str = "full") -> Teacher:
     parts = tiny_sd_components(latent_size=8) if tiny else sd15_components()
     folder = tempfile.mkdtemp(prefix="byte-tokenizer-")
     write_byte_tokenizer(folder, max_length=77)
-    schedule = vp_schedule(SD_SCHEDULER)
+    process = vp_process(SD_SCHEDULER)
     unet = parts["unet"]
     shape = (4, unet.config.sample_size, unet.config.sample_size)
-    teacher = Teacher(kind="sd", denoiser=NetDenoiser(unet, schedule, "epsilon"), schedule=schedule,
-                      sample_shape=shape, prediction_type="epsilon", text_encoder=parts["text_encoder"],
-                      tokenizer=CLIPTokenizer.from_pretrained(folder), vae=parts["vae"],
-                      scheduler_config=dict(SD_SCHEDULER),
-                      decoder=AutoencoderTiny() if decoder == "tiny" else None)
+    codec = LatentCodec(parts["vae"], float(parts["vae"].config.scaling_factor),
+                        decoder=AutoencoderTiny() if decoder == "tiny" else None)
+    teacher = Teacher(kind="sd", denoiser=NetDenoiser(unet, process, "epsilon"), process=process,
+                      sample_shape=shape, prediction_type="epsilon",
+                      encoders={"text_encoder": parts["text_encoder"]},
+                      tokenizers={"tokenizer": CLIPTokenizer.from_pretrained(folder)}, codec=codec,
+                      scheduler_config=dict(SD_SCHEDULER))
     return teacher.to(device).frozen()
 
 
@@ -131,7 +133,7 @@ class EagerStep:
         self.dev, self.B, self.R = torch.device(device), batch, max(batch // 2, 1)
         self.shape = teacher.sample_shape
         self.real, self.lpips = teacher.net, lpips_model
-        self.vae = teacher.decoder if teacher.decoder is not None else teacher.vae  # the regression's decoder
+        self.vae = teacher.codec.decoder if teacher.codec.decoder is not None else teacher.vae  # the regression's decoder
         self.tok, self.clip = teacher.tokenizer, teacher.text_encoder
         self.G = copy.deepcopy(self.real).requires_grad_(True).train()
         self.fake = copy.deepcopy(self.real).requires_grad_(True).train()

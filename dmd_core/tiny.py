@@ -3,6 +3,7 @@
 `pixel-tiny`: an unconditional `UNet2DModel` + DDPM scheduler (the google/ddpm-cifar10-32 layout, shrunk).
 `sd-tiny`: the Stable Diffusion folder layout (UNet2DConditionModel, CLIPTextModel, CLIPTokenizer,
 AutoencoderKL, PNDM scheduler) with a byte-level CLIP tokenizer written from scratch (no download).
+`sdxl-tiny`: the Stable Diffusion XL layout (text_time UNet, two CLIP text encoders and tokenizers, Euler scheduler).
 """
 from __future__ import annotations
 
@@ -102,6 +103,63 @@ def write_tiny_sd_teacher(folder: str | Path, latent_size: int = 8, prediction_t
              "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+                      use_karras_sigmas=False)  # stabilityai/stable-diffusion-xl-base-1.0's EulerDiscreteScheduler
+SDXL_VAE_SCALING = 0.13025
+
+
+def tiny_sdxl_components(latent_size: int = 8, seed: int = 0) -> dict:
+    """unet, vae, text_encoder, text_encoder_2, scheduler of a tiny SDXL: `text_time` added conditions
+    (6 time ids x 8 + the second encoder's 32-d pooled projection = 80), cross-attention over both encoders' 32 + 32
+    hidden states, the SDXL VAE scaling factor (the layout of diffusers' own SDXL pipeline tests, shrunk)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=2 * latent_size,
+                        scaling_factor=SDXL_VAE_SCALING)
+    config = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=TINY_TEXT_LENGTH, bos_token_id=512,
+                            eos_token_id=513, pad_token_id=513, projection_dim=32, hidden_act="gelu")
+    text_encoder, text_encoder_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+            "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER)}
+
+
+def write_tiny_sdxl_teacher(folder: str | Path, latent_size: int = 8, seed: int = 0) -> Path:
+    """A Stable Diffusion XL folder (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)."""
+    folder = Path(folder)
+    for name, module in tiny_sdxl_components(latent_size, seed).items():
+        module.save_pretrained(folder / name)
+    for name in ("tokenizer", "tokenizer_2"):
+        write_byte_tokenizer(folder / name)
+    index = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"], "image_encoder": [None, None],
+             "feature_extractor": [None, None], "force_zeros_for_empty_prompt": True}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+TINY_TEACHERS = {  # `dmd make-teacher --tiny NAME`: the writer of each tiny teacher folder
+    "pixel": write_tiny_pixel_teacher,
+    "sd": write_tiny_sd_teacher,
+    "sdxl": write_tiny_sdxl_teacher,
+}
 
 
 TINY_CLIP = "dmd-tiny-clip"

@@ -255,22 +255,23 @@ def load_export(export: Path, kind: Optional[str]):
 
 @app.command("make-teacher")
 def make_teacher(
-    tiny: str = typer.Option(..., help="which tiny random teacher: sd (Stable Diffusion layout) or pixel (UNet2DModel)"),
+    tiny: str = typer.Option(..., help="which tiny random teacher: sd (Stable Diffusion layout), sdxl (Stable "
+                                       "Diffusion XL layout) or pixel (UNet2DModel)"),
     out: Path = typer.Option(..., help="folder to write (a diffusers layout that teacher.path can point to)"),
     seed: int = typer.Option(0, help="weight init seed"),
     prediction_type: str = typer.Option("epsilon", help="epsilon or v_prediction (sd)"),
 ) -> None:
     """Write a tiny random teacher of a real architecture (offline, seconds) for smoke runs and tests."""
-    from dmd_core.tiny import write_tiny_pixel_teacher, write_tiny_sd_teacher
+    from dmd_core.tiny import TINY_TEACHERS
 
-    if tiny not in ("sd", "pixel"):
-        fail(f"--tiny: choose sd or pixel, got {tiny!r}")
+    if tiny not in TINY_TEACHERS:
+        fail(f"--tiny: choose {', '.join(TINY_TEACHERS)}, got {tiny!r}")
     if out.exists() and any(out.iterdir()):
         fail(f"--out: {out} exists and is not empty")
     if tiny == "sd":
-        write_tiny_sd_teacher(out, prediction_type=prediction_type, seed=seed)
+        TINY_TEACHERS[tiny](out, prediction_type=prediction_type, seed=seed)
     else:
-        write_tiny_pixel_teacher(out, seed=seed)
+        TINY_TEACHERS[tiny](out, seed=seed)
     typer.echo(f"wrote a tiny {tiny} teacher to {out}")
 
 
