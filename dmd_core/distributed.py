@@ -22,22 +22,17 @@ generators are re-derived from (seed, rank, step).
 """
 from __future__ import annotations
 
-import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import bytes_to_tensors, tensors_to_bytes
 from .conditions import hash_seed
 from .config import DistillConfig
-from .guidance import sample_guidance
-from .denoisers import Cond
+from .draws import Collective, Draws
 from .streams import Stream
 from .trainer import DMDTrainer
 
@@ -103,99 +98,27 @@ class RankSlice:
         self.stream.load_state_dict(state)
 
 
-def _inner(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
+class DDPCollective(Collective):
+    """Agreement over the process group: rank 0's decisions, all-or-none finite updates, mean losses, and every
+    rank's torch generators gathered into checkpoints (see the module docstring)."""
 
+    def __init__(self, env: DistEnv, device: torch.device) -> None:
+        self.rank, self.world_size, self.device = env.rank, env.world_size, device
 
-class DDPTrainer(DMDTrainer):
-    """`DMDTrainer` on one rank of a DDP job: generator and fake score wrapped in DDP, the real score frozen and
-    unwrapped, global-batch draws sliced by rank (see the module docstring). With the DMD2 GAN head the fake
-    score and the head average their gradients through per-parameter hooks instead of DDP."""
-
-    def __init__(self, cfg: DistillConfig, teacher, *, pairs: Optional[Stream] = None, real: Optional[Stream] = None,
-                 dist_env: Optional[DistEnv] = None, **kwargs) -> None:
-        env = dist_env or current()
-        self.rank, self.world_size = env.rank, env.world_size
-        W = self.world_size
-        local = cfg.model_copy(update={"batch_size": cfg.batch_size // W,
-                                       "reg_batch_size": cfg.reg_batch_size // W if cfg.reg_batch_size else None})
-        pairs = RankSlice(pairs, self.rank, W) if pairs is not None else None
-        real = RankSlice(real, self.rank, W) if real is not None else None
-        super().__init__(local, teacher, pairs=pairs, real=real, **kwargs)
-        torch.manual_seed(rank_seed(cfg.seed, self.rank))
-        ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
-        self.G.denoiser = DistributedDataParallel(self.G.denoiser, device_ids=ids)
-        if self.gan_head is not None:
-            # The GAN loss reaches the fake score through hooked bottleneck features, not its output, which DDP
-            # cannot follow: average the fake score's and the head's gradients as they accumulate instead.
-            for p in [*self.mu_fake.parameters(), *self.gan_head.parameters()]:
-                dist.broadcast(p.data, 0)  # start from rank 0's head (DDP does this for the modules it wraps)
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._average_grad)
-        elif self.opt_fake is not None:
-            self.mu_fake = DistributedDataParallel(self.mu_fake, device_ids=ids)
-
-    def _average_grad(self, p: torch.Tensor) -> None:
-        dist.all_reduce(p.grad)
-        p.grad.div_(self.world_size)
-
-    # ---- global-batch draws, this rank's slice ----------------------------------------------
-    def _mine(self, x):
-        n = len(x) // self.world_size
-        return x[self.rank * n:(self.rank + 1) * n]
-
-    def _randn(self, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        shape = (n * self.world_size, *self.sample_shape)
-        return self._mine(torch.randn(shape, generator=self.rng, device=self.device, dtype=dtype))
-
-    def _randint(self, lo: int, hi: int, n: int) -> torch.Tensor:
-        return self._mine(torch.randint(lo, hi, (n * self.world_size,), generator=self.rng, device=self.device))
-
-    def _cond(self, n: int) -> Cond:
-        if self.conditions is None:
-            return None
-        return self.encode(self._mine(self.conditions.sample(n * self.world_size, self.rng, self.device)))
-
-    def _guidance(self, n: int) -> Optional[torch.Tensor]:
-        if self.cfg.guidance_range is None:
-            return None
-        return self._mine(sample_guidance(n * self.world_size, self.cfg.guidance_range, self.cfg.guidance_law,
-                                          self.rng, self.device))
-
-    # ---- steps agree across ranks ------------------------------------------------------------
     def agree(self, flag: bool) -> bool:
-        """Rank 0's decision on every rank (e.g. compile=auto's, timed per rank)."""
         decision = torch.tensor([int(flag)], device=self.device)
         dist.broadcast(decision, 0)
         return bool(decision.item())
 
-    def _clip_and_step(self, loss: torch.Tensor, params, opt: torch.optim.Optimizer, lr: float) -> Optional[float]:
-        """Skip the update on every rank when any rank's loss is non-finite (DDP needs every rank's backward)."""
+    def all_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            return None
-        return super()._clip_and_step(loss, params, opt, lr)
+        return finite.item() >= 1
 
-    def train_step(self) -> dict:
-        """One iteration on every rank; the losses reported are the means over the global batch."""
-        metrics = super().train_step()
-        keys = sorted(k for k, v in metrics.items() if k.startswith("loss_") and isinstance(v, float))
-        if keys:
-            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-            dist.all_reduce(values)
-            metrics.update(zip(keys, (values / self.world_size).tolist()))
-        return metrics
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-    @contextmanager
-    def _unwrapped(self):
-        G, fake = self.G.denoiser, self.mu_fake
-        self.G.denoiser, self.mu_fake = _inner(G), _inner(fake)
-        try:
-            yield
-        finally:
-            self.G.denoiser, self.mu_fake = G, fake
+    def mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world_size).tolist()
 
     def _rank_rng(self) -> torch.Tensor:
         parts = [torch.get_rng_state()]
@@ -203,36 +126,60 @@ class DDPTrainer(DMDTrainer):
             parts.append(torch.cuda.get_rng_state(self.device))
         return torch.cat(parts)
 
-    def state_files(self) -> dict[str, bytes]:
-        """The single-process files plus every rank's torch generator states (a collective: call on all ranks)."""
-        with self._unwrapped():
-            files = super().state_files()
+    def save_rng(self, rng: dict[str, torch.Tensor], state: dict) -> None:
         mine = self._rank_rng().to(self.device)
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine)
-        rng = bytes_to_tensors(files["rng.safetensors"])
         n_cpu = torch.get_rng_state().numel()
-        for r, state in enumerate(gathered):
-            state = state.cpu()
-            rng[f"rank{r}.torch_cpu"] = state[:n_cpu]
+        for r, ranked in enumerate(gathered):
+            ranked = ranked.cpu()
+            rng[f"rank{r}.torch_cpu"] = ranked[:n_cpu]
             if self.device.type == "cuda":
-                rng[f"rank{r}.torch_cuda"] = state[n_cpu:]
-        files["rng.safetensors"] = tensors_to_bytes(rng)
-        state = json.loads(files["trainer_state.json"])
+                rng[f"rank{r}.torch_cuda"] = ranked[n_cpu:]
         state["world_size"] = self.world_size
-        files["trainer_state.json"] = json.dumps(state, sort_keys=True, indent=2).encode()
-        return files
 
-    def load_state_files(self, files: dict[str, bytes]) -> None:
-        """Restore; this rank's torch generators come from the checkpoint at the same world size, else are
-        re-derived from (seed, rank, step)."""
-        with self._unwrapped():
-            super().load_state_files(files)
-        rng = bytes_to_tensors(files["rng.safetensors"])
-        saved_world = int(json.loads(files["trainer_state.json"]).get("world_size", 1))
-        if saved_world == self.world_size and f"rank{self.rank}.torch_cpu" in rng:
+    def load_rng(self, rng: dict[str, torch.Tensor], state: dict, seed: int, step: int) -> None:
+        """This rank's generators from the checkpoint at the same world size, else re-derived from (seed, rank, step)."""
+        if int(state.get("world_size", 1)) == self.world_size and f"rank{self.rank}.torch_cpu" in rng:
             torch.set_rng_state(rng[f"rank{self.rank}.torch_cpu"])
             if self.device.type == "cuda" and f"rank{self.rank}.torch_cuda" in rng:
                 torch.cuda.set_rng_state(rng[f"rank{self.rank}.torch_cuda"], self.device)
         else:
-            torch.manual_seed(rank_seed(self.cfg.seed, self.rank, self.step))
+            torch.manual_seed(rank_seed(seed, self.rank, step))
+
+
+def data_parallel(trainer: DMDTrainer, env: DistEnv) -> DMDTrainer:
+    """Compose DDP onto a built trainer from outside: generator and fake score wrapped in DDP (the real score stays
+    frozen and unwrapped), draws made for the global batch and sliced by rank, agreement through the process group.
+    With the DMD2 GAN head the fake score and the head average their gradients through per-parameter hooks instead
+    of DDP: the GAN loss reaches the fake score through hooked bottleneck features, which DDP cannot follow."""
+    trainer.draws = Draws(trainer.rng, trainer.device, env.rank, env.world_size)
+    trainer.collective = DDPCollective(env, trainer.device)
+    torch.manual_seed(rank_seed(trainer.cfg.seed, env.rank))
+    ids = [torch.cuda.current_device()] if trainer.device.type == "cuda" else None
+    trainer.G.denoiser = DistributedDataParallel(trainer.G.denoiser, device_ids=ids)
+    if trainer.gan_head is not None:
+        def average(p: torch.Tensor) -> None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(env.world_size)
+
+        for p in [*trainer.mu_fake.parameters(), *trainer.gan_head.parameters()]:
+            dist.broadcast(p.data, 0)  # start from rank 0's head (DDP does this for the modules it wraps)
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(average)
+    elif trainer.opt_fake is not None:
+        trainer.mu_fake = DistributedDataParallel(trainer.mu_fake, device_ids=ids)
+    return trainer
+
+
+def DDPTrainer(cfg: DistillConfig, teacher, *, pairs: Optional[Stream] = None, real: Optional[Stream] = None,
+               dist_env: Optional[DistEnv] = None, **kwargs) -> DMDTrainer:
+    """A `DMDTrainer` for one rank of a DDP job: built with the per-rank batch (batch sizes are global) and rank
+    slices of the global-batch streams, then composed with `data_parallel`."""
+    env = dist_env or current()
+    W = env.world_size
+    local = cfg.model_copy(update={"batch_size": cfg.batch_size // W,
+                                   "reg_batch_size": cfg.reg_batch_size // W if cfg.reg_batch_size else None})
+    pairs = RankSlice(pairs, env.rank, W) if pairs is not None else None
+    real = RankSlice(real, env.rank, W) if real is not None else None
+    return data_parallel(DMDTrainer(local, teacher, pairs=pairs, real=real, **kwargs), env)

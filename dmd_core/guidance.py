@@ -11,14 +11,13 @@ skips CFG). `UNet2DModel` students wrap the network with a `GuidanceEmbedding` a
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .backbones import GuidedUNet2D  # noqa: F401  (importable from here, as before)
 from .denoisers import Cond, NetDenoiser
+from .draws import Draws
 
 GUIDANCE_LAWS = ("uniform", "log-uniform")
 
@@ -26,13 +25,9 @@ GUIDANCE_LAWS = ("uniform", "log-uniform")
 def sample_guidance(n: int, w_range: Sequence[float], law: str, generator: torch.Generator,
                     device: torch.device | str = "cpu") -> torch.Tensor:
     """n guidance scales in [w_min, w_max]: uniform, or uniform in log w (both from one `torch.rand` draw)."""
-    w_min, w_max = float(w_range[0]), float(w_range[1])
-    u = torch.rand((n,), generator=generator, device=device)
-    if law == "uniform":
-        return w_min + (w_max - w_min) * u
-    if law == "log-uniform":
-        return torch.exp(math.log(w_min) + (math.log(w_max) - math.log(w_min)) * u)
-    raise ValueError(f"guidance_law must be one of {GUIDANCE_LAWS}, got {law!r}")
+    if law not in GUIDANCE_LAWS:
+        raise ValueError(f"guidance_law must be one of {GUIDANCE_LAWS}, got {law!r}")
+    return Draws(generator, torch.device(device)).guidance(n, w_range, law)
 
 
 def guided_denoiser(denoiser: NetDenoiser, embedding_dim: int) -> NetDenoiser:

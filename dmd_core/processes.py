@@ -100,23 +100,28 @@ class TableProcess(NoiseProcess):
         self.alphas, self.sigmas = alphas.double(), sigmas.double()
         self.T = int(alphas.numel())
         self.init_noise_sigma = float(init_noise_sigma)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (alphas, sigmas) per device
 
     def index(self, s: torch.Tensor) -> torch.Tensor:
         """The table entry of level s: round(s (T - 1))."""
         return torch.round(torch.as_tensor(s, dtype=torch.float64) * (self.T - 1)).long()
 
-    def _gather(self, table: torch.Tensor, s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        t = self.index(s).reshape(-1).cpu()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.T):
+    def _gather(self, which: int, s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Entry `index(s)` of the alpha (0) or sigma (1) table, read on s's device (no host round trip)."""
+        s = torch.as_tensor(s, dtype=torch.float64)
+        t = self.index(s).reshape(-1)
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.T):
             raise ValueError(f"levels must lie in [0, 1] (a timestep t is the level process.level(t)); got entries "
                              f"{int(t.min())}..{int(t.max())} of {self.T}")
-        return _column(table[t], like)
+        if t.device not in self._tables:
+            self._tables[t.device] = (self.alphas.to(t.device), self.sigmas.to(t.device))
+        return _column(self._tables[t.device][which][t], like)
 
     def alpha(self, s, like):
-        return self._gather(self.alphas, s, like)
+        return self._gather(0, s, like)
 
     def sigma(self, s, like):
-        return self._gather(self.sigmas, s, like)
+        return self._gather(1, s, like)
 
     def c_noise(self, s):
         """The DDPM timestep index, as the network was trained on it."""

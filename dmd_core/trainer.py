@@ -15,7 +15,8 @@ from .config import DistillConfig
 from .denoisers import PREDICTION_TYPES, CFGDenoiser, Cond, NetDenoiser, cond_cat, with_guidance
 from .gan import BottleneckFeatures, GANHead
 from .generator import Generator
-from .guidance import guided_denoiser, sample_guidance, student_cond
+from .draws import Collective, Draws
+from .guidance import guided_denoiser, student_cond
 from .losses import (denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss, lpips_regression,
                      mse_regression, pseudo_huber_regression)
 from .processes import NoiseProcess
@@ -125,6 +126,8 @@ class DMDTrainer:
         # A fully frozen fake score (the real-score-only ablation, DMD Fig. 3a) has no optimizer.
         self.opt_fake = accel.adamw(fake_params, self.device, lr=cfg.lr_fake or cfg.lr, **adam) if fake_params else None
         self.rng = torch.Generator(self.device).manual_seed(cfg.seed)
+        # A parallel wrapper (dmd_core.distributed) replaces both from outside: draws sliced by rank, collectives.
+        self.draws, self.collective = Draws(self.rng, self.device), Collective()
         self.step = 0
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
@@ -141,8 +144,8 @@ class DMDTrainer:
         self.compile_mode = mode
 
     def agree(self, flag: bool) -> bool:
-        """A decision every process takes the same way (one process: its own)."""
-        return flag
+        """A decision every process takes the same way: rank 0's (one process: its own)."""
+        return self.collective.agree(flag)
 
     def _guidance_groups(self, module: nn.Module, params: list) -> list[dict]:
         """Two parameter groups: the guidance projection (lr x guidance_lr_scale) and everything else."""
@@ -167,13 +170,12 @@ class DMDTrainer:
 
     # ---- sampling helpers -------------------------------------------------------------------
     def _randn(self, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return torch.randn((n, *self.sample_shape), generator=self.rng, device=self.device, dtype=dtype)
+        return self.draws.randn(n, self.sample_shape, dtype)
 
     def _cond(self, n: int) -> Cond:
         """Fresh conditions for n generator samples, drawn from the trainer's generator and encoded."""
-        if self.conditions is None:
-            return None
-        return self.encode(self.conditions.sample(n, self.rng, self.device))
+        raw = self.draws.conditions(self.conditions, n)
+        return None if raw is None else self.encode(raw)
 
     def _batch_cond(self, batch: dict) -> Cond:
         raw = batch.get("cond")
@@ -181,7 +183,7 @@ class DMDTrainer:
 
     def _levels(self, n: int, lo: float, hi: float) -> torch.Tensor:
         """n training levels in [lo, hi) from the trainer's generator (DMD Alg. 2-3)."""
-        return self.process.draw_levels(n, lo, hi, self.rng, self.device)
+        return self.draws.levels(self.process, n, lo, hi)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.bf16)
@@ -190,7 +192,7 @@ class DMDTrainer:
         """Per-sample guidance scales from the trainer's generator, or None for a fixed-guidance student."""
         if self.cfg.guidance_range is None:
             return None
-        return sample_guidance(n, self.cfg.guidance_range, self.cfg.guidance_law, self.rng, self.device)
+        return self.draws.guidance(n, self.cfg.guidance_range, self.cfg.guidance_law)
 
     def _pairs_w(self, batch: dict) -> torch.Tensor:
         """The w a guided G takes for each regression pair: its own when recorded (pairs at several w), else
@@ -217,8 +219,7 @@ class DMDTrainer:
 
     def _generate(self, z: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x = G(z) with grad; a multi-step G trains one random step after backward simulation (DMD2 §4.3)."""
-        n_steps = len(self.G.timesteps)  # k is one draw shared by every process (not a per-sample one)
-        k = int(torch.randint(0, n_steps, (1,), generator=self.rng, device=self.device).item()) if n_steps > 1 else 0
+        k = self.draws.index(len(self.G.timesteps))  # one draw shared by every process (not a per-sample one)
         return self.G.backward_simulate(z, cond, k, noise=lambda x0: self._randn(x0.shape[0], x0.dtype))
 
     def _regression(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -244,6 +245,8 @@ class DMDTrainer:
 
         The loss and the norm are checked together after backward: one host synchronisation per update.
         """
+        if not self.collective.all_finite(loss):  # skipped on every process (DDP needs every rank's backward)
+            return None
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
@@ -347,8 +350,12 @@ class DMDTrainer:
         ok = out is not None and self._fake_update(*out, metrics)
         self._account(ok, metrics)
         self.step += 1
-        # Losses stay on the device until here: one transfer for all of them.
-        return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        # Losses stay on the device until here: one transfer for all of them; reported as means over processes.
+        out = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        keys = sorted(k for k, v in out.items() if k.startswith("loss_") and isinstance(v, float))
+        if keys and self.collective.world_size > 1:
+            out.update(zip(keys, self.collective.mean([out[k] for k in keys])))
+        return out
 
     def _account(self, ok: bool, metrics: dict) -> None:
         if ok:
@@ -378,8 +385,9 @@ class DMDTrainer:
     # ---- exact resume -----------------------------------------------------------------------
     def state_files(self) -> dict[str, bytes]:
         """Everything needed to resume exactly, as file name -> bytes (safetensors + JSON, no pickle)."""
-        files = {"generator.safetensors": tensors_to_bytes(self.G.denoiser.state_dict()),
-                 "fake.safetensors": tensors_to_bytes(self.mu_fake.state_dict()),
+        G, fake = accel.unwrap_ddp(self.G.denoiser), accel.unwrap_ddp(self.mu_fake)
+        files = {"generator.safetensors": tensors_to_bytes(G.state_dict()),
+                 "fake.safetensors": tensors_to_bytes(fake.state_dict()),
                  "ema.safetensors": tensors_to_bytes(self.ema.state_dict())}
         if self.gan_head is not None:
             files["gan_head.safetensors"] = tensors_to_bytes(self.gan_head.state_dict())
@@ -389,19 +397,20 @@ class DMDTrainer:
         rng = {"trainer": self.rng.get_state(), "torch_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        files["rng.safetensors"] = tensors_to_bytes(rng)
         state = {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped,
                  "consecutive_nonfinite": self.consecutive_nonfinite,
                  "ttur_phase": self.step % self.cfg.fake_updates_per_generator,
                  "pairs": self.pairs.state_dict() if self.pairs else None,
                  "real": self.real.state_dict() if self.real else None}
+        self.collective.save_rng(rng, state)  # every process's torch generators (a collective under DDP)
+        files["rng.safetensors"] = tensors_to_bytes(rng)
         files["trainer_state.json"] = json.dumps(state, sort_keys=True, indent=2).encode()
         return files
 
     def load_state_files(self, files: dict[str, bytes]) -> None:
         """Restore from `state_files()` output; continues bit-exactly on the same device."""
-        self.G.denoiser.load_state_dict(bytes_to_tensors(files["generator.safetensors"]))
-        self.mu_fake.load_state_dict(bytes_to_tensors(files["fake.safetensors"]))
+        accel.unwrap_ddp(self.G.denoiser).load_state_dict(bytes_to_tensors(files["generator.safetensors"]))
+        accel.unwrap_ddp(self.mu_fake).load_state_dict(bytes_to_tensors(files["fake.safetensors"]))
         self.ema.load_state_dict(bytes_to_tensors(files["ema.safetensors"]))
         if self.gan_head is not None:
             self.gan_head.load_state_dict(bytes_to_tensors(files["gan_head.safetensors"]))
@@ -422,3 +431,4 @@ class DMDTrainer:
             self.pairs.load_state_dict(state["pairs"])
         if self.real is not None and state["real"]:
             self.real.load_state_dict(state["real"])
+        self.collective.load_rng(rng, state, self.cfg.seed, self.step)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..teacher_files import read_scheduler
-from .base import TeacherFamily, load_decoder, resolve_prediction_type
+from .base import load_decoder, resolve_prediction_type
 from .sd import StableDiffusionFamily, clip_ids, load_part
 
 
