@@ -203,7 +203,7 @@ def _prefect_stand_in() -> None:
 
 def bench_pairs(args, out: dict) -> None:
     _prefect_stand_in()
-    from dmd_core.config import load_config
+    from tasks.config import load_config
     from storage.layout import CONFIG, run_store
     from tasks.context import run_teacher
     from tasks.pairs import plan_pairs, record_shards, run_pairs_shard

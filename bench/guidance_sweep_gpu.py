@@ -19,7 +19,7 @@ import torch
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 from dmd_core.conditions import hash_seed  # noqa: E402
-from dmd_core.config import load_config  # noqa: E402
+from tasks.config import load_config  # noqa: E402
 from dmd_core.generator import Generator  # noqa: E402
 from dmd_core.guidance import student_at  # noqa: E402
 from dmd_core.streams import TensorStream  # noqa: E402

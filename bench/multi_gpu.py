@@ -58,7 +58,7 @@ def prefect_stand_in(folder: str) -> None:
 
 def write_run(root: str, run: str, args, overrides: list[str]) -> None:
     """A run folder holding the cifar10-ddpm preset with the bench's teacher and sizes, and its teacher stage."""
-    from dmd_core.config import load_config
+    from tasks.config import load_config
     from storage.layout import CONFIG, run_store
     from tasks.teacher import run_teacher as teacher_stage
 
@@ -176,7 +176,7 @@ def _final_weights(root: str, run: str) -> dict:
 def run_resume(args, root: str, source: str) -> dict:
     import shutil
 
-    from dmd_core.config import load_config  # noqa: F401
+    from tasks.config import load_config  # noqa: F401
     from storage.checkpoints import list_checkpoints
     from storage.layout import run_store
     from tasks.context import open_run

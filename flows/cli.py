@@ -12,7 +12,9 @@ from typing import List, Optional
 import typer
 import yaml
 
-from dmd_core.config import DEFAULT_PRESET, STAGES, ConfigError, load_config, preset_names
+from dmd_core.config import ConfigError
+
+from tasks.config import DEFAULT_PRESET, STAGES, load_config, preset_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distribution Matching Distillation of diffusion models into one-step generators.")
@@ -172,6 +174,11 @@ def sample(
         kind = json.loads(index.read_text()).get("_class_name")
     except ValueError as err:
         fail(f"--export: {index} is not valid JSON ({err})")
+    from dmd_core.families import family_of_pipeline
+
+    family = family_of_pipeline(kind)
+    if family is None:
+        fail(f"--export: {index} names the pipeline {kind!r}, which no teacher family exports")
     import torch
 
     from storage import ArtifactStore
@@ -180,36 +187,28 @@ def sample(
     if device != "cpu" and not torch.cuda.is_available():
         fail(f"--device {device}: no CUDA device is available; use --device cpu")
     g = torch.Generator(device).manual_seed(seed)
-    texts = None
-    if kind == "StableDiffusionPipeline":
+    texts, meta = None, export / "dmd.json"
+    if family.conditioning == "text":
         from storage.captions import read_captions
 
         texts = [prompt] if prompt else (read_captions(str(prompts)) if prompts else None)
         if not texts:
             fail("--prompt or --prompts is required for a text-to-image export")
         texts = [texts[i % len(texts)] for i in range(n)]
+        if not meta.is_file():
+            fail(f"--export: {meta} not found (it says how many steps the student takes)")
+    info = json.loads(meta.read_text()) if meta.is_file() else {}
     try:
-        pipe, steps = load_export(export, kind)
-        pipe = pipe.to(device)
+        pipe = family.load_export(kind, str(export)).to(device)
         if device != "cpu":  # fp16, NHWC, fused QKV projections (and torch.compile with --compile)
             from dmd_core.inference import fast_pipeline
 
             pipe = fast_pipeline(pipe, "reduce-overhead" if compile else "none")
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # missing or damaged files, unreadable weights
         fail(f"--export: cannot load {export}: {type(err).__name__}: {err}")
-    if kind == "StableDiffusionPipeline":
-        w = guidance_scale if guidance_scale is not None else \
-            float(json.loads((export / "dmd.json").read_text()).get("guidance_scale", 1.0))
-        images = torch.cat([pipe(texts[i:i + 8], num_inference_steps=steps, guidance_scale=w, generator=g,
-                                 output_type="pt").images.cpu() for i in range(0, n, 8)])
-    elif kind == "DDIMPipeline":
-        images = torch.from_numpy(pipe(batch_size=n, generator=g, num_inference_steps=1, output_type="np").images)
-        images = images.permute(0, 3, 1, 2)
-    else:
-        classes = pipe.unet.config.num_class_embeds
-        labels = torch.arange(n) % (classes - 1) if classes else None
-        images = pipe(batch_size=n, class_labels=labels, generator=g, output_type="pt",
-                      guidance_scale=guidance_scale).images
+    if family.conditioning == "text" and guidance_scale is None:
+        guidance_scale = float(info.get("guidance_scale", 1.0))
+    images = family.sample_export(pipe, kind, texts, n, int(info.get("num_inference_steps", 1)), guidance_scale, g)
     try:
         ArtifactStore("file://" + str(out.parent)).write_bytes(out.name, grid_png(images.float().cpu() * 2 - 1))
     except OSError as err:
@@ -227,30 +226,6 @@ def check_output_folder(out: Path) -> None:
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as err:
         fail(f"-o {out}: cannot write in {out.parent} ({err.strerror or err})")
-
-
-def load_export(export: Path, kind: Optional[str]):
-    """(pipeline, steps) of an export folder, loaded on CPU."""
-    import json
-
-    if kind == "StableDiffusionPipeline":
-        from diffusers import StableDiffusionPipeline
-
-        meta = export / "dmd.json"
-        if not meta.is_file():
-            fail(f"--export: {meta} not found (it says how many steps the student takes)")
-        steps = int(json.loads(meta.read_text())["num_inference_steps"])
-        pipe = StableDiffusionPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True)
-        return pipe, steps
-    if kind == "DDIMPipeline":
-        from diffusers import DDIMPipeline
-
-        return DDIMPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True), 1
-    from dmd_core.pipeline import DMDPipeline
-
-    # trust_remote_code: a guided student's guidance/ component ships its own module file
-    return DMDPipeline.from_pretrained(str(export), low_cpu_mem_usage=False, use_safetensors=True,
-                                       trust_remote_code=True), 1
 
 
 @app.command("make-teacher")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from dmd_core.config import StorageConfig
+from tasks.config import StorageConfig
 from storage.endpoints import configure_s3
 
 

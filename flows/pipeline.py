@@ -8,7 +8,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dmd_core.config import STAGES, PipelineConfig, load_config
+from tasks.config import STAGES, PipelineConfig, load_config
 from flows.credentials import apply_storage
 from flows.crashed import claim_run
 from flows.preflight import preflight

@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from dmd_core.config import PipelineConfig, resolve_path
+from dmd_core.config import resolve_path
+
+from tasks.config import PipelineConfig
 from dmd_core.families import family
 from dmd_core.teacher_files import TeacherLoadError, check_teacher_folder
 from storage.layout import CONFIG, list_runs, run_store

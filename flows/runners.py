@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Optional
 
-from dmd_core.config import PipelineConfig
+from tasks.config import PipelineConfig
 
 
 def pairs_task_runner(cfg: PipelineConfig) -> Optional[Any]:

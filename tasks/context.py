@@ -10,7 +10,8 @@ import torch
 
 from dmd_core.accel import channels_last
 from dmd_core.conditions import Conditions, hash_seed
-from dmd_core.config import PipelineConfig, resolve_path
+from dmd_core.config import resolve_path
+from tasks.config import PipelineConfig
 from dmd_core.streams import Stream, TensorStream
 from dmd_core.teachers import Teacher, load_teacher
 from storage import ArtifactStore, ShardStream, read_manifest

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from dmd_core.config import PipelineConfig
+from tasks.config import PipelineConfig
 
 GPU_LIMIT = "gpu"
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dmd_core.config import PipelineConfig, stable_hash
+from dmd_core.config import stable_hash
+
+from tasks.config import PipelineConfig
 from dmd_core.datasets import DATASETS
 from storage import ArtifactStore, read_manifest
 from storage.layout import EVAL_DIR, EXPORT, PAIRS_DIR, PAIRS_MANIFEST, TEACHER, done_marker

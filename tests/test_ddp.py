@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load
 
 from dmd_core.checkpoint import files_to_state
-from dmd_core.config import load_config
+from tasks.config import load_config
 from storage.checkpoints import read_checkpoint
 from storage.layout import CONFIG, METRICS, checkpoint_prefix, run_store
 from tasks.context import open_run, run_teacher

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dmd_core import accel
-from dmd_core.config import ConfigError, EvaluateConfig, load_config, stable_hash
+from dmd_core.config import ConfigError, EvaluateConfig, stable_hash
+from tasks.config import load_config
 from dmd_core.generator import Generator
 from dmd_core.teachers import Teacher
 from storage import ArtifactStore

@@ -113,7 +113,7 @@ def test_one_gpu_slot_serialises_distill_and_evaluate_two_let_them_overlap(prefe
 
 def test_a_cpu_run_holds_no_gpu_slot(monkeypatch):
     """device=cpu: the stages never ask for the limit (no Prefect call at all)."""
-    from dmd_core.config import load_config
+    from tasks.config import load_config
     from tasks import gpu_slots
 
     asked = []

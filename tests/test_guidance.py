@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmd_core.config import ConfigError, DistillConfig, load_config
+from dmd_core.config import ConfigError, DistillConfig
+
+from tasks.config import load_config
 from dmd_core.denoisers import CFGDenoiser, NetDenoiser
 from dmd_core.guidance import (GuidedGenerator, guided_denoiser, sample_guidance, shown_scale, student_cond)
 from dmd_core.guidance_embedding import guidance_scale_embedding

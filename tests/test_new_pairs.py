@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dmd_core.config import DistillConfig, load_config
+from dmd_core.config import DistillConfig
+
+from tasks.config import load_config
 from storage import read_manifest, write_shard
 from storage.layout import CHECKPOINTS, PAIRS_MANIFEST, run_store
 from storage.stream import read_shard

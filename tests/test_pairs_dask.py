@@ -71,7 +71,7 @@ def assert_same_pairs_as_threads(root: str, run_name: str) -> None:
 
 
 def test_dask_runner_refuses_a_memory_root():
-    from dmd_core.config import load_config
+    from tasks.config import load_config
     from flows.preflight import PreflightError, preflight
 
     cfg = load_config("digits-tiny", overrides=["pairs.runner=dask"])

@@ -54,6 +54,15 @@ class TeacherFamily:
         {"guidance_scale": w} or None)."""
         raise NotImplementedError
 
+    def load_export(self, pipeline: str, path: str):
+        """An export folder loaded on CPU by its pipeline class."""
+        raise NotImplementedError
+
+    def sample_export(self, pipe, pipeline: str, raw, n: int, steps: int, w, generator):
+        """n images in [0, 1] (n, 3, H, W) from a loaded export: `raw` prompts for text families (else class ids
+        0, 1, ... where the export takes them), `steps` its number of steps, `w` its guidance_scale (None: default)."""
+        raise NotImplementedError
+
     def run_export(self, pipeline: str, path: str, z, raw, steps: int, w: float, seed: int, guided: bool = False):
         """Images in [0, 1] (B, 3, H, W) from the export folder at `path`, loaded by its stock class, from noise z
         and raw conditions (prompts or class ids), with `seed` for the re-noising of several steps; `guided`: the

@@ -62,13 +62,22 @@ class StableDiffusionFamily(TeacherFamily):
                                        teacher.tokenizers["tokenizer"], teacher.scheduler_config,
                                        generator_timesteps, teacher.prediction_type)
 
-    def run_export(self, pipeline, path, z, raw, steps, w, seed, guided: bool = False):
+    def load_export(self, pipeline, path):
         import diffusers
+
+        return getattr(diffusers, pipeline).from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True)
+
+    def sample_export(self, pipe, pipeline, raw, n, steps, w, generator, batch: int = 8):
         import torch
 
-        pipe = getattr(diffusers, pipeline).from_pretrained(path, low_cpu_mem_usage=False)
-        return pipe(raw, num_inference_steps=steps, guidance_scale=w, latents=z, output_type="pt",
-                    generator=torch.Generator().manual_seed(seed)).images
+        return torch.cat([pipe(raw[i:i + batch], num_inference_steps=steps, guidance_scale=w, generator=generator,
+                               output_type="pt").images.cpu() for i in range(0, n, batch)])
+
+    def run_export(self, pipeline, path, z, raw, steps, w, seed, guided: bool = False):
+        import torch
+
+        return self.load_export(pipeline, path)(raw, num_inference_steps=steps, guidance_scale=w, latents=z,
+                                                output_type="pt", generator=torch.Generator().manual_seed(seed)).images
 
     def usage(self, pipeline):
         return [f'from diffusers import {pipeline}', f'pipe = {pipeline}.from_pretrained("PATH")',

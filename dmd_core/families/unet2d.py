@@ -61,21 +61,33 @@ class UNet2DFamily(TeacherFamily):
                 pass
         return DMDPipeline(net, scheduler, generator_timesteps, teacher.prediction_type)
 
-    def run_export(self, pipeline, path, z, raw, steps, w, seed, guided: bool = False):
-        import numpy as np
-        import torch
-
+    def load_export(self, pipeline, path):
         if pipeline == "DDIMPipeline":
             from diffusers import DDIMPipeline
 
-            pipe = DDIMPipeline.from_pretrained(path, low_cpu_mem_usage=False)
-            # DDIMPipeline draws its own z: randn_tensor((n, C, H, W), generator) with the seed z was drawn from
-            got = pipe(batch_size=z.shape[0], generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
-                       output_type="np").images
-            return torch.from_numpy(np.asarray(got)).permute(0, 3, 1, 2)
+            return DDIMPipeline.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True)
         from ..pipeline import DMDPipeline
 
-        pipe = DMDPipeline.from_pretrained(path, low_cpu_mem_usage=False, trust_remote_code=True)
+        # trust_remote_code: a guided student's guidance/ component ships its own module file
+        return DMDPipeline.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True, trust_remote_code=True)
+
+    def sample_export(self, pipe, pipeline, raw, n, steps, w, generator):
+        import numpy as np
+        import torch
+
+        if pipeline == "DDIMPipeline":  # it draws its own z: randn_tensor((n, C, H, W), generator)
+            got = pipe(batch_size=n, generator=generator, num_inference_steps=steps, output_type="np").images
+            return torch.from_numpy(np.asarray(got)).permute(0, 3, 1, 2)
+        classes = pipe.unet.config.num_class_embeds
+        labels = raw if raw is not None else (torch.arange(n) % (classes - 1) if classes else None)
+        return pipe(batch_size=n, class_labels=labels, generator=generator, output_type="pt", guidance_scale=w).images
+
+    def run_export(self, pipeline, path, z, raw, steps, w, seed, guided: bool = False):
+        import torch
+
+        pipe = self.load_export(pipeline, path)
+        if pipeline == "DDIMPipeline":  # z was drawn with seed 0, as DDIMPipeline draws it
+            return self.sample_export(pipe, pipeline, raw, z.shape[0], steps, w, torch.Generator().manual_seed(0))
         return pipe(latents=z, class_labels=raw, generator=torch.Generator().manual_seed(seed), output_type="pt",
                     guidance_scale=w if guided else None).images
 
