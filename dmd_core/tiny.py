@@ -56,14 +56,15 @@ def tiny_pixel_unet(size: int = 8, channels: int = 3, num_classes: int = 0, seed
                        num_class_embeds=num_classes + 1 if num_classes else None)
 
 
-def write_tiny_pixel_teacher(folder: str | Path, size: int = 8, channels: int = 3, seed: int = 0) -> Path:
+def write_tiny_pixel_teacher(folder: str | Path, size: int = 8, channels: int = 3, seed: int = 0,
+                             prediction_type: str = "epsilon") -> Path:
     """An unconditional eps-prediction pixel teacher folder (unet/ + scheduler/, DDPM linear betas)."""
     from diffusers import DDPMScheduler
 
     folder = Path(folder)
     tiny_pixel_unet(size, channels, seed=seed).save_pretrained(folder / "unet")
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2,
-                  prediction_type="epsilon", clip_sample=False).save_pretrained(folder / "scheduler")
+                  prediction_type=prediction_type, clip_sample=False).save_pretrained(folder / "scheduler")
     return folder
 
 
@@ -111,7 +112,7 @@ SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
 SDXL_VAE_SCALING = 0.13025
 
 
-def tiny_sdxl_components(latent_size: int = 8, seed: int = 0) -> dict:
+def tiny_sdxl_components(latent_size: int = 8, seed: int = 0, prediction_type: str = "epsilon") -> dict:
     """unet, vae, text_encoder, text_encoder_2, scheduler of a tiny SDXL: `text_time` added conditions
     (6 time ids x 8 + the second encoder's 32-d pooled projection = 80), cross-attention over both encoders' 32 + 32
     hidden states, the SDXL VAE scaling factor (the layout of diffusers' own SDXL pipeline tests, shrunk)."""
@@ -134,13 +135,14 @@ def tiny_sdxl_components(latent_size: int = 8, seed: int = 0) -> dict:
                             eos_token_id=513, pad_token_id=513, projection_dim=32, hidden_act="gelu")
     text_encoder, text_encoder_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
-            "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER)}
+            "scheduler": EulerDiscreteScheduler(**{**SDXL_SCHEDULER, "prediction_type": prediction_type})}
 
 
-def write_tiny_sdxl_teacher(folder: str | Path, latent_size: int = 8, seed: int = 0) -> Path:
+def write_tiny_sdxl_teacher(folder: str | Path, latent_size: int = 8, seed: int = 0,
+                            prediction_type: str = "epsilon") -> Path:
     """A Stable Diffusion XL folder (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)."""
     folder = Path(folder)
-    for name, module in tiny_sdxl_components(latent_size, seed).items():
+    for name, module in tiny_sdxl_components(latent_size, seed, prediction_type).items():
         module.save_pretrained(folder / name)
     for name in ("tokenizer", "tokenizer_2"):
         write_byte_tokenizer(folder / name)

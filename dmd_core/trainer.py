@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import copy
-import json
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from . import accel
-from .checkpoint import bytes_to_tensors, files_to_state, state_to_files, tensors_to_bytes
 from .conditions import ClassLabels, Conditions
 from .config import DistillConfig
 from .denoisers import PREDICTION_TYPES, CFGDenoiser, Cond, NetDenoiser, cond_cat, with_guidance
@@ -21,6 +19,7 @@ from .losses import (denoising_loss, dm_loss, gan_discriminator_loss, gan_genera
                      mse_regression, pseudo_huber_regression)
 from .processes import NoiseProcess
 from .streams import Stream
+from .trainer_state import checkpoint_files, load_checkpoint_files
 from .teachers import Teacher
 
 
@@ -385,50 +384,8 @@ class DMDTrainer:
     # ---- exact resume -----------------------------------------------------------------------
     def state_files(self) -> dict[str, bytes]:
         """Everything needed to resume exactly, as file name -> bytes (safetensors + JSON, no pickle)."""
-        G, fake = accel.unwrap_ddp(self.G.denoiser), accel.unwrap_ddp(self.mu_fake)
-        files = {"generator.safetensors": tensors_to_bytes(G.state_dict()),
-                 "fake.safetensors": tensors_to_bytes(fake.state_dict()),
-                 "ema.safetensors": tensors_to_bytes(self.ema.state_dict())}
-        if self.gan_head is not None:
-            files["gan_head.safetensors"] = tensors_to_bytes(self.gan_head.state_dict())
-        files.update(state_to_files(self.opt_G.state_dict(), "optim_generator"))
-        if self.opt_fake is not None:
-            files.update(state_to_files(self.opt_fake.state_dict(), "optim_fake"))
-        rng = {"trainer": self.rng.get_state(), "torch_cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {"step": self.step, "nonfinite_skipped": self.nonfinite_skipped,
-                 "consecutive_nonfinite": self.consecutive_nonfinite,
-                 "ttur_phase": self.step % self.cfg.fake_updates_per_generator,
-                 "pairs": self.pairs.state_dict() if self.pairs else None,
-                 "real": self.real.state_dict() if self.real else None}
-        self.collective.save_rng(rng, state)  # every process's torch generators (a collective under DDP)
-        files["rng.safetensors"] = tensors_to_bytes(rng)
-        files["trainer_state.json"] = json.dumps(state, sort_keys=True, indent=2).encode()
-        return files
+        return checkpoint_files(self)
 
     def load_state_files(self, files: dict[str, bytes]) -> None:
         """Restore from `state_files()` output; continues bit-exactly on the same device."""
-        accel.unwrap_ddp(self.G.denoiser).load_state_dict(bytes_to_tensors(files["generator.safetensors"]))
-        accel.unwrap_ddp(self.mu_fake).load_state_dict(bytes_to_tensors(files["fake.safetensors"]))
-        self.ema.load_state_dict(bytes_to_tensors(files["ema.safetensors"]))
-        if self.gan_head is not None:
-            self.gan_head.load_state_dict(bytes_to_tensors(files["gan_head.safetensors"]))
-        self.opt_G.load_state_dict(files_to_state(files, "optim_generator"))
-        accel.match_state_layout(self.opt_G)
-        if self.opt_fake is not None:
-            self.opt_fake.load_state_dict(files_to_state(files, "optim_fake"))
-            accel.match_state_layout(self.opt_fake)
-        rng = bytes_to_tensors(files["rng.safetensors"])
-        self.rng.set_state(rng["trainer"])
-        torch.set_rng_state(rng["torch_cpu"])
-        if self.device.type == "cuda" and "torch_cuda" in rng:
-            torch.cuda.set_rng_state(rng["torch_cuda"], self.device)
-        state = json.loads(files["trainer_state.json"])
-        self.step, self.nonfinite_skipped = int(state["step"]), int(state["nonfinite_skipped"])
-        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
-        if self.pairs is not None and state["pairs"]:
-            self.pairs.load_state_dict(state["pairs"])
-        if self.real is not None and state["real"]:
-            self.real.load_state_dict(state["real"])
-        self.collective.load_rng(rng, state, self.cfg.seed, self.step)
+        load_checkpoint_files(self, files)

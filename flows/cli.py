@@ -234,19 +234,18 @@ def make_teacher(
                                        "Diffusion XL layout) or pixel (UNet2DModel)"),
     out: Path = typer.Option(..., help="folder to write (a diffusers layout that teacher.path can point to)"),
     seed: int = typer.Option(0, help="weight init seed"),
-    prediction_type: str = typer.Option("epsilon", help="epsilon or v_prediction (sd)"),
+    prediction_type: str = typer.Option("epsilon", help="epsilon or v_prediction"),
 ) -> None:
     """Write a tiny random teacher of a real architecture (offline, seconds) for smoke runs and tests."""
     from dmd_core.tiny import TINY_TEACHERS
 
     if tiny not in TINY_TEACHERS:
         fail(f"--tiny: choose {', '.join(TINY_TEACHERS)}, got {tiny!r}")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        fail(f"--prediction-type: choose epsilon, v_prediction or sample, got {prediction_type!r}")
     if out.exists() and any(out.iterdir()):
         fail(f"--out: {out} exists and is not empty")
-    if tiny == "sd":
-        TINY_TEACHERS[tiny](out, prediction_type=prediction_type, seed=seed)
-    else:
-        TINY_TEACHERS[tiny](out, seed=seed)
+    TINY_TEACHERS[tiny](out, prediction_type=prediction_type, seed=seed)
     typer.echo(f"wrote a tiny {tiny} teacher to {out}")
 
 

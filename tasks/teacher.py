@@ -35,7 +35,7 @@ def _variant(name: str) -> bool:
     return name.endswith(".safetensors") and name.count(".") > 1
 
 
-def teacher_files(src: Path, kind: str = "unet2d") -> dict[str, Path]:
+def teacher_files(src: Path, kind: str) -> dict[str, Path]:
     """Relative path in the run's teacher/ folder -> source file: the components the family of `kind` reads
     (`TeacherFamily.select_files`), without weight variants, other frameworks' or pickled weights, or single-file
     checkpoints."""
@@ -74,7 +74,7 @@ def run_teacher(root: str, run_name: str, force: bool = False) -> str:
         save_folder(store, TEACHER, lambda tmp: digests.update(_copy(files, tmp)))
     elif (src := shipped_teacher(key)) is not None and not force:
         how = f"shipped:{src.name}"
-        files = teacher_files(src)
+        files = teacher_files(src, t.kind)
         save_folder(store, TEACHER, lambda tmp: digests.update(_copy(files, tmp)))
     else:
         dataset = real_dataset(cfg.data.name)
