@@ -17,11 +17,7 @@ from tests.helpers import make_trainer  # noqa: E402
 
 
 def build(device: str, bf16: bool):
-    from dmd_core.trainer import DMDTrainer
-
-    t = make_trainer(bf16=bf16)
-    return DMDTrainer(t.cfg, t.mu_real, t.schedule, t.sample_shape, num_classes=10, null_cond=10,
-                      pairs=t.pairs, real=t.real, device=device)
+    return make_trainer(bf16=bf16, device=device)
 
 
 def main(out_path: str) -> None:

@@ -64,12 +64,12 @@ def cifar_teacher(device: str):
     from diffusers import UNet2DModel
 
     from dmd_core.denoisers import NetDenoiser
-    from dmd_core.teachers import Teacher, vp_schedule
+    from dmd_core.teachers import Teacher, vp_process
 
     torch.manual_seed(0)
     unet = UNet2DModel(**CIFAR_UNET)
-    schedule = vp_schedule(CIFAR_SCHEDULER)
-    return Teacher(kind="unet2d", denoiser=NetDenoiser(unet, schedule, "epsilon"), schedule=schedule,
+    process = vp_process(CIFAR_SCHEDULER)
+    return Teacher(kind="unet2d", denoiser=NetDenoiser(unet, process, "epsilon"), process=process,
                    sample_shape=(3, 32, 32), prediction_type="epsilon",
                    scheduler_config=dict(CIFAR_SCHEDULER)).to(device).frozen()
 
@@ -244,9 +244,9 @@ def bench_pairs(args, out: dict) -> None:
 
     stage("warm", B, "auto")
     unet = run_teacher(run_store(root, "warm"), load_config("cifar10-ddpm", None, [f"teacher.path={folder}"]),
-                       torch.device(device)).unet
-    from dmd_core.teachers import vp_schedule
-    abar = vp_schedule(CIFAR_SCHEDULER).alphas_cumprod.float().to(device)
+                       torch.device(device)).net
+    from dmd_core.teachers import vp_process
+    abar = vp_process(CIFAR_SCHEDULER).alphas_cumprod.float().to(device)
     ts = list(range(999, -1, -20))  # DDIM-50, the same grid as the stage's ddim solver
 
     @torch.no_grad()

@@ -66,13 +66,13 @@ def main() -> None:
     print(f"run {args.run} step {step}")
     if d.guidance_range:
         ws = torch.tensor(scales)
-        for name, mod in (("G", D.unet), ("fake", fake.unet)):
+        for name, mod in (("G", D.net), ("fake", fake.net)):
             e = mod.guidance(ws)
             base = mod.guidance(torch.ones(1))
             print(f"{name} embedding |e(w)|:", " ".join(f"w={w:g}:{n:.3f}" for w, n in zip(scales, e.norm(dim=1))),
                   "| |e(w)-e(1)|:", " ".join(f"{n:.3f}" for n in (e - base).norm(dim=1)))
         # reference: the time embedding input norm (sinusoidal timestep features)
-        tproj = D.unet.unet.time_proj(torch.tensor([999, 500, 50]))
+        tproj = D.net.unet.time_proj(torch.tensor([999, 500, 50]))
         print("time_proj norms (t=999,500,50):", tproj.norm(dim=1).tolist())
     sched = teacher.process
     for w in scales:
@@ -91,7 +91,7 @@ def main() -> None:
                 def fk(xt, t, c, wq=w):
                     return fake(xt, t, c)
             for tt in (100, 300, 500, 700, 900):
-                t = torch.full((args.n,), tt)
+                t = torch.full((args.n,), float(sched.level(tt)), dtype=torch.float64)  # the level of timestep tt
                 eps = torch.randn(x.shape, generator=g)
                 xt = sched.add_noise(x, eps, t)
                 pr, pf = real(xt, t, cond), fk(xt, t, cond)

@@ -1,7 +1,7 @@
 """One full-weight DMD step on the SDXL architecture (random weights, 128x128x4 latents): the project's trainer
 against a minimal eager loop doing the same work, in one call, at growing batch until one runs out of memory.
 
-python bench/sdxl_train_step.py [--batches 1,2,4,8] [--iters 4] [--out OUT.json]
+python bench/sdxl_train_step.py [--batches 1,2,4,8] [--iters 4] [--variants none:on,default:off] [--out OUT.json]
 python bench/sdxl_train_step.py --tiny      (CPU smoke run on the tiny SDXL layout, batch 2)
 
 Both sides: fp32 G and fake score (fused AdamW on CUDA, clip-norm 10, EMA of G), a bf16 frozen teacher, bf16
@@ -82,13 +82,15 @@ def fp32_copy(teacher: Teacher) -> NetDenoiser:
     return NetDenoiser(copy.deepcopy(teacher.net).float().requires_grad_(True).train(), teacher.process, "epsilon")
 
 
-def project_step(teacher: Teacher, batch: int, device: str):
-    """The project's path: DMDTrainer.train_step (one G update + one fake update)."""
+def project_step(teacher: Teacher, batch: int, device: str, compile: str = "none", channels_last=None):
+    """The project's path: DMDTrainer.train_step (one G update + one fake update) at `distill.compile` and
+    `distill.channels_last` (None: the default, on for CUDA)."""
     from dmd_core.config import DistillConfig
     from dmd_core.trainer import DMDTrainer
 
     cfg = DistillConfig(batch_size=batch, regression="none", guidance=GUIDANCE, lr=LR, grad_clip=CLIP, bf16=True,
-                        gradient_checkpointing=True, generator_timesteps=[T_STAR], compile="none")
+                        gradient_checkpointing=True, generator_timesteps=[T_STAR], compile=compile,
+                        channels_last=channels_last)
     trainer = DMDTrainer(cfg, teacher, conditions=Prompts(PROMPTS), generator_init=fp32_copy(teacher),
                          fake_init=fp32_copy(teacher), device=device)
     return trainer.train_step
@@ -181,6 +183,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,2,4,8")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--variants", default="none:default",
+                   help="project variants COMPILE:CHANNELS_LAST (on, off or default), comma-separated")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sdxl_train_step.json"))
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -192,13 +196,16 @@ def main() -> None:
               "unet_params": sum(p.numel() for p in teacher.net.parameters()), "cases": {}}
     for B in batches:
         row = result["cases"].setdefault(str(B), {})
-        for path in ("eager", "project"):
-            build = (lambda: EagerStep(teacher, B, device)) if path == "eager" else \
-                (lambda: project_step(teacher, B, device))
-            row[path] = run_case(build, warmup, iters, device)
-            print(B, path, json.dumps(row[path]), flush=True)
-        if "ms_median" in row["eager"] and "ms_median" in row["project"]:
-            row["project_over_eager"] = round(row["project"]["ms_median"] / row["eager"]["ms_median"], 3)
+        row["eager"] = run_case(lambda: EagerStep(teacher, B, device), warmup, iters, device)
+        print(B, "eager", json.dumps(row["eager"]), flush=True)
+        for variant in args.variants.split(","):
+            mode, nhwc = variant.split(":")
+            flag = {"on": True, "off": False, "default": None}[nhwc]
+            name = f"project compile={mode} channels_last={nhwc}"
+            row[name] = run_case(lambda: project_step(teacher, B, device, mode, flag), warmup, iters, device)
+            print(B, name, json.dumps(row[name]), flush=True)
+            if "ms_median" in row["eager"] and "ms_median" in row[name]:
+                row[name]["over_eager"] = round(row[name]["ms_median"] / row["eager"]["ms_median"], 3)
         if all(r.get("oom") for r in row.values() if isinstance(r, dict)):
             break
     with open(args.out, "w") as f:

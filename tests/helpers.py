@@ -24,7 +24,7 @@ def tiny_teacher(num_classes: int = 10, seed: int = 0) -> NetDenoiser:
     return NetDenoiser(tiny_unet(num_classes, seed=seed), VPDiscrete.linear(), "epsilon")
 
 
-def make_trainer(stream_cls=None, **overrides):
+def make_trainer(stream_cls=None, device="cpu", **overrides):
     """A DMD2-style trainer on a tiny UNet exercising every piece of state: GAN head, TTUR, 2-step G, EMA."""
     from dmd_core.config import DistillConfig
     from dmd_core.streams import TensorStream
@@ -40,4 +40,4 @@ def make_trainer(stream_cls=None, **overrides):
                fake_updates_per_generator=2, ema_decay=0.9, lr=1e-3, gan={"enabled": True})
     cfg.update(overrides)
     return DMDTrainer(DistillConfig(**cfg), teacher, teacher.process, (1, 8, 8), num_classes=10, null_cond=10,
-                      pairs=stream_cls(tensors, 8, seed=1), real=TensorStream(tensors, 8, seed=2))
+                      pairs=stream_cls(tensors, 8, seed=1), real=TensorStream(tensors, 8, seed=2), device=device)

@@ -119,3 +119,22 @@ def test_export_loads_in_the_stock_pipeline(teacher, tmp_path, timesteps):
     got = load_file(str(tmp_path / "img.safetensors"))["img"]
     assert got.shape == expected.shape == (2, 3, 16, 16)
     assert float((got - expected).abs().max()) <= ATOL
+
+
+def test_fp16_fix_vae_folder_loads_and_exports_as_is(tmp_path):
+    """An fp16-fix VAE in vae/ (madebyollin/sdxl-vae-fp16-fix: same layout and scaling, force_upcast false) loads
+    like the stock one, and the export keeps its config, so the stock pipeline does not upcast it to fp32."""
+    import json
+    import shutil
+
+    folder = tmp_path / "teacher"
+    shutil.copytree(FOLDER, folder)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    assert config.get("force_upcast", True) is not False  # the shipped tiny teacher has the stock VAE's flag
+    (folder / "vae" / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    fixed = load_teacher("sdxl", folder)
+    assert fixed.codec.scale == 0.13025 and fixed.codec.vae.config.force_upcast is False
+    pipe = fixed.family.export(fixed, fixed.student_net(), [399])
+    pipe.save_pretrained(tmp_path / "export", safe_serialization=True)
+    exported = json.loads((tmp_path / "export" / "vae" / "config.json").read_text())
+    assert exported["force_upcast"] is False and exported["scaling_factor"] == 0.13025

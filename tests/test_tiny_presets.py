@@ -1,4 +1,4 @@
-"""`sd-tiny` and `pixel-tiny` end to end through the Prefect flow; the exports load in stock diffusers pipelines
+"""`sd-tiny`, `pixel-tiny` and `sdxl-tiny` end to end through the Prefect flow; the exports load in stock diffusers pipelines
 (a plain script, no project code) and reproduce the trainer's EMA generator (+ VAE decode) on the same noise."""
 import os
 import subprocess
@@ -52,11 +52,11 @@ def plain(script: str, export: Path, tmp_path: Path, z: torch.Tensor) -> torch.T
     return load_file(str(tmp_path / "img.safetensors"))["img"]
 
 
-def ema_generator(store, teacher, step: int) -> Generator:
+def ema_generator(store, teacher, step: int, timesteps=(999,)) -> Generator:
     unet = teacher.student_net().eval()
     (key,) = checkpoint_keys(store)  # the run's one set of checkpoints
     unet.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint_weights(store, step, key).items()})
-    return Generator(NetDenoiser(unet, teacher.process, teacher.prediction_type), teacher.process, [999])
+    return Generator(NetDenoiser(unet, teacher.process, teacher.prediction_type), teacher.process, list(timesteps))
 
 
 @pytest.mark.slow
@@ -104,3 +104,44 @@ def test_pixel_tiny_end_to_end(prefect_api, tmp_path):
         expected = (ema_generator(store, teacher, 4)(z) / 2 + 0.5).clamp(0, 1)
     got = plain(PLAIN_DDIM, root / "px" / "export", tmp_path, z)
     assert float((got - expected).abs().max()) <= ATOL_T999
+
+
+PLAIN_SDXL = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[1], add_watermarker=False)
+z = load_file(sys.argv[2])["z"]
+img = pipe([sys.argv[4]] * z.shape[0], num_inference_steps=1, guidance_scale=1.0, output_type="pt", latents=z).images
+save_file({"img": img.contiguous()}, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_sdxl_tiny_end_to_end(prefect_api, tmp_path):
+    """The SDXL preset through the flow: Euler pairs with CFG, DM + LPIPS + GAN, a one-step (t* = 399) export that
+    stock StableDiffusionXLPipeline runs in one step to G + VAE decode of the EMA student."""
+    from flows.pipeline import dmd
+
+    root = tmp_path / "artifacts"
+    dmd(preset="sdxl-tiny", root=str(root), run_name="xl")
+    store = run_store(str(root), "xl")
+    records = read_manifest(store, PAIRS_MANIFEST)
+    assert sum(r.n_samples for r in records) == 16
+    meta = read_manifest_metadata(store, PAIRS_MANIFEST)
+    assert (meta["solver"], meta["steps"], meta["guidance"]) == ("euler", 3, 3.0)
+    metrics = store.read_table(METRICS).to_pylist()
+    assert len(metrics) == 4 and all(np.isfinite(r["loss_fake"]) for r in metrics)
+    g_steps = [r for r in metrics if r["step"] % 2 == 0]  # TTUR 2: G updates on every other step, NaN rows between
+    assert all(np.isfinite(r["loss_dm"]) and np.isfinite(r["loss_reg"]) and np.isfinite(r["loss_gan_G"])
+               for r in g_steps)
+    assert (root / "xl" / "export" / "model_index.json").read_text().count("StableDiffusionXLPipeline") == 1
+
+    teacher = load_teacher("sdxl", REPO / "teachers" / "sdxl-tiny")
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        x0 = ema_generator(store, teacher, 4, [399])(z, teacher.encode([PROMPT] * 2))
+        expected = (teacher.decode(x0) / 2 + 0.5).clamp(0, 1)
+    got = plain(PLAIN_SDXL, root / "xl" / "export", tmp_path, z)
+    assert got.shape == expected.shape == (2, 3, 16, 16)
+    assert float((got - expected).abs().max()) <= ATOL
