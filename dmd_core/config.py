@@ -55,7 +55,7 @@ class TeacherConfig(_Model):
     factory: Optional[str] = Field(None, description="'package.module:function' returning a Teacher (kind=callable)")
     decoder_path: Optional[str] = Field(None, description="optional AutoencoderTiny folder decoding latents for the "
                                                           "regression loss (DMD App. B.3)")
-    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = Field(
+    prediction_type: Optional[Literal["epsilon", "v_prediction", "sample", "flow_prediction"]] = Field(
         None, description="default: the scheduler config's (epsilon when training here)")
     num_train_timesteps: int = Field(1000, gt=1)
     beta_start: float = Field(1e-4, gt=0)

@@ -20,8 +20,9 @@ class Generator(nn.Module):
     def __init__(self, denoiser: nn.Module, process: NoiseProcess, timesteps: Sequence[int] = (999,)) -> None:
         super().__init__()
         ts = [int(t) for t in timesteps]
-        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[0] >= process.T or ts[-1] < 0:
-            raise ValueError(f"generator timesteps must be strictly decreasing within [0, {process.T}), got {ts}")
+        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or float(process.level(ts[0])) > 1 or ts[-1] < 0:
+            top = "]" if float(process.level(process.T)) <= 1 else ")"  # a flow's t = T is pure noise, level 1
+            raise ValueError(f"generator timesteps must be strictly decreasing within [0, {process.T}{top}, got {ts}")
         self.denoiser = denoiser
         self.process = process
         self.timesteps = ts

@@ -70,11 +70,29 @@ class X0(Parametrisation):
         return torch.ones_like(snr)
 
 
-PARAMETRISATIONS = {p.name: p for p in (Eps(), V(), X0())}
+class FlowVelocity(Parametrisation):
+    """Flow velocity (rectified flow, x_t = (1 - sigma_t) x0 + sigma_t eps; Liu et al. 2023, SD3 Eq. 2-3):
+    v = eps - x0, x0 = x_t - sigma_t v, no division by alpha; |v_hat - v|^2 = |x0_hat - x0|^2 / sigma_t^2, which
+    is (1 + sqrt(SNR))^2 with SNR = (1 - sigma_t)^2 / sigma_t^2 (diffusers' `compute_loss_weighting_for_sd3`
+    "sigma_sqrt" weighting, and FastGen's `denoising_score_matching_loss("flow")` in x0 terms)."""
+
+    name = "flow_prediction"
+
+    def to_x0(self, out, x_t, alpha_t, sigma_t):
+        return x_t - sigma_t * out
+
+    def target(self, x0, eps, alpha_t, sigma_t):
+        return eps - x0
+
+    def loss_weight(self, snr):
+        return (1.0 + snr.sqrt()) ** 2
+
+
+PARAMETRISATIONS = {p.name: p for p in (Eps(), V(), X0(), FlowVelocity())}
 
 
 def parametrisation(prediction_type: str) -> Parametrisation:
-    """The parametrisation of a diffusers `prediction_type` (epsilon, v_prediction, sample)."""
+    """The parametrisation of a diffusers `prediction_type` (epsilon, v_prediction, sample, flow_prediction)."""
     if prediction_type not in PARAMETRISATIONS:
         raise ValueError(f"prediction_type must be one of {tuple(PARAMETRISATIONS)}, got {prediction_type!r}")
     return PARAMETRISATIONS[prediction_type]

@@ -7,6 +7,7 @@ timestep convention (t in [0, T), in which configs write generator timesteps suc
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -88,6 +89,11 @@ class NoiseProcess:
     def denoising_weight(self, s: torch.Tensor, like: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
         """The teacher's own loss weighting in x0 space (DMD Alg. 3): SNR for eps, SNR + 1 for v, 1 for x0."""
         return parametrisation(prediction_type).loss_weight(self.snr(s, like))
+
+    def ode_alpha(self, s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The scale a sampler divides out before stepping the probability-flow ODE, dy/dtau = (y - D) / tau with
+        y = x / ode_alpha, tau = sigma / ode_alpha: alpha for a VP process (EDM Alg. 1's scaled variables)."""
+        return self.alpha(s, like)
 
 
 class TableProcess(NoiseProcess):
@@ -182,4 +188,80 @@ class EDM(NoiseProcess):
         return self.snr(s, like) + 1.0 / self.sigma_data**2
 
 
-PROCESSES = {"vp": VPDiscrete, "edm": EDM}
+def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Timestep shifting sigma = shift u / (1 + (shift - 1) u) (SD3 Eq. 23; diffusers' static `shift`, and its
+    exponential dynamic shift with shift = exp(mu))."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+            max_shift: float = 1.15) -> float:
+    """mu of resolution-dependent shifting, linear in the image token count (diffusers' `calculate_shift`)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+class RectifiedFlow(NoiseProcess):
+    """Rectified flow x_s = (1 - sigma) x0 + sigma eps (SD3 Eq. 1-2): alpha = 1 - sigma, and sigma(s) is the level
+    s shifted toward noise, shift_sigmas(s, shift). sigma = 1 (pure noise, alpha = 0) is a valid level; nothing
+    divides by alpha. The network's time input is c_noise = time_scale sigma: 1000 sigma for SD3's transformer,
+    sigma for Flux's (FluxTransformer2DModel multiplies by 1000 itself). A timestep t reads level t / T, as
+    `FlowMatchEulerDiscreteScheduler` (timesteps = 1000 sigma); `dynamic` marks a resolution-dependent shift
+    (then shift = exp(mu)), which changes where diffusers' grids end."""
+
+    name = "flow"
+
+    def __init__(self, shift: float = 1.0, T: int = 1000, time_scale: float = 1000.0, dynamic: bool = False) -> None:
+        if shift <= 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        self.shift, self.T, self.time_scale, self.dynamic = float(shift), int(T), float(time_scale), bool(dynamic)
+        self.init_noise_sigma = 1.0
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict, image_seq_len: int | None = None,
+                              time_scale: float = 1000.0) -> "RectifiedFlow":
+        """The process of a `FlowMatchEulerDiscreteScheduler` config: its static `shift`, or with
+        `use_dynamic_shifting` the shift exp(mu) (or mu, for `time_shift_type: linear`) at `image_seq_len` tokens."""
+        T = int(config.get("num_train_timesteps", 1000))
+        if not config.get("use_dynamic_shifting", False):
+            return cls(float(config.get("shift", 1.0)), T, time_scale)
+        if image_seq_len is None:
+            raise ValueError("a dynamically shifted scheduler needs the image sequence length")
+        mu = flux_mu(image_seq_len, int(config.get("base_image_seq_len", 256)),
+                     int(config.get("max_image_seq_len", 4096)), float(config.get("base_shift", 0.5)),
+                     float(config.get("max_shift", 1.15)))
+        linear = config.get("time_shift_type", "exponential") == "linear"
+        return cls(mu if linear else math.exp(mu), T, time_scale, dynamic=True)
+
+    def _sigma(self, s) -> torch.Tensor:
+        return shift_sigmas(torch.as_tensor(s, dtype=torch.float64), self.shift)
+
+    def level(self, t):
+        return torch.as_tensor(t, dtype=torch.float64) / self.T
+
+    def alpha(self, s, like):
+        return _column(1.0 - self._sigma(s).reshape(-1), like)
+
+    def sigma(self, s, like):
+        return _column(self._sigma(s).reshape(-1), like)
+
+    def c_noise(self, s):
+        s = torch.as_tensor(s)
+        return (self.time_scale * self._sigma(s)).float().to(s.device)
+
+    def ode_alpha(self, s, like):
+        """1: the flow ODE dx/dsigma = (x - D) / sigma = eps - x0 is stepped in x and sigma themselves."""
+        return torch.ones_like(self.sigma(s, like))
+
+    def grid(self, steps: int) -> list[float]:
+        """`FlowMatchEulerDiscreteScheduler.set_timesteps(steps)`'s levels: linspace from 1 to the training
+        schedule's last level, which is shifted (1/T shifted) unless the shift is dynamic (1/T)."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        import numpy as np
+
+        u_min = 1.0 / self.T if self.dynamic else float(shift_sigmas(torch.tensor(1.0 / self.T), self.shift))
+        return [float(u) for u in np.linspace(1.0, u_min, steps)]
+
+
+PROCESSES = {"vp": VPDiscrete, "edm": EDM, "flow": RectifiedFlow}

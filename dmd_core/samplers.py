@@ -27,15 +27,17 @@ def ddim_sample(denoiser: Callable, z: torch.Tensor, levels: Sequence[float], pr
 
 def _edm_ode(denoiser: Callable, z: torch.Tensor, ts: list[float], process: NoiseProcess,
              cond: Optional[torch.Tensor], heun: bool) -> torch.Tensor:
-    """EDM Alg. 1 (S_churn = 0) in the scaled variables x~ = x/alpha_t, sigma~ = sigma_t/alpha_t."""
+    """EDM Alg. 1 (S_churn = 0) in the scaled variables x~ = x/a_t, sigma~ = sigma_t/a_t with a = process.ode_alpha:
+    alpha_t for VP processes; 1 for a rectified flow, whose Euler steps are then x += (sigma' - sigma) v
+    (`FlowMatchEulerDiscreteScheduler.step`), with sigma = 1 (alpha = 0) a valid start."""
     x = z * process.init_noise_sigma
-    alpha0 = process.alpha(full_level(ts[0], x), x)
+    alpha0 = process.ode_alpha(full_level(ts[0], x), x)
     x_tilde = x / alpha0
 
     def d(x_tilde: torch.Tensor, t: float) -> torch.Tensor:
         """dx~/dsigma~ = (x~ - D(x)) / sigma~."""
         tt = full_level(t, x_tilde)
-        alpha, sigma = process.alpha(tt, x_tilde), process.sigma(tt, x_tilde)
+        alpha, sigma = process.ode_alpha(tt, x_tilde), process.sigma(tt, x_tilde)
         return (x_tilde - denoiser(alpha * x_tilde, tt, cond)) / (sigma / alpha)
 
     def sigma_tilde(t: Optional[float]) -> torch.Tensor:
@@ -43,7 +45,7 @@ def _edm_ode(denoiser: Callable, z: torch.Tensor, ts: list[float], process: Nois
             return torch.zeros((), dtype=x.dtype, device=x.device)
         ref = torch.zeros(1, dtype=torch.float64, device=x.device)  # the ratio in float64, then x's dtype
         tt = full_level(t, ref)
-        return (process.sigma(tt, ref) / process.alpha(tt, ref)).reshape(()).to(x.dtype)
+        return (process.sigma(tt, ref) / process.ode_alpha(tt, ref)).reshape(()).to(x.dtype)
 
     for i, t in enumerate(ts):
         t_next = ts[i + 1] if i + 1 < len(ts) else None
