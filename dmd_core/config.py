@@ -152,6 +152,10 @@ class DistillConfig(_Model):
                                            description="(t*,) for one step; DMD2 4-step: 999,749,499,249")
     dm_t_min: float = Field(0.02, ge=0, le=1)
     dm_t_max: float = Field(0.98, ge=0, le=1)
+    dm_time_shift: float = Field(1.0, gt=0, description="shift of the DM, fake-score and GAN training levels toward "
+                                 "noise, s' = k s / (1 + (k - 1) s), on top of the teacher's own (a flow teacher's "
+                                 "draws already carry its shift, as Decoupled-DMD's: Tongyi-MAI/Z-Image#78); shifting "
+                                 "them further fixed SD3's 4-step artefacts (tianweiy/DMD2#62); 1 = none")
     dm_weighting: Literal["dmd", "sigma_over_alpha", "sigma3_over_alpha"] = "dmd"
     dm_weight: float = Field(1.0, ge=0)
     guidance: float = Field(1.0, ge=0, description="CFG scale of the real score")
@@ -219,8 +223,9 @@ class DistillConfig(_Model):
         if isinstance(data, dict):  # at their defaults, guided runs made before these fields hash as before
             if self.guidance_lr_scale == 1.0:
                 data.pop("guidance_lr_scale", None)
-        if isinstance(data, dict) and self.on_new_pairs == "restart":  # the default hashes as before it existed
-            data.pop("on_new_pairs", None)
+        for key, default in (("on_new_pairs", "restart"), ("dm_time_shift", 1.0)):  # defaults hash as before them
+            if isinstance(data, dict) and getattr(self, key) == default:
+                data.pop(key, None)
         return data
 
     @field_validator("generator_timesteps")

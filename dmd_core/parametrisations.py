@@ -71,10 +71,11 @@ class X0(Parametrisation):
 
 
 class FlowVelocity(Parametrisation):
-    """Flow velocity (rectified flow, x_t = (1 - sigma_t) x0 + sigma_t eps; Liu et al. 2023, SD3 Eq. 2-3):
-    v = eps - x0, x0 = x_t - sigma_t v, no division by alpha; |v_hat - v|^2 = |x0_hat - x0|^2 / sigma_t^2, which
-    is (1 + sqrt(SNR))^2 with SNR = (1 - sigma_t)^2 / sigma_t^2 (diffusers' `compute_loss_weighting_for_sd3`
-    "sigma_sqrt" weighting, and FastGen's `denoising_score_matching_loss("flow")` in x0 terms)."""
+    """Flow velocity (rectified flow, x_t = (1 - sigma_t) x0 + sigma_t eps; SD3 Eq. 1-3): v = eps - x0,
+    x0 = x_t - sigma_t v, no division by alpha. The velocity MSE |v_hat - v|^2 = |x0_hat - x0|^2 / sigma_t^2, so the
+    x0-space weight is 1 / sigma_t^2 = (1 + sqrt(SNR))^2 with SNR = (1 - sigma_t)^2 / sigma_t^2: the flow-matching
+    loss of diffusers' SD3 training script (weighting "none" on v; equally "sigma_sqrt" of
+    `compute_loss_weighting_for_sd3` on preconditioned x0 outputs)."""
 
     name = "flow_prediction"
 

@@ -17,7 +17,7 @@ from .draws import Collective, Draws
 from .guidance import guided_denoiser, student_cond
 from .losses import (denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss, lpips_regression,
                      mse_regression, pseudo_huber_regression)
-from .processes import NoiseProcess
+from .processes import NoiseProcess, shift_sigmas
 from .streams import Stream
 from .trainer_state import checkpoint_files, load_checkpoint_files
 from .teachers import Teacher
@@ -181,8 +181,9 @@ class DMDTrainer:
         return None if raw is None else self.encode(raw)
 
     def _levels(self, n: int, lo: float, hi: float) -> torch.Tensor:
-        """n training levels in [lo, hi) from the trainer's generator (DMD Alg. 2-3)."""
-        return self.draws.levels(self.process, n, lo, hi)
+        """n training levels in [lo, hi) from the trainer's generator (DMD Alg. 2-3), shifted by dm_time_shift."""
+        s, k = self.draws.levels(self.process, n, lo, hi), self.cfg.dm_time_shift
+        return s if k == 1.0 else shift_sigmas(s, k)
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.cfg.bf16)

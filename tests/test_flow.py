@@ -62,6 +62,9 @@ def test_flow_velocity_parametrisation():
     torch.testing.assert_close(((v_hat - v) ** 2).sum(1, keepdim=True),
                                p.loss_weight(snr) * ((x0_hat - x0) ** 2).sum(1, keepdim=True))
     torch.testing.assert_close(p.loss_weight(snr), 1 / sigma**2)
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    torch.testing.assert_close(p.loss_weight(snr).float(), compute_loss_weighting_for_sd3("sigma_sqrt", sigma))
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
@@ -171,3 +174,18 @@ def test_shift_formula():
     torch.testing.assert_close(shift_sigmas(u, 1.0), u)
     torch.testing.assert_close(shift_sigmas(u, 3.0), 3 * u / (1 + 2 * u))
     assert float(shift_sigmas(torch.tensor(1.0), 7.0)) == 1.0
+
+
+def test_dm_time_shift_shifts_the_training_draws():
+    """distill.dm_time_shift = k maps every drawn level s to k s / (1 + (k - 1) s) (more noise), from the same draws;
+    at its default 1 the config dumps (and hashes) as before the field existed."""
+    from dmd_core.config import DistillConfig
+    from tests.helpers import make_trainer
+
+    plain, shifted = make_trainer(), make_trainer(dm_time_shift=3.0)
+    s, s3 = plain._levels(64, 0.02, 0.98), shifted._levels(64, 0.02, 0.98)
+    torch.testing.assert_close(s3, shift_sigmas(s, 3.0))
+    assert (s3 > s).all()
+    assert "dm_time_shift" not in DistillConfig().model_dump() and DistillConfig(dm_time_shift=3).model_dump()["dm_time_shift"] == 3
+    with pytest.raises(ValueError):
+        DistillConfig(dm_time_shift=0)
