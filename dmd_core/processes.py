@@ -194,6 +194,11 @@ def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
+def unshift_sigmas(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """The inverse of `shift_sigmas`: u = sigma / (shift - (shift - 1) sigma)."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
             max_shift: float = 1.15) -> float:
     """mu of resolution-dependent shifting, linear in the image token count (diffusers' `calculate_shift`)."""
@@ -205,8 +210,8 @@ class RectifiedFlow(NoiseProcess):
     """Rectified flow x_s = (1 - sigma) x0 + sigma eps (SD3 Eq. 1-2): alpha = 1 - sigma, and sigma(s) is the level
     s shifted toward noise, shift_sigmas(s, shift). sigma = 1 (pure noise, alpha = 0) is a valid level; nothing
     divides by alpha. The network's time input is c_noise = time_scale sigma: 1000 sigma for SD3's transformer,
-    sigma for Flux's (FluxTransformer2DModel multiplies by 1000 itself). A timestep t reads level t / T, as
-    `FlowMatchEulerDiscreteScheduler` (timesteps = 1000 sigma); `dynamic` marks a resolution-dependent shift
+    sigma for Flux's (FluxTransformer2DModel multiplies by 1000 itself). A timestep t names sigma = t / T, as
+    `FlowMatchEulerDiscreteScheduler`'s timesteps (1000 sigma) do; `dynamic` marks a resolution-dependent shift
     (then shift = exp(mu)), which changes where diffusers' grids end."""
 
     name = "flow"
@@ -237,7 +242,9 @@ class RectifiedFlow(NoiseProcess):
         return shift_sigmas(torch.as_tensor(s, dtype=torch.float64), self.shift)
 
     def level(self, t):
-        return torch.as_tensor(t, dtype=torch.float64) / self.T
+        """The level whose sigma is t / T: diffusers' flow timesteps are the shifted sigma x T, so configs name a
+        flow student's steps as its pipeline would (DMD2-style [1000, 750, 500, 250]: sigma 1, 0.75, 0.5, 0.25)."""
+        return unshift_sigmas(torch.as_tensor(t, dtype=torch.float64) / self.T, self.shift)
 
     def alpha(self, s, like):
         return _column(1.0 - self._sigma(s).reshape(-1), like)

@@ -8,7 +8,7 @@ import torch
 
 from dmd_core.generator import Generator
 from dmd_core.parametrisations import parametrisation
-from dmd_core.processes import RectifiedFlow, flux_mu, shift_sigmas
+from dmd_core.processes import RectifiedFlow, flux_mu, shift_sigmas, unshift_sigmas
 from dmd_core.samplers import ddim_sample, euler_sample, heun_sample
 
 
@@ -75,8 +75,8 @@ def test_process_is_the_schedulers(shift):
 
     sched = FlowMatchEulerDiscreteScheduler(shift=shift)
     process = RectifiedFlow.from_scheduler_config(dict(sched.config))
-    t = torch.arange(1000, 0, -1)  # the scheduler's training timesteps 1000 ... 1, unshifted
-    s = process.level(t)
+    s = process.level(sched.timesteps)  # the scheduler's training timesteps, 1000 x the shifted sigmas
+    torch.testing.assert_close(s, torch.arange(1000, 0, -1, dtype=torch.float64) / 1000, rtol=0, atol=1e-6)  # uniform
     like = torch.zeros(1000, 1)
     torch.testing.assert_close(process.sigma(s, like).flatten(), sched.sigmas.float(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(process.c_noise(s), sched.timesteps.float(), rtol=1e-6, atol=1e-4)
@@ -162,7 +162,8 @@ def test_generator_reaches_pure_noise_level():
     """A flow generator may start at t = T (level 1, sigma 1); a VP one stops at T - 1."""
     process = RectifiedFlow(shift=3.0)
     G = Generator(lambda x, s, c=None: 0.5 * x, process, [1000, 750, 500, 250])
-    assert G.levels == [1.0, 0.75, 0.5, 0.25]
+    sigmas = [float(process.sigma(torch.tensor(s), torch.zeros(1))) for s in G.levels]
+    assert sigmas == pytest.approx([1.0, 0.75, 0.5, 0.25], abs=1e-12)  # timesteps name sigma x 1000, as diffusers'
     with pytest.raises(ValueError, match=r"within \[0, 1000\]"):
         Generator(lambda x, s, c=None: x, process, [1001])
     x = G(torch.ones(2, 3), generator=torch.Generator().manual_seed(0))
@@ -174,6 +175,7 @@ def test_shift_formula():
     torch.testing.assert_close(shift_sigmas(u, 1.0), u)
     torch.testing.assert_close(shift_sigmas(u, 3.0), 3 * u / (1 + 2 * u))
     assert float(shift_sigmas(torch.tensor(1.0), 7.0)) == 1.0
+    torch.testing.assert_close(unshift_sigmas(shift_sigmas(u, 3.0), 3.0), u)
 
 
 def test_dm_time_shift_shifts_the_training_draws():
