@@ -30,6 +30,10 @@ class Backbone:
         """The module whose output feeds the GAN head, and its channels."""
         raise NotImplementedError
 
+    def features(self, output: Any) -> torch.Tensor:
+        """The bottleneck module's output as a (B, C, H, W) feature map."""
+        return output[0] if isinstance(output, tuple) else output
+
     def checkpointing(self, net: nn.Module) -> None:
         """Recompute activations in backward (gradient checkpointing)."""
         net.enable_gradient_checkpointing()
@@ -126,7 +130,32 @@ class UNet2DCondition(Backbone):
         return {**(cond or {}), "timestep_cond": emb}
 
 
-BACKBONES: list[Backbone] = [UNet2D(), UNet2DCondition()]
+class SD3Transformer(Backbone):
+    """diffusers `SD3Transformer2DModel` (MMDiT): the condition dict holds `encoder_hidden_states` (CLIP states padded
+    to the T5 width, then T5's, on the sequence axis) and `pooled_projections`; the time input is 1000 sigma. The
+    GAN head reads the image tokens after the middle joint block, as a (B, D, H/p, W/p) map."""
+
+    def matches(self, net):
+        from diffusers import SD3Transformer2DModel
+
+        return isinstance(net, SD3Transformer2DModel)
+
+    def __call__(self, net, x, c_noise, cond):
+        return net(hidden_states=x, timestep=c_noise, **(cond or {})).sample
+
+    def bottleneck(self, net):
+        return net.transformer_blocks[len(net.transformer_blocks) // 2], int(net.inner_dim)
+
+    def features(self, output):
+        tokens = output[1]  # JointTransformerBlock returns (text tokens, image tokens)
+        side = int(round(tokens.shape[1] ** 0.5))
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, tokens.shape[1] // side)
+
+    def guided(self, net, embedding_dim):
+        raise NotImplementedError("guided students (distill.guidance_range) of SD3 transformers are not supported")
+
+
+BACKBONES: list[Backbone] = [UNet2D(), UNet2DCondition(), SD3Transformer()]
 
 
 def backbone_for(net: nn.Module) -> Backbone:

@@ -130,6 +130,33 @@ def student_scheduler(teacher_scheduler_config: dict, generator_timesteps: Seque
     return _multi_step_scheduler(teacher_scheduler_config, ts, prediction_type, T)
 
 
+def flow_student_scheduler(process, generator_timesteps: Sequence[int]):
+    """A stock `FlowMatchEulerDiscreteScheduler` whose `num_inference_steps=k` loop is a k-step flow generator.
+
+    A flow timestep names sigma = t / T (`RectifiedFlow.level`). The teacher's shift is not kept: `set_timesteps`
+    would apply it again to the student's sigmas. With shift 1 the k-step grid is 1 - i (1 - u_min) / (k - 1), and
+    `shift_terminal` = the last sigma stretches it to the DMD2-style 1, 1 - 1/k, ..., 1/k exactly; FluxPipeline's
+    own sigmas (linspace(1, 1/k, k)) are left unchanged by it. `stochastic_sampling` re-noises x0 with fresh noise
+    from the pipeline's generator between steps (DMD2 §4.3). ValueError for any other sigmas.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ts = [int(t) for t in generator_timesteps]
+    sigmas = [t / process.T for t in ts]
+    k = len(ts)
+    even = [1 - i / k for i in range(k)]
+    if any(abs(a - b) > 1e-9 for a, b in zip(sigmas, even)):
+        raise ValueError(f"generator_timesteps {ts}: a flow export's stock grid has sigmas 1, 1 - 1/k, ..., 1/k, "
+                         f"i.e. timesteps {[round(process.T * s) for s in even]}")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=process.T, shift=1.0, use_dynamic_shifting=False,
+                                                stochastic_sampling=True,
+                                                shift_terminal=sigmas[-1] if k > 1 else None)
+    scheduler.set_timesteps(k)
+    if (scheduler.sigmas[:-1].double() - torch.tensor(sigmas, dtype=torch.float64)).abs().max() > 1e-6:
+        raise ValueError(f"FlowMatchEulerDiscreteScheduler cannot place sigmas {sigmas}")
+    return scheduler
+
+
 def stable_diffusion_export(unet, vae, text_encoder, tokenizer, teacher_scheduler_config: dict,
                             generator_timesteps: Sequence[int], prediction_type: str):
     """A stock `StableDiffusionPipeline` that runs the student as

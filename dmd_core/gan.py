@@ -28,11 +28,12 @@ class BottleneckFeatures:
         if not hasattr(denoiser, "backbone"):
             raise ValueError("the GAN head needs a network denoiser (NetDenoiser) whose backbone has a bottleneck")
         module, self.channels = denoiser.backbone.bottleneck(denoiser.net)
+        self.features = denoiser.backbone.features
         self.value: torch.Tensor | None = None
         module.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
-        self.value = output[0] if isinstance(output, tuple) else output
+        self.value = self.features(output)
 
     def take(self) -> torch.Tensor:
         """Return and clear the last captured features."""

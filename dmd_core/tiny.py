@@ -157,10 +157,59 @@ def write_tiny_sdxl_teacher(folder: str | Path, latent_size: int = 8, seed: int 
     return folder
 
 
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # stabilityai/stable-diffusion-3-medium-diffusers
+SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
+
+
+def tiny_sd3_components(latent_size: int = 8, seed: int = 0) -> dict:
+    """transformer, vae, text_encoder, text_encoder_2, scheduler of a tiny SD3 (no T5, as the stock pipeline allows):
+    two CLIPs with projection (hidden 32 + 32 = the joint attention width 64, pooled 32 + 32 = 64), patch 2, the SD3
+    VAE's scaling and shift factors, a rectified flow with shift 3 (the layout of diffusers' SD3 pipeline tests)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=latent_size, patch_size=2, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
+                                        pos_embed_max_size=latent_size)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=2 * latent_size,
+                        scaling_factor=SD3_VAE_SCALING, shift_factor=SD3_VAE_SHIFT, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    config = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=TINY_TEXT_LENGTH, bos_token_id=512,
+                            eos_token_id=513, pad_token_id=513, projection_dim=32, hidden_act="gelu")
+    return {"transformer": transformer, "vae": vae, "text_encoder": CLIPTextModelWithProjection(config),
+            "text_encoder_2": CLIPTextModelWithProjection(config),
+            "scheduler": FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)}
+
+
+def write_tiny_sd3_teacher(folder: str | Path, latent_size: int = 8, seed: int = 0, prediction_type: str = "") -> Path:
+    """A Stable Diffusion 3 folder (model_index.json, transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/,
+    scheduler/), without the optional T5 encoder. SD3 predicts the flow velocity whatever `prediction_type` says."""
+    folder = Path(folder)
+    for name, module in tiny_sd3_components(latent_size, seed).items():
+        module.save_pretrained(folder / name)
+    for name in ("tokenizer", "tokenizer_2"):
+        write_byte_tokenizer(folder / name)
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",
+             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_3": [None, None],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "tokenizer_3": [None, None], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "image_encoder": [None, None], "feature_extractor": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 TINY_TEACHERS = {  # `dmd make-teacher --tiny NAME`: the writer of each tiny teacher folder
     "pixel": write_tiny_pixel_teacher,
     "sd": write_tiny_sd_teacher,
     "sdxl": write_tiny_sdxl_teacher,
+    "sd3": write_tiny_sd3_teacher,
 }
 
 

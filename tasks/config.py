@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from dmd_core.config import (PROJECT_DIR, ConfigError, DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
                              PairsConfig, TeacherConfig, _Model, stable_hash)
+from dmd_core.families import FAMILIES, family
 
 CONFIG_DIR = PROJECT_DIR / "configs"
 STAGES = ("teacher", "pairs", "distill", "export", "evaluate")
@@ -84,8 +85,9 @@ class PipelineConfig(_Model):
             raise ValueError(f"evaluate.protocol={self.evaluate.protocol} scores text-to-image teachers "
                              "(teacher.kind=sd or sdxl)")
         T = self.teacher.num_train_timesteps
-        if self.distill.generator_timesteps[0] >= T:
-            raise ValueError(f"distill.generator_timesteps must be below teacher.num_train_timesteps ({T})")
+        top = T if self.teacher.kind in FAMILIES and family(self.teacher.kind).flow else T - 1  # a flow's T: sigma 1
+        if self.distill.generator_timesteps[0] > top:
+            raise ValueError(f"distill.generator_timesteps must be at most {top} (teacher.num_train_timesteps {T})")
         if self.pairs.guidance_scales is not None and self.distill.guidance_range is None:
             raise ValueError("pairs.guidance_scales makes pairs at several w: it needs a student that takes w "
                              "(distill.guidance_range)")

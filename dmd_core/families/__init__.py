@@ -13,6 +13,7 @@ FAMILIES = {  # teacher.kind -> the module defining FAMILY
     "unet2d": "dmd_core.families.unet2d",
     "sd": "dmd_core.families.sd",
     "sdxl": "dmd_core.families.sdxl",
+    "sd3": "dmd_core.families.sd3",
 }
 KINDS = (*FAMILIES, "callable")
 

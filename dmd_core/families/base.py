@@ -16,6 +16,7 @@ class TeacherFamily:
     tokenizers: tuple[str, ...] = ()  # subfolders holding a CLIP tokenizer (vocab.json, merges.txt)
     pipelines: tuple[str, ...] = ()  # the pipeline classes of its exports
     latent: bool = False
+    flow: bool = False  # a rectified-flow teacher: timestep T (sigma 1, pure noise) is a valid generator step
 
     # ---- the folder ---------------------------------------------------------------------------
     def check_folder(self, root: Path) -> None:
