@@ -1,4 +1,4 @@
-"""`sd-tiny`, `pixel-tiny` and `sdxl-tiny` end to end through the Prefect flow; the exports load in stock diffusers pipelines
+"""`sd-tiny`, `pixel-tiny`, `sdxl-tiny` and `sd3-tiny` end to end through the Prefect flow; the exports load in stock diffusers pipelines
 (a plain script, no project code) and reproduce the trainer's EMA generator (+ VAE decode) on the same noise."""
 import os
 import subprocess
@@ -143,5 +143,44 @@ def test_sdxl_tiny_end_to_end(prefect_api, tmp_path):
         x0 = ema_generator(store, teacher, 4, [399])(z, teacher.encode([PROMPT] * 2))
         expected = (teacher.decode(x0) / 2 + 0.5).clamp(0, 1)
     got = plain(PLAIN_SDXL, root / "xl" / "export", tmp_path, z)
+    assert got.shape == expected.shape == (2, 3, 16, 16)
+    assert float((got - expected).abs().max()) <= ATOL
+
+
+PLAIN_SD3 = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from diffusers import StableDiffusion3Pipeline
+pipe = StableDiffusion3Pipeline.from_pretrained(sys.argv[1], text_encoder_3=None, tokenizer_3=None)
+z = load_file(sys.argv[2])["z"]
+torch.manual_seed(1)
+img = pipe([sys.argv[4]] * z.shape[0], num_inference_steps=4, guidance_scale=1.0, output_type="pt", latents=z).images
+save_file({"img": img.contiguous()}, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_sd3_tiny_end_to_end(prefect_api, tmp_path):
+    """The rectified-flow preset through the flow: Euler pairs with CFG, a 4-step generator (sigmas 1 .. 0.25) with
+    backward simulation, DM + LPIPS + GAN on transformer tokens; stock StableDiffusion3Pipeline at 4 steps reproduces
+    G + VAE decode of the EMA student, re-noising from torch's global generator."""
+    from flows.pipeline import dmd
+
+    root = tmp_path / "artifacts"
+    dmd(preset="sd3-tiny", root=str(root), run_name="s3")
+    store = run_store(str(root), "s3")
+    meta = read_manifest_metadata(store, PAIRS_MANIFEST)
+    assert (meta["solver"], meta["steps"], meta["guidance"]) == ("euler", 3, 3.0)
+    metrics = store.read_table(METRICS).to_pylist()
+    assert len(metrics) == 4 and all(np.isfinite(r["loss_dm"]) and np.isfinite(r["loss_gan_G"]) for r in metrics)
+    assert (root / "s3" / "export" / "model_index.json").read_text().count("StableDiffusion3Pipeline") == 1
+
+    teacher = load_teacher("sd3", REPO / "teachers" / "sd3-tiny")
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        G = ema_generator(store, teacher, 4, [1000, 750, 500, 250])
+        x0 = G(z, teacher.encode([PROMPT] * 2), generator=torch.Generator().manual_seed(1))
+        expected = (teacher.decode(x0) / 2 + 0.5).clamp(0, 1)
+    got = plain(PLAIN_SD3, root / "s3" / "export", tmp_path, z)
     assert got.shape == expected.shape == (2, 3, 16, 16)
     assert float((got - expected).abs().max()) <= ATOL

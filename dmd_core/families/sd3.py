@@ -129,9 +129,11 @@ class StableDiffusion3Family(TeacherFamily):
 
     def usage(self, pipeline):
         """An export without T5 (the teacher had none) loads with text_encoder_3=None, tokenizer_3=None."""
-        return ['from diffusers import StableDiffusion3Pipeline',
+        return ['import torch',
+                'from diffusers import StableDiffusion3Pipeline',
                 'pipe = StableDiffusion3Pipeline.from_pretrained("PATH")  # no T5 in PATH: add '
                 'text_encoder_3=None, tokenizer_3=None',
+                'torch.manual_seed(0)  # several steps re-noise from torch\'s global generator',
                 'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={w}).images[0]']
 
 
