@@ -34,6 +34,10 @@ class Backbone:
         """The bottleneck module's output as a (B, C, H, W) feature map."""
         return output[0] if isinstance(output, tuple) else output
 
+    def randn_like(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Standard normal noise of x's shape, drawn in the layout the stock pipeline draws it."""
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
     def checkpointing(self, net: nn.Module) -> None:
         """Recompute activations in backward (gradient checkpointing)."""
         net.enable_gradient_checkpointing()
@@ -155,7 +159,63 @@ class SD3Transformer(Backbone):
         raise NotImplementedError("guided students (distill.guidance_range) of SD3 transformers are not supported")
 
 
-BACKBONES: list[Backbone] = [UNet2D(), UNet2DCondition(), SD3Transformer()]
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 W/2, 4C): Flux's 2 x 2 patches (FluxPipeline._pack_latents)."""
+    B, C, H, W = x.shape
+    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The inverse of `pack_latents` (FluxPipeline._unpack_latents)."""
+    B, _, D = tokens.shape
+    return tokens.view(B, H // 2, W // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, H, W)
+
+
+def image_ids(H: int, W: int, like: torch.Tensor) -> torch.Tensor:
+    """(row, column) position ids of the packed tokens, (H/2 W/2, 3) (FluxPipeline._prepare_latent_image_ids)."""
+    ids = torch.zeros(H // 2, W // 2, 3)
+    ids[..., 1] += torch.arange(H // 2)[:, None]
+    ids[..., 2] += torch.arange(W // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=like.device, dtype=like.dtype)
+
+
+class FluxTransformer(Backbone):
+    """diffusers `FluxTransformer2DModel`: the model space is the unpacked latent (B, C, H, W); the call packs it into
+    2 x 2 tokens with their position ids (text ids zero), and unpacks the velocity. The condition dict holds
+    `encoder_hidden_states` (T5), `pooled_projections` (CLIP) and, for a guidance-distilled model (FLUX.1-dev),
+    `guidance` (B,). The time input is sigma (the model scales it by 1000). GAN features: the image tokens after
+    the middle double-stream block."""
+
+    def matches(self, net):
+        from diffusers import FluxTransformer2DModel
+
+        return isinstance(net, FluxTransformer2DModel)
+
+    def __call__(self, net, x, c_noise, cond):
+        cond = dict(cond or {})
+        H, W = x.shape[-2:]
+        text = cond["encoder_hidden_states"]
+        out = net(hidden_states=pack_latents(x), timestep=c_noise.to(x.dtype), img_ids=image_ids(H, W, x),
+                  txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype), **cond).sample
+        return unpack_latents(out, H, W)
+
+    def bottleneck(self, net):
+        return net.transformer_blocks[len(net.transformer_blocks) // 2], int(net.inner_dim)
+
+    def features(self, output):
+        return SD3Transformer.features(self, output)
+
+    def randn_like(self, x, generator):
+        """FluxPipeline's scheduler draws its re-noising in the packed layout."""
+        packed = torch.randn(pack_latents(x).shape, generator=generator, device=x.device, dtype=x.dtype)
+        return unpack_latents(packed, *x.shape[-2:])
+
+    def guided(self, net, embedding_dim):
+        raise NotImplementedError("distill.guidance_range with Flux: a guidance-distilled Flux takes w as an input "
+                                  "already (distill.guidance sets it)")
+
+
+BACKBONES: list[Backbone] = [UNet2D(), UNet2DCondition(), SD3Transformer(), FluxTransformer()]
 
 
 def backbone_for(net: nn.Module) -> Backbone:

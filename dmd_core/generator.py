@@ -43,9 +43,16 @@ class Generator(nn.Module):
         for i in range(len(self.timesteps)):
             x0 = self.step(x, i, cond)
             if i + 1 < len(self.timesteps):
-                eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x = self.renoise(x0, i, eps)
+                x = self.renoise(x0, i, self._randn(x0, generator))
         return x0
+
+    def _randn(self, x0: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Re-noising eps in the layout the network's stock pipeline draws it (packed latents for Flux), so an
+        export reproduces the generator from the same seed."""
+        backbone = getattr(self.denoiser, "backbone", None)
+        if backbone is not None:
+            return backbone.randn_like(x0, generator)
+        return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
     def backward_simulate(self, z: torch.Tensor, cond: Optional[torch.Tensor], k: int,
                           generator: Optional[torch.Generator] = None,

@@ -216,27 +216,29 @@ class RectifiedFlow(NoiseProcess):
 
     name = "flow"
 
-    def __init__(self, shift: float = 1.0, T: int = 1000, time_scale: float = 1000.0, dynamic: bool = False) -> None:
+    def __init__(self, shift: float = 1.0, T: int = 1000, time_scale: float = 1000.0, dynamic: bool = False,
+                 flux_grid: bool = False) -> None:
         if shift <= 0:
             raise ValueError(f"shift must be positive, got {shift}")
         self.shift, self.T, self.time_scale, self.dynamic = float(shift), int(T), float(time_scale), bool(dynamic)
+        self.flux_grid = bool(flux_grid)
         self.init_noise_sigma = 1.0
 
     @classmethod
-    def from_scheduler_config(cls, config: dict, image_seq_len: int | None = None,
-                              time_scale: float = 1000.0) -> "RectifiedFlow":
+    def from_scheduler_config(cls, config: dict, image_seq_len: int | None = None, time_scale: float = 1000.0,
+                              flux_grid: bool = False) -> "RectifiedFlow":
         """The process of a `FlowMatchEulerDiscreteScheduler` config: its static `shift`, or with
         `use_dynamic_shifting` the shift exp(mu) (or mu, for `time_shift_type: linear`) at `image_seq_len` tokens."""
         T = int(config.get("num_train_timesteps", 1000))
         if not config.get("use_dynamic_shifting", False):
-            return cls(float(config.get("shift", 1.0)), T, time_scale)
+            return cls(float(config.get("shift", 1.0)), T, time_scale, flux_grid=flux_grid)
         if image_seq_len is None:
             raise ValueError("a dynamically shifted scheduler needs the image sequence length")
         mu = flux_mu(image_seq_len, int(config.get("base_image_seq_len", 256)),
                      int(config.get("max_image_seq_len", 4096)), float(config.get("base_shift", 0.5)),
                      float(config.get("max_shift", 1.15)))
         linear = config.get("time_shift_type", "exponential") == "linear"
-        return cls(mu if linear else math.exp(mu), T, time_scale, dynamic=True)
+        return cls(mu if linear else math.exp(mu), T, time_scale, dynamic=True, flux_grid=flux_grid)
 
     def _sigma(self, s) -> torch.Tensor:
         return shift_sigmas(torch.as_tensor(s, dtype=torch.float64), self.shift)
@@ -262,11 +264,14 @@ class RectifiedFlow(NoiseProcess):
 
     def grid(self, steps: int) -> list[float]:
         """`FlowMatchEulerDiscreteScheduler.set_timesteps(steps)`'s levels: linspace from 1 to the training
-        schedule's last level, which is shifted (1/T shifted) unless the shift is dynamic (1/T)."""
+        schedule's last level, which is shifted (1/T shifted) unless the shift is dynamic (1/T). With `flux_grid`,
+        FluxPipeline's own: linspace(1, 1/steps, steps)."""
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         import numpy as np
 
+        if self.flux_grid:
+            return [float(u) for u in np.linspace(1.0, 1.0 / steps, steps)]
         u_min = 1.0 / self.T if self.dynamic else float(shift_sigmas(torch.tensor(1.0 / self.T), self.shift))
         return [float(u) for u in np.linspace(1.0, u_min, steps)]
 

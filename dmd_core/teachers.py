@@ -17,7 +17,7 @@ from torch import nn
 
 from .conditions import ClassLabels, Conditions, Prompts, RawConditions
 from .denoisers import Cond, NetDenoiser, with_guidance
-from .families import KINDS, family as family_of  # noqa: F401  KINDS: importable from here too
+from .families import FAMILIES, KINDS, family as family_of  # noqa: F401  KINDS: importable from here too
 from .processes import NoiseProcess, VPDiscrete
 from .samplers import pndm_grid, pndm_sample, sample
 from .teacher_files import TeacherLoadError, check_teacher_folder  # noqa: F401  importable from here too
@@ -117,6 +117,20 @@ class Teacher:
             return self.family.encode(self, list(raw))
 
     @property
+    def embedded_guidance(self) -> bool:
+        """The network takes the guidance scale as an input (FLUX.1-dev) instead of running CFG."""
+        return self.kind in FAMILIES and self.family.embedded_guidance(self)
+
+    def with_guidance_input(self, cond: Cond, w: float) -> Cond:
+        """`cond` plus the guidance scale w as the network's `guidance` input (B,), for embedded-guidance teachers."""
+        like = cond["encoder_hidden_states"]
+        return {**cond, "guidance": torch.full((like.shape[0],), float(w), device=like.device, dtype=torch.float32)}
+
+    def encode_guided(self, raw: RawConditions, w: float) -> Cond:
+        """Raw conditions -> the condition at guidance w (embedded-guidance teachers)."""
+        return self.with_guidance_input(self.encode(raw), w)
+
+    @property
     def null_cond(self) -> Cond:
         """The unconditional input for classifier-free guidance, with batch 1 (the empty prompt's encoding)."""
         if self.conditioning == "class":
@@ -151,7 +165,10 @@ class Teacher:
     @torch.no_grad()
     def sample(self, solver: str, steps: int, z: torch.Tensor, cond: Cond = None, guidance: float = 1.0) -> torch.Tensor:
         """The teacher's deterministic ODE solution from noise z (model space), with CFG at `guidance`."""
-        D = with_guidance(self.denoiser, guidance, self.null_cond)
+        if self.embedded_guidance:  # the network takes w; no CFG
+            D, cond = self.denoiser, self.with_guidance_input(cond, guidance)
+        else:
+            D = with_guidance(self.denoiser, guidance, self.null_cond)
         if solver == "pndm":  # diffusers' PNDM grid and end point, as the teacher's scheduler config sets them
             grid = pndm_grid(self.process.T, steps, int(self.scheduler_config.get("steps_offset", 0)))
             return pndm_sample(D, z, self.process.levels(grid), self.process, cond,

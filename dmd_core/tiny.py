@@ -205,11 +205,75 @@ def write_tiny_sd3_teacher(folder: str | Path, latent_size: int = 8, seed: int =
     return folder
 
 
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)  # black-forest-labs/FLUX.1-dev
+FLUX_VAE_SCALING, FLUX_VAE_SHIFT = 0.3611, 0.1159
+
+
+def write_character_t5_tokenizer(folder: str | Path) -> None:
+    """A T5TokenizerFast over printable ASCII characters (a Unigram model built here, nothing downloaded):
+    <pad> 0, </s> 1, <unk> 2, as T5's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)] + [(chr(c), -2.0) for c in range(33, 127)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                    extra_ids=0).save_pretrained(str(folder))
+
+
+def tiny_flux_components(latent_size: int = 8, seed: int = 0) -> dict:
+    """transformer, vae, text_encoder (CLIP, pooled 32), text_encoder_2 (T5, width 32), scheduler of a tiny guidance-
+    distilled FLUX.1-dev layout: 2 x 2 packed latents (4 channels -> 16), RoPE axes (4, 4, 8), the Flux VAE's factors,
+    dynamic shifting (the layout of diffusers' Flux pipeline tests, with guidance embeddings)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=2 * latent_size,
+                        scaling_factor=FLUX_VAE_SCALING, shift_factor=FLUX_VAE_SHIFT, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=TINY_TEXT_LENGTH,
+                                        bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_act="gelu"))
+    t5 = T5EncoderModel(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8))
+    return {"transformer": transformer, "vae": vae, "text_encoder": clip, "text_encoder_2": t5,
+            "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)}
+
+
+def write_tiny_flux_teacher(folder: str | Path, latent_size: int = 8, seed: int = 0, prediction_type: str = "") -> Path:
+    """A FLUX.1 folder (model_index.json, transformer/, vae/, text_encoder/ (CLIP), text_encoder_2/ (T5),
+    tokenizer/, tokenizer_2/, scheduler/); the transformer config records the latent size (`sample_size`)."""
+    folder = Path(folder)
+    for name, module in tiny_flux_components(latent_size, seed).items():
+        module.save_pretrained(folder / name)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**config, "sample_size": latent_size}, indent=2))
+    write_byte_tokenizer(folder / "tokenizer")
+    write_character_t5_tokenizer(folder / "tokenizer_2")
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "image_encoder": [None, None],
+             "feature_extractor": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 TINY_TEACHERS = {  # `dmd make-teacher --tiny NAME`: the writer of each tiny teacher folder
     "pixel": write_tiny_pixel_teacher,
     "sd": write_tiny_sd_teacher,
     "sdxl": write_tiny_sdxl_teacher,
     "sd3": write_tiny_sd3_teacher,
+    "flux": write_tiny_flux_teacher,
 }
 
 

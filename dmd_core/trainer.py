@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -58,7 +59,7 @@ class DMDTrainer:
                  lpips_model: Optional[Callable] = None, generator_init: Optional[nn.Module] = None,
                  fake_init: Optional[nn.Module] = None, device: torch.device | str = "cpu",
                  pairs_guidance: float = 1.0) -> None:
-        self.cfg, self.device = cfg, torch.device(device)
+        self.cfg, self.device, real_w = cfg, torch.device(device), cfg.guidance
         self.encode: Callable = _identity_encode
         self.decode: Callable = _identity_encode
         self.decode_for_loss: Callable = _identity_encode
@@ -69,6 +70,8 @@ class DMDTrainer:
             conditions = conditions or (teacher.conditions() if teacher.conditioning != "none" else None)
             null_cond = teacher.null_cond if null_cond is None else null_cond
             self.encode, self.decode, self.decode_for_loss = teacher.encode, teacher.decode, teacher.decode_for_loss
+            if teacher.embedded_guidance:  # FLUX.1-dev: every network takes w as an input; the real score has no CFG
+                self.encode, real_w = partial(teacher.encode_guided, w=cfg.guidance), 1.0
             teacher = teacher.denoiser
         if process is None or sample_shape is None:
             raise ValueError("a callable teacher needs `process` and `sample_shape`")
@@ -83,7 +86,7 @@ class DMDTrainer:
 
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(self.device).eval().requires_grad_(False)
-        self.mu_real = with_guidance(teacher, cfg.guidance, null_cond)
+        self.mu_real = with_guidance(teacher, real_w, null_cond)
         # guidance_range: G(z, c, w) for every w in the range, against the real score's CFG at a per-sample w.
         self.teacher_denoiser, self.null_cond, self.pairs_guidance = teacher, null_cond, float(pairs_guidance)
         if cfg.guidance_range is not None and generator_init is None:

@@ -14,6 +14,7 @@ FAMILIES = {  # teacher.kind -> the module defining FAMILY
     "sd": "dmd_core.families.sd",
     "sdxl": "dmd_core.families.sdxl",
     "sd3": "dmd_core.families.sd3",
+    "flux": "dmd_core.families.flux",
 }
 KINDS = (*FAMILIES, "callable")
 

@@ -45,6 +45,10 @@ class TeacherFamily:
         """Prompts -> the network's condition (text families)."""
         raise NotImplementedError(f"{self.name} teachers take no prompts")
 
+    def embedded_guidance(self, teacher) -> bool:
+        """Whether the network takes the guidance scale as an input instead of classifier-free guidance."""
+        return False
+
     def null_cond(self, teacher):
         """The unconditional input of classifier-free guidance, batch 1 (text families: the empty prompt's)."""
         return teacher.encode([""])
