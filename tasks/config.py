@@ -83,7 +83,7 @@ class PipelineConfig(_Model):
             raise ValueError(f"data.captions is required for a text-to-image teacher (teacher.kind={self.teacher.kind})")
         if (self.evaluate.protocol or "").startswith("coco") and not self.teacher.text:
             raise ValueError(f"evaluate.protocol={self.evaluate.protocol} scores text-to-image teachers "
-                             "(a text teacher.kind: sd, sdxl or sd3)")
+                             "(a text teacher.kind: sd, sdxl, sd3 or flux)")
         T = self.teacher.num_train_timesteps
         top = T if self.teacher.kind in FAMILIES and family(self.teacher.kind).flow else T - 1  # a flow's T: sigma 1
         if self.distill.generator_timesteps[0] > top:

@@ -54,12 +54,15 @@ def student(store: ArtifactStore, cfg, teacher, step: int) -> Generator:
     return student_at(Generator(D, teacher.process, cfg.distill.generator_timesteps), cfg.distill)
 
 
-def generating(teacher, body: Callable, precision: str, device, images: bool = False) -> Callable:
+def generating(teacher, body: Callable, precision: str, device, images: bool = False,
+               guidance: float = 1.0) -> Callable:
     """sample(z, raw): body(z, cond) under the autocast of `precision` (a resolved evaluate.precision), with the
-    teacher's decode to [0, 1] images when `images`; returned in float32, as the feature extractors take it."""
+    teacher's decode to [0, 1] images when `images`; returned in float32, as the feature extractors take it. An
+    embedded-guidance teacher's condition carries `guidance` (distill.guidance) as the networks' input."""
 
     def sample(z: torch.Tensor, raw) -> torch.Tensor:
-        cond = teacher.encode(raw)  # the text encoder keeps its own precision
+        # the text encoder keeps its own precision
+        cond = teacher.encode_guided(raw, guidance) if teacher.embedded_guidance else teacher.encode(raw)
         with torch.no_grad(), accel.autocast(precision, device):
             x = body(z.to(device), cond)
             if images:
@@ -83,7 +86,7 @@ class Models:
         return torch.Generator(self.device).manual_seed(1)
 
     def _sampler(self, body: Callable) -> Callable:
-        return generating(self.teacher, body, self.precision, self.device, self.images)
+        return generating(self.teacher, body, self.precision, self.device, self.images, self.cfg.distill.guidance)
 
     def teacher_steps(self) -> Callable:
         T, c = self.teacher, self.cfg

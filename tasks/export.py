@@ -27,10 +27,10 @@ from tasks.stages import DISTILL_STAGE, EXPORT_STAGE, resume_key
 GUIDED_USAGE = ['# one student for every guidance scale in {range}: pass guidance_scale=w (one network call, no CFG)']
 
 
-def model_card(cfg, step: int, final_metrics: dict, pipeline: str) -> str:
+def model_card(cfg, step: int, final_metrics: dict, pipeline: str, embedded: bool = False) -> str:
     """README.md of the export: how to load it, what it was distilled from, the config and metrics."""
     d = cfg.distill
-    n, w = len(d.generator_timesteps), shown_scale(d) if d.guidance_range else 1.0
+    n, w = len(d.generator_timesteps), export_scales(d, embedded)[0]
     usage = family(cfg.teacher.kind).usage(pipeline) + (GUIDED_USAGE if d.guidance_range else [])
     lines = [
         "---", "library_name: diffusers", "tags: [dmd, distribution-matching-distillation, one-step]", "---",
@@ -90,10 +90,10 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
     D = student_denoiser(teacher, checkpoint_weights(store, steps[-1], key, cfg.export.use_ema), cfg.distill)
     pipe = student_pipeline(teacher, D.net, cfg)
     kind = type(pipe).__name__
-    scales = export_scales(cfg.distill)
+    scales = export_scales(cfg.distill, teacher.embedded_guidance)
     rows = store.read_table(METRICS).to_pylist() if store.exists(METRICS) else []
     final = {k: v for k, v in (rows[-1] if rows else {}).items() if k not in ("step", "seconds")}  # seconds vary
-    card = model_card(cfg, steps[-1], final, kind)
+    card = model_card(cfg, steps[-1], final, kind, teacher.embedded_guidance)
 
     def write(tmp: str) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -115,9 +115,12 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
     return store.url(EXPORT)
 
 
-def export_scales(d) -> list[float]:
-    """The guidance scales the export is checked at: the shown one and both ends of a guided student's range."""
-    return [1.0] if d.guidance_range is None else [shown_scale(d), *d.guidance_range]
+def export_scales(d, embedded: bool = False) -> list[float]:
+    """The guidance scales the export is checked at: the shown one and both ends of a guided student's range; a
+    student of an embedded-guidance teacher (FLUX.1-dev) takes its w as an input: distill.guidance."""
+    if d.guidance_range is None:
+        return [d.guidance if embedded else 1.0]
+    return [shown_scale(d), *d.guidance_range]
 
 
 def ship_guidance_component(folder: str) -> None:
@@ -142,7 +145,8 @@ def drop_load_paths(folder: Path) -> None:
 def check_export(store, cfg, teacher, student, kind: str, n: int = 4) -> float:
     """The reloaded export must reproduce the trainer's generator (+ decode) on fixed noise within check_atol,
     at every scale of `export_scales`."""
-    return max(check_export_at(store, cfg, teacher, student, kind, w, n) for w in export_scales(cfg.distill))
+    return max(check_export_at(store, cfg, teacher, student, kind, w, n)
+               for w in export_scales(cfg.distill, teacher.embedded_guidance))
 
 
 @torch.no_grad()
@@ -156,7 +160,8 @@ def check_export_at(store, cfg, teacher, student, kind: str, w: float, n: int = 
         raw = [texts[i % len(texts)] for i in range(n)]
     elif teacher.num_classes:
         raw = torch.arange(n) % teacher.num_classes
-    x0 = G(z, teacher.encode(raw), generator=torch.Generator().manual_seed(1))
+    cond = teacher.encode_guided(raw, w) if teacher.embedded_guidance else teacher.encode(raw)
+    x0 = G(z, cond, generator=torch.Generator().manual_seed(1))
     expected = (teacher.decode(x0) / 2 + 0.5).clamp(0, 1)
     steps = len(cfg.distill.generator_timesteps)
     with local_folder(store, EXPORT) as path:

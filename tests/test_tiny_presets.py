@@ -1,4 +1,4 @@
-"""`sd-tiny`, `pixel-tiny`, `sdxl-tiny` and `sd3-tiny` end to end through the Prefect flow; the exports load in stock diffusers pipelines
+"""`sd-tiny`, `pixel-tiny`, `sdxl-tiny`, `sd3-tiny` and `flux-tiny` end to end through the Prefect flow; the exports load in stock diffusers pipelines
 (a plain script, no project code) and reproduce the trainer's EMA generator (+ VAE decode) on the same noise."""
 import os
 import subprocess
@@ -182,5 +182,43 @@ def test_sd3_tiny_end_to_end(prefect_api, tmp_path):
         x0 = G(z, teacher.encode([PROMPT] * 2), generator=torch.Generator().manual_seed(1))
         expected = (teacher.decode(x0) / 2 + 0.5).clamp(0, 1)
     got = plain(PLAIN_SD3, root / "s3" / "export", tmp_path, z)
+    assert got.shape == expected.shape == (2, 3, 16, 16)
+    assert float((got - expected).abs().max()) <= ATOL
+
+
+PLAIN_FLUX = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from diffusers import FluxPipeline
+pipe = FluxPipeline.from_pretrained(sys.argv[1])
+z = load_file(sys.argv[2])["z"]
+B, C, H, W = z.shape
+torch.manual_seed(1)
+img = pipe([sys.argv[4]] * B, num_inference_steps=4, guidance_scale=3.5, latents=FluxPipeline._pack_latents(z, B, C, H, W),
+           height=H * pipe.vae_scale_factor, width=W * pipe.vae_scale_factor, output_type="pt").images
+save_file({"img": img.contiguous()}, sys.argv[3])
+"""
+
+
+@pytest.mark.slow
+def test_flux_tiny_end_to_end(prefect_api, tmp_path):
+    """The guidance-distilled Flux preset through the flow: pairs at the embedded guidance 3.5, a 4-step student
+    taking the same input; stock FluxPipeline at guidance_scale=3.5 reproduces G + VAE decode of the EMA student."""
+    from flows.pipeline import dmd
+
+    root = tmp_path / "artifacts"
+    dmd(preset="flux-tiny", root=str(root), run_name="fx")
+    store = run_store(str(root), "fx")
+    assert read_manifest_metadata(store, PAIRS_MANIFEST)["guidance"] == 3.5
+    metrics = store.read_table(METRICS).to_pylist()
+    assert len(metrics) == 4 and all(np.isfinite(r["loss_dm"]) and np.isfinite(r["loss_fake"]) for r in metrics)
+
+    teacher = load_teacher("flux", REPO / "teachers" / "flux-tiny")
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        G = ema_generator(store, teacher, 4, [1000, 750, 500, 250])
+        x0 = G(z, teacher.encode_guided([PROMPT] * 2, 3.5), generator=torch.Generator().manual_seed(1))
+        expected = (teacher.decode(x0) / 2 + 0.5).clamp(0, 1)
+    got = plain(PLAIN_FLUX, root / "fx" / "export", tmp_path, z)
     assert got.shape == expected.shape == (2, 3, 16, 16)
     assert float((got - expected).abs().max()) <= ATOL
