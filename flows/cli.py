@@ -231,10 +231,12 @@ def check_output_folder(out: Path) -> None:
 @app.command("make-teacher")
 def make_teacher(
     tiny: str = typer.Option(..., help="which tiny random teacher: sd (Stable Diffusion layout), sdxl (Stable "
-                                       "Diffusion XL layout) or pixel (UNet2DModel)"),
+                                       "Diffusion XL layout), sd3 (SD3, rectified flow), flux (FLUX.1-dev) or "
+                                       "pixel (UNet2DModel)"),
     out: Path = typer.Option(..., help="folder to write (a diffusers layout that teacher.path can point to)"),
     seed: int = typer.Option(0, help="weight init seed"),
-    prediction_type: str = typer.Option("epsilon", help="epsilon or v_prediction"),
+    prediction_type: str = typer.Option("epsilon", help="epsilon or v_prediction (sd3 and flux predict the flow "
+                                                        "velocity whatever this says)"),
 ) -> None:
     """Write a tiny random teacher of a real architecture (offline, seconds) for smoke runs and tests."""
     from dmd_core.tiny import TINY_TEACHERS

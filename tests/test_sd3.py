@@ -119,3 +119,36 @@ def test_flow_export_scheduler_places_the_student_sigmas(teacher):
                                    rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="1 - 1/k"):
         flow_student_scheduler(teacher.process, [999, 500])
+
+
+def test_t5_encoder_is_used_when_the_folder_has_one(tmp_path):
+    """With text_encoder_3 (T5) and tokenizer_3 in the folder, the joint sequence's last 256 tokens are T5's last
+    hidden state, as StableDiffusion3Pipeline.encode_prompt computes them; the export ships T5 too."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from dmd_core.tiny import write_character_t5_tokenizer
+
+    folder = tmp_path / "sd3-t5"
+    shutil.copytree(FOLDER, folder)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=128, d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                            relative_attention_num_buckets=8)).save_pretrained(folder / "text_encoder_3")
+    write_character_t5_tokenizer(folder / "tokenizer_3")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "T5TokenizerFast"])
+    (folder / "model_index.json").write_text(json.dumps(index))
+    teacher = load_teacher("sd3", folder)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, device="cpu",
+                                                  do_classifier_free_guidance=False)
+    cond = teacher.encode(PROMPTS)
+    torch.testing.assert_close(cond["encoder_hidden_states"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(cond["pooled_projections"], pooled, rtol=0, atol=0)
+    assert cond["encoder_hidden_states"][:, 77:].abs().sum() > 0
+    exported = teacher.family.export(teacher, teacher.student_net(), [1000])
+    assert type(exported.text_encoder_3).__name__ == "T5EncoderModel"
