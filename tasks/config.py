@@ -85,7 +85,11 @@ class PipelineConfig(_Model):
             raise ValueError(f"evaluate.protocol={self.evaluate.protocol} scores text-to-image teachers "
                              "(a text teacher.kind: sd, sdxl, sd3 or flux)")
         T = self.teacher.num_train_timesteps
-        top = T if self.teacher.kind in FAMILIES and family(self.teacher.kind).flow else T - 1  # a flow's T: sigma 1
+        flow = self.teacher.kind in FAMILIES and family(self.teacher.kind).flow
+        if flow and self.pairs.solver == "pndm":
+            raise ValueError(f"pairs.solver=pndm is a VP solver: a flow teacher ({self.teacher.kind}) takes euler, "
+                             "heun or ddim")
+        top = T if flow else T - 1  # a flow's timestep T is sigma 1, pure noise
         if self.distill.generator_timesteps[0] > top:
             raise ValueError(f"distill.generator_timesteps must be at most {top} (teacher.num_train_timesteps {T})")
         if self.pairs.guidance_scales is not None and self.distill.guidance_range is None:

@@ -191,3 +191,17 @@ def test_dm_time_shift_shifts_the_training_draws():
     assert "dm_time_shift" not in DistillConfig().model_dump() and DistillConfig(dm_time_shift=3).model_dump()["dm_time_shift"] == 3
     with pytest.raises(ValueError):
         DistillConfig(dm_time_shift=0)
+
+
+def test_flow_presets_validate_their_steps_and_solver():
+    """A flow teacher may start at timestep T (sigma 1) and refuses the VP-only PNDM solver; a VP teacher stops at
+    T - 1. Each refusal names the field."""
+    from dmd_core.config import ConfigError
+    from tasks.config import load_config
+
+    assert load_config("sd3-tiny").distill.generator_timesteps[0] == 1000
+    for preset, override, field in (("sd3-tiny", "pairs.solver=pndm", "pairs.solver"),
+                                    ("flux-tiny", "distill.generator_timesteps=[1001]", "distill.generator_timesteps"),
+                                    ("sd-tiny", "distill.generator_timesteps=[1000]", "distill.generator_timesteps")):
+        with pytest.raises((ConfigError, ValueError), match=field):
+            load_config(preset, None, [override])
