@@ -68,9 +68,18 @@ def write_tiny_pixel_teacher(folder: str | Path, size: int = 8, channels: int = 
     return folder
 
 
+def tiny_vae(latent_size: int, **options):
+    """A two-level AutoencoderKL (x2 downsampling, 4 latent channels); `options`: the family's factors."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=8, sample_size=2 * latent_size, **options)
+
+
 def tiny_sd_components(latent_size: int = 8, prediction_type: str = "epsilon", seed: int = 0) -> dict:
     """unet, vae, text_encoder, scheduler of a tiny Stable Diffusion (tokenizer: `write_byte_tokenizer`)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -78,9 +87,7 @@ def tiny_sd_components(latent_size: int = 8, prediction_type: str = "epsilon", s
         sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=2 * latent_size)
+    vae = tiny_vae(latent_size)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=TINY_TEXT_LENGTH, bos_token_id=512, eos_token_id=513, pad_token_id=513,
@@ -116,7 +123,7 @@ def tiny_sdxl_components(latent_size: int = 8, seed: int = 0, prediction_type: s
     """unet, vae, text_encoder, text_encoder_2, scheduler of a tiny SDXL: `text_time` added conditions
     (6 time ids x 8 + the second encoder's 32-d pooled projection = 80), cross-attention over both encoders' 32 + 32
     hidden states, the SDXL VAE scaling factor (the layout of diffusers' own SDXL pipeline tests, shrunk)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -126,10 +133,7 @@ def tiny_sdxl_components(latent_size: int = 8, seed: int = 0, prediction_type: s
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
         cross_attention_dim=64, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=2 * latent_size,
-                        scaling_factor=SDXL_VAE_SCALING)
+    vae = tiny_vae(latent_size, scaling_factor=SDXL_VAE_SCALING)
     config = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=TINY_TEXT_LENGTH, bos_token_id=512,
                             eos_token_id=513, pad_token_id=513, projection_dim=32, hidden_act="gelu")
@@ -165,7 +169,7 @@ def tiny_sd3_components(latent_size: int = 8, seed: int = 0) -> dict:
     """transformer, vae, text_encoder, text_encoder_2, scheduler of a tiny SD3 (no T5, as the stock pipeline allows):
     two CLIPs with projection (hidden 32 + 32 = the joint attention width 64, pooled 32 + 32 = 64), patch 2, the SD3
     VAE's scaling and shift factors, a rectified flow with shift 3 (the layout of diffusers' SD3 pipeline tests)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -173,11 +177,8 @@ def tiny_sd3_components(latent_size: int = 8, seed: int = 0) -> dict:
                                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
                                         caption_projection_dim=32, pooled_projection_dim=64, out_channels=4,
                                         pos_embed_max_size=latent_size)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=2 * latent_size,
-                        scaling_factor=SD3_VAE_SCALING, shift_factor=SD3_VAE_SHIFT, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = tiny_vae(latent_size, scaling_factor=SD3_VAE_SCALING, shift_factor=SD3_VAE_SHIFT, use_quant_conv=False,
+                   use_post_quant_conv=False)
     config = CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=TINY_TEXT_LENGTH, bos_token_id=512,
                             eos_token_id=513, pad_token_id=513, projection_dim=32, hidden_act="gelu")
@@ -227,18 +228,15 @@ def tiny_flux_components(latent_size: int = 8, seed: int = 0) -> dict:
     """transformer, vae, text_encoder (CLIP, pooled 32), text_encoder_2 (T5, width 32), scheduler of a tiny guidance-
     distilled FLUX.1-dev layout: 2 x 2 packed latents (4 channels -> 16), RoPE axes (4, 4, 8), the Flux VAE's factors,
     dynamic shifting (the layout of diffusers' Flux pipeline tests, with guidance embeddings)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=8, sample_size=2 * latent_size,
-                        scaling_factor=FLUX_VAE_SCALING, shift_factor=FLUX_VAE_SHIFT, use_quant_conv=False,
-                        use_post_quant_conv=False)
+    vae = tiny_vae(latent_size, scaling_factor=FLUX_VAE_SCALING, shift_factor=FLUX_VAE_SHIFT, use_quant_conv=False,
+                   use_post_quant_conv=False)
     clip = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                         num_attention_heads=4, max_position_embeddings=TINY_TEXT_LENGTH,
                                         bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_act="gelu"))
