@@ -84,6 +84,13 @@ class TeacherConfig(_Model):
 
         return self.kind in FAMILIES and family(self.kind).conditioning == "text"
 
+    @property
+    def flow(self) -> bool:
+        """A rectified-flow family: timestep T (sigma 1) is a valid step; VP-only solvers do not apply."""
+        from .families import FAMILIES, family
+
+        return self.kind in FAMILIES and family(self.kind).flow
+
     @model_validator(mode="after")
     def _path_needed(self) -> "TeacherConfig":
         if self.kind == "callable" and not self.factory:

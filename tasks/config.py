@@ -14,7 +14,6 @@ from pydantic import Field, ValidationError, model_validator
 
 from dmd_core.config import (PROJECT_DIR, ConfigError, DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
                              PairsConfig, TeacherConfig, _Model, stable_hash)
-from dmd_core.families import FAMILIES, family
 
 CONFIG_DIR = PROJECT_DIR / "configs"
 STAGES = ("teacher", "pairs", "distill", "export", "evaluate")
@@ -85,7 +84,7 @@ class PipelineConfig(_Model):
             raise ValueError(f"evaluate.protocol={self.evaluate.protocol} scores text-to-image teachers "
                              "(a text teacher.kind: sd, sdxl, sd3 or flux)")
         T = self.teacher.num_train_timesteps
-        flow = self.teacher.kind in FAMILIES and family(self.teacher.kind).flow
+        flow = self.teacher.flow
         if flow and self.pairs.solver == "pndm":
             raise ValueError(f"pairs.solver=pndm is a VP solver: a flow teacher ({self.teacher.kind}) takes euler, "
                              "heun or ddim")
