@@ -62,7 +62,8 @@ def generating(teacher, body: Callable, precision: str, device, images: bool = F
 
     def sample(z: torch.Tensor, raw) -> torch.Tensor:
         # the text encoder keeps its own precision
-        cond = teacher.encode_guided(raw, guidance) if teacher.embedded_guidance else teacher.encode(raw)
+        guided = getattr(teacher, "embedded_guidance", False)  # any object with encode/decode may stand in
+        cond = teacher.encode_guided(raw, guidance) if guided else teacher.encode(raw)
         with torch.no_grad(), accel.autocast(precision, device):
             x = body(z.to(device), cond)
             if images:
