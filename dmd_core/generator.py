@@ -64,8 +64,7 @@ class Generator(nn.Module):
         with torch.no_grad():
             for i in range(k):
                 x0 = self.step(x, i, cond)
-                eps = noise(x0) if noise is not None else \
-                    torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                eps = noise(x0) if noise is not None else self._randn(x0, generator)
                 x = self.renoise(x0, i, eps)
         return self.step(x, k, cond)
 
