@@ -8,12 +8,21 @@ dict of tensors passed as keyword arguments (`encoder_hidden_states`; SDXL's `ad
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .guidance_embedding import GuidanceEmbedding, guidance_scale_embedding
+
+# LoRA targets (module-name suffixes): attention, feed-forward, convolutions and the time embedding.
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "conv1", "conv2", "conv_shortcut", "time_emb_proj", "linear_1", "linear_2")
+MMDIT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                      "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+                      "linear_1", "linear_2")
 
 
 class Backbone:
@@ -38,9 +47,16 @@ class Backbone:
         """Standard normal noise of x's shape, drawn in the layout the stock pipeline draws it."""
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    def checkpointing(self, net: nn.Module) -> None:
-        """Recompute activations in backward (gradient checkpointing)."""
-        net.enable_gradient_checkpointing()
+    lora_targets: tuple[str, ...] = ()  # the layers a LoRA student adapts by default
+
+    def checkpointing(self, net: nn.Module, context_fn: Optional[Callable] = None) -> None:
+        """Recompute activations in backward (gradient checkpointing); `context_fn` as torch.utils.checkpoint's
+        (a LoRA base recomputes under the adapter its forward ran with)."""
+        if context_fn is None:
+            net.enable_gradient_checkpointing()
+            return
+        net.enable_gradient_checkpointing(partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                                                  context_fn=context_fn))
 
     def guided(self, net: nn.Module, embedding_dim: int) -> nn.Module:
         """A copy of `net` that also takes a guidance scale w, equal to `net` at initialisation."""
@@ -76,6 +92,8 @@ class GuidedUNet2D(nn.Module):
 class UNet2D(Backbone):
     """diffusers `UNet2DModel` (pixel teachers; class ids as `class_labels`), also inside a `GuidedUNet2D`."""
 
+    lora_targets = UNET_LORA_TARGETS
+
     def matches(self, net):
         from diffusers import UNet2DModel
 
@@ -108,6 +126,8 @@ class UNet2DCondition(Backbone):
     """diffusers `UNet2DConditionModel` (SD, SDXL): the condition dict is its keyword arguments; a guided copy sets
     `time_cond_proj_dim` and takes `timestep_cond` = embedding(w - 1), as the stock pipelines compute it."""
 
+    lora_targets = UNET_LORA_TARGETS
+
     def matches(self, net):
         from diffusers import UNet2DConditionModel
 
@@ -138,6 +158,8 @@ class SD3Transformer(Backbone):
     """diffusers `SD3Transformer2DModel` (MMDiT): the condition dict holds `encoder_hidden_states` (CLIP states padded
     to the T5 width, then T5's, on the sequence axis) and `pooled_projections`; the time input is 1000 sigma. The
     GAN head reads the image tokens after the middle joint block, as a (B, D, H/p, W/p) map."""
+
+    lora_targets = MMDIT_LORA_TARGETS
 
     def matches(self, net):
         from diffusers import SD3Transformer2DModel
@@ -185,6 +207,8 @@ class FluxTransformer(Backbone):
     `encoder_hidden_states` (T5), `pooled_projections` (CLIP) and, for a guidance-distilled model (FLUX.1-dev),
     `guidance` (B,). The time input is sigma (the model scales it by 1000). GAN features: the image tokens after
     the middle double-stream block."""
+
+    lora_targets = MMDIT_LORA_TARGETS
 
     def matches(self, net):
         from diffusers import FluxTransformer2DModel

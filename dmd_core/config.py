@@ -195,6 +195,15 @@ class DistillConfig(_Model):
     world_size: int = Field(1, ge=1, description="training processes (one GPU each) in all nodes; batch_size "
                                                  "and reg_batch_size are global: each rank takes 1/world_size")
     parallel: Literal["ddp"] = Field("ddp", description="DistributedDataParallel over generator and fake score")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank of the students: G and the fake score are two adapters "
+                                               "over one frozen base, the teacher (adapters off: the real score); "
+                                               "0 = full-weight students")
+    lora_alpha: Optional[float] = Field(None, gt=0, description="LoRA scale numerator (update = alpha / r B A); "
+                                                                "default = lora_rank")
+    lora_targets: Optional[list[str]] = Field(
+        None, min_length=1, description="module-name suffixes (or regular expressions over full names) of the layers "
+                                        "LoRA adapts; default: the backbone's attention, feed-forward, convolutions "
+                                        "and time embedding")
     guidance_range: Optional[tuple[float, float]] = Field(
         None, description="[w_min, w_max]: one student for every guidance scale in the range (each sample draws "
                           "its own w; the real score runs CFG at it, G takes it as an input); None: fixed `guidance`")
@@ -230,7 +239,8 @@ class DistillConfig(_Model):
         if isinstance(data, dict):  # at their defaults, guided runs made before these fields hash as before
             if self.guidance_lr_scale == 1.0:
                 data.pop("guidance_lr_scale", None)
-        for key, default in (("on_new_pairs", "restart"), ("dm_time_shift", 1.0)):  # defaults hash as before them
+        for key, default in (("on_new_pairs", "restart"), ("dm_time_shift", 1.0), ("lora_rank", 0), ("lora_alpha", None),
+                             ("lora_targets", None)):  # at their defaults these hash as before they existed
             if isinstance(data, dict) and getattr(self, key) == default:
                 data.pop(key, None)
         return data
@@ -246,6 +256,15 @@ class DistillConfig(_Model):
     def _range(self) -> "DistillConfig":
         if self.dm_t_min >= self.dm_t_max:
             raise ValueError("dm_t_min must be below dm_t_max")
+        return self
+
+    @model_validator(mode="after")
+    def _lora(self) -> "DistillConfig":
+        if self.lora_rank and self.guidance_range is not None:
+            raise ValueError("lora_rank with guidance_range: a guided LoRA student is not supported yet; train it "
+                             "with full weights (lora_rank=0)")
+        if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets is not None):
+            raise ValueError("lora_alpha / lora_targets need lora_rank > 0")
         return self
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ with m = 4); other lists raise ValueError and need the custom `DMDPipeline`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -189,3 +189,21 @@ def ddim_export(unet, teacher_scheduler_config: dict, generator_timesteps: Seque
         raise ValueError("DDIMPipeline cannot pass class labels; export class-conditional students with DMDPipeline")
     scheduler = student_scheduler(teacher_scheduler_config, generator_timesteps, prediction_type)
     return DDIMPipeline(unet=unet, scheduler=scheduler)
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def save_lora(pipe, net, folder: str, weights: dict[str, torch.Tensor], rank: int, alpha: Optional[float]) -> bool:
+    """`pytorch_lora_weights.safetensors` (diffusers' format, with its LoraConfig as metadata) beside a merged export,
+    for the teacher's stock pipeline's `load_lora_weights`; False when the pipeline class has no LoRA loader.
+    `net` is the pipeline component the adapter belongs to (its unet or transformer)."""
+    from .adapters import lora_file_state, lora_metadata
+
+    if not hasattr(type(pipe), "save_lora_weights"):
+        return False
+    component = next(name for name, module in pipe.components.items() if module is net)
+    state = lora_file_state(weights)
+    type(pipe).save_lora_weights(folder, **{f"{component}_lora_layers": state,
+                                            f"{component}_lora_adapter_metadata": lora_metadata(state, rank, alpha)})
+    return True

@@ -68,7 +68,12 @@ def shown_scale(d) -> float:
 
 
 def student_denoiser(teacher, weights: dict[str, torch.Tensor], d) -> nn.Module:
-    """A checkpoint's generator weights on the teacher's architecture, guided when `d.guidance_range` is set."""
+    """A checkpoint's generator weights on the teacher's architecture, guided when `d.guidance_range` is set; a LoRA
+    student's adapter merged into the teacher's weights."""
+    if d.lora_rank:
+        from .adapters import merged_state_dict
+
+        return teacher.student(merged_state_dict(teacher.denoiser, weights, d.lora_rank, d.lora_alpha, d.lora_targets))
     if d.guidance_range is None:
         return teacher.student(weights)
     return load_guided_student(teacher.denoiser, weights, d.guidance_embedding_dim)

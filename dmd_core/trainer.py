@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import accel
+from .adapters import Students, lora_students
 from .conditions import ClassLabels, Conditions
 from .config import DistillConfig
 from .denoisers import PREDICTION_TYPES, CFGDenoiser, Cond, NetDenoiser, cond_cat, with_guidance
@@ -86,31 +87,32 @@ class DMDTrainer:
 
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(self.device).eval().requires_grad_(False)
-        self.mu_real = with_guidance(teacher, real_w, null_cond)
         # guidance_range: G(z, c, w) for every w in the range, against the real score's CFG at a per-sample w.
-        self.teacher_denoiser, self.null_cond, self.pairs_guidance = teacher, null_cond, float(pairs_guidance)
         if cfg.guidance_range is not None and generator_init is None:
             if not isinstance(teacher, NetDenoiser):
                 raise TypeError("distill.guidance_range needs a network teacher, or `generator_init` taking w")
             generator_init = guided_denoiser(teacher, cfg.guidance_embedding_dim)
             # The fake score models G's distribution at each w, so it takes w too (no CFG): p_fake(x | c, w).
             fake_init = fake_init if fake_init is not None else guided_denoiser(teacher, cfg.guidance_embedding_dim)
-        self.G = Generator(_trainable_copy(generator_init, teacher, "generator_init"), process,
-                           cfg.generator_timesteps).to(self.device)
-        self.mu_fake = _trainable_copy(fake_init, teacher, "fake_init").to(self.device)
+        self.students = self._students(cfg, teacher, generator_init, fake_init)
+        teacher = self.students.real
+        self.mu_real = with_guidance(teacher, real_w, null_cond)
+        self.teacher_denoiser, self.null_cond, self.pairs_guidance = teacher, null_cond, float(pairs_guidance)
+        self.G = Generator(self.students.generator, process, cfg.generator_timesteps).to(self.device)
+        self.mu_fake = self.students.fake.to(self.device)
         if cfg.gradient_checkpointing:
-            for module in (self.G.denoiser, self.mu_fake):
+            for module in self.students.nets:
                 if isinstance(module, NetDenoiser):
-                    module.backbone.checkpointing(module.net)
+                    module.backbone.checkpointing(module.net, self.students.context_fn(module))
         # compile=auto on CUDA starts eager: the distill stage times a few steps and calls `compile` if it pays.
         resolved = accel.resolve_compile(cfg.compile, self.device)
         self.auto_compile_mode = resolved if cfg.compile == "auto" and resolved != "none" else None
         self.compile_mode = "none"
         if accel.resolve_channels_last(cfg.channels_last, self.device):
-            for module in (self.G.denoiser, self.mu_fake, teacher):
+            for module in (self.G.denoiser, self.mu_fake, *self.students.nets, teacher):
                 if isinstance(module, nn.Module):
                     accel.channels_last(module)
-        self.ema = copy.deepcopy(self.G.denoiser).requires_grad_(False).eval()
+        self.ema = self.students.ema(self.G.denoiser)
         if self.auto_compile_mode is None:
             self.compile(resolved)
         fake_params = [p for p in self.mu_fake.parameters() if p.requires_grad]
@@ -140,10 +142,22 @@ class DMDTrainer:
         if mode == "none" or self.compile_mode != "none":
             return
         scope = accel.resolve_compile_scope(self.cfg.compile_scope, self.cfg.gradient_checkpointing)
-        for module in (self.G.denoiser, self.mu_fake):
-            accel.compile_in_place(accel.unwrap_ddp(module), mode, scope=scope)
-        self.mu_real = accel.compiled(self.mu_real, mode)
+        for module in self.students.nets:  # each network once (a LoRA base once for all its adapters)
+            accel.compile_in_place(module, mode, scope=scope)
+        if not self.students.shares_teacher:
+            self.mu_real = accel.compiled(self.mu_real, mode)
         self.compile_mode = mode
+
+    def _students(self, cfg: DistillConfig, teacher: Callable, generator_init: Optional[nn.Module],
+                  fake_init: Optional[nn.Module]) -> Students:
+        """Full copies of the teacher (or of the given inits), or LoRA adapters over one shared base."""
+        if not cfg.lora_rank:
+            G = _trainable_copy(generator_init, teacher, "generator_init")
+            fake = _trainable_copy(fake_init, teacher, "fake_init")
+            return Students(G, fake, teacher, [m for m in (G, fake) if isinstance(m, nn.Module)])
+        inits = [m.to(self.device) if isinstance(m, nn.Module) else m for m in (generator_init, fake_init)]
+        dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.bf16 else None  # the base, held once
+        return lora_students(teacher, *inits, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed, dtype)
 
     def agree(self, flag: bool) -> bool:
         """A decision every process takes the same way: rank 0's (one process: its own)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from prefect import task
@@ -15,6 +16,7 @@ from prefect.cache_policies import NONE
 
 import dmd_core.guidance_embedding as guidance_module
 import dmd_core.pipeline as pipeline_module
+from dmd_core.exports import save_lora
 from dmd_core.families import family
 from dmd_core.generator import Generator
 from dmd_core.guidance import shown_scale, student_at, student_denoiser
@@ -24,14 +26,25 @@ from storage.models import local_folder, save_folder
 from tasks.context import open_run, prompts, run_teacher
 from tasks.stages import DISTILL_STAGE, EXPORT_STAGE, resume_key
 
+LORA_USAGE = [
+    "", "# or as a LoRA over the teacher (e.g. your own fine-tune of it): pytorch_lora_weights.safetensors",
+    "from diffusers import {scheduler}",
+    'pipe = {pipeline}.from_pretrained("<teacher folder>")',
+    'pipe.scheduler = {scheduler}.from_pretrained("<this folder>", subfolder="scheduler")',
+    'pipe.load_lora_weights("<this folder>")',
+    "pipe.fuse_lora(lora_scale=1.0)  # lora_scale < 1 blends the student with the teacher",
+]
 GUIDED_USAGE = ['# one student for every guidance scale in {range}: pass guidance_scale=w (one network call, no CFG)']
 
 
-def model_card(cfg, step: int, final_metrics: dict, pipeline: str, embedded: bool = False) -> str:
+def model_card(cfg, step: int, final_metrics: dict, pipeline: str, embedded: bool = False,
+               lora_scheduler: Optional[str] = None) -> str:
     """README.md of the export: how to load it, what it was distilled from, the config and metrics."""
     d = cfg.distill
     n, w = len(d.generator_timesteps), export_scales(d, embedded)[0]
     usage = family(cfg.teacher.kind).usage(pipeline) + (GUIDED_USAGE if d.guidance_range else [])
+    if lora_scheduler:
+        usage += [line.replace("{pipeline}", pipeline).replace("{scheduler}", lora_scheduler) for line in LORA_USAGE]
     lines = [
         "---", "library_name: diffusers", "tags: [dmd, distribution-matching-distillation, one-step]", "---",
         f"# {cfg.name}: {n}-step DMD generator", "",
@@ -87,13 +100,16 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
         raise FileNotFoundError(f"no final checkpoint (step {cfg.distill.steps}) in {store.url('distill')}: "
                                 "run the distill stage first")
     teacher = run_teacher(store, cfg, torch.device("cpu"))
-    D = student_denoiser(teacher, checkpoint_weights(store, steps[-1], key, cfg.export.use_ema), cfg.distill)
+    weights = checkpoint_weights(store, steps[-1], key, cfg.export.use_ema)
+    D = student_denoiser(teacher, weights, cfg.distill)
     pipe = student_pipeline(teacher, D.net, cfg)
     kind = type(pipe).__name__
+    lora = bool(cfg.distill.lora_rank) and hasattr(type(pipe), "save_lora_weights")
     scales = export_scales(cfg.distill, teacher.embedded_guidance)
     rows = store.read_table(METRICS).to_pylist() if store.exists(METRICS) else []
     final = {k: v for k, v in (rows[-1] if rows else {}).items() if k not in ("step", "seconds")}  # seconds vary
-    card = model_card(cfg, steps[-1], final, kind, teacher.embedded_guidance)
+    card = model_card(cfg, steps[-1], final, kind, teacher.embedded_guidance,
+                      type(pipe.scheduler).__name__ if lora else None)
 
     def write(tmp: str) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -103,6 +119,8 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
             "pipeline": kind, "generator_timesteps": cfg.distill.generator_timesteps,
             "num_inference_steps": len(cfg.distill.generator_timesteps), "guidance_scale": scales[0],
             "guidance_range": cfg.distill.guidance_range}, indent=2))
+        if lora:
+            save_lora(pipe, D.net, tmp, weights, cfg.distill.lora_rank, cfg.distill.lora_alpha)
         if kind == "DMDPipeline":
             Path(tmp, "pipeline.py").write_text(Path(pipeline_module.__file__).read_text())
             if getattr(pipe, "guidance", None) is not None:
