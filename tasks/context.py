@@ -64,23 +64,26 @@ def worker_gpu(n_gpus: int) -> Optional[int]:
     return name % n_gpus if isinstance(name, int) else None
 
 
-def run_teacher(store: ArtifactStore, cfg: PipelineConfig, device: torch.device) -> Teacher:
-    """The run's teacher, loaded once per process and content (read-only: copy its network to train it)."""
+def run_teacher(store: ArtifactStore, cfg: PipelineConfig, device: torch.device, own: bool = False) -> Teacher:
+    """The run's teacher, loaded once per process and content (read-only: copy its network to train it); `own`: a
+    fresh load the caller may change, not kept."""
     if not store.exists(TEACHER_STAGE.marker):
         raise FileNotFoundError(f"{store.url(TEACHER_STAGE.marker)} not found: run the teacher stage first")
     marker = store.read_json(TEACHER_STAGE.marker)
     t = cfg.teacher
     key = (store.url(TEACHER), marker.get("content", marker["hash"]), t.model_dump_json(), str(device))
     with _TEACHER_LOCK:
-        if key not in _TEACHERS:
+        if key not in _TEACHERS or own:
             path = cached_folder(store, TEACHER, key[1]) if t.kind != "callable" else t.path
             teacher = load_teacher(t.kind, path, prediction_type=t.prediction_type, decoder_path=t.decoder_path,
-                                   factory=t.factory)
-            while len(_TEACHERS) >= 2:  # keep memory bounded: at most two loaded teachers per process
-                _TEACHERS.pop(next(iter(_TEACHERS)))
-            _TEACHERS[key] = teacher.to(device)
+                                   factory=t.factory).to(device)
             if device.type == "cuda":  # NHWC convolutions: cuDNN's fast layout for bf16/fp16 (values unchanged)
                 channels_last(teacher.denoiser)
+            if own:
+                return teacher
+            while len(_TEACHERS) >= 2:  # keep memory bounded: at most two loaded teachers per process
+                _TEACHERS.pop(next(iter(_TEACHERS)))
+            _TEACHERS[key] = teacher
         return _TEACHERS[key]
 
 

@@ -32,9 +32,8 @@ METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "l
                   "grad_norm_G", "grad_norm_fake", "nonfinite_skipped"]
 
 
-def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer:
-    """The trainer for a run: teacher from the store, regression pairs streamed from the shards."""
-    teacher = run_teacher(store, cfg, device)
+def build_trainer(store: ArtifactStore, cfg, device: torch.device, teacher) -> DMDTrainer:
+    """The trainer for a run's teacher, regression pairs streamed from the shards."""
     d = cfg.distill
     pairs = real = None
     if d.regression != "none":
@@ -210,14 +209,15 @@ def run_distill(root: str, run_name: str, force: bool = False,
         device = torch.device(device.type, torch.cuda.current_device()) if device.type == "cuda" else device
         store = writer_store(store)  # rank 0 writes checkpoints, metrics and samples
     DISTILL_STAGE.unmark(store)
-    trainer = build_trainer(store, cfg, device)
+    # A LoRA trainer adapts the teacher's network in place (one base for every role): it gets a copy of its own.
+    teacher = run_teacher(store, cfg, device, own=bool(d.lora_rank))
+    trainer = build_trainer(store, cfg, device, teacher)
     start = 0 if force else resume(store, trainer, cfg)
     if start > d.steps:
         raise ValueError(f"distill.steps={d.steps} is below the latest checkpoint (step {start}); use --force")
     rows = []
     if start and store.exists(METRICS):
         rows = [r for r in store.read_table(METRICS).to_pylist() if r["step"] < start]
-    teacher = run_teacher(store, cfg, device)
     grid_cond, grid_cols = grid_conditions(cfg, teacher), 2 if teacher.codec is not None else 8
     cache = CompileCache(store, cfg, trainer, writer=rank == 0)
     auto = accel.CompileWhenItPays(d.steps - start, cache.loaded) if trainer.auto_compile_mode else None
