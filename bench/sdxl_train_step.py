@@ -34,19 +34,25 @@ from dmd_core.tiny import SDXL_SCHEDULER, tiny_sdxl_components, write_byte_token
 GUIDANCE, LR, CLIP, T_STAR = 8.0, 5e-7, 10.0, 399
 
 
-def sdxl_components() -> dict:
-    """stabilityai/stable-diffusion-xl-base-1.0's UNet config (2.6 B parameters), random init; shallow CLIP towers of
-    SDXL's widths; a small VAE (unused by the step)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def sdxl_unet():
+    """stabilityai/stable-diffusion-xl-base-1.0's UNet config (2.6 B parameters), random init."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
         transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
+def sdxl_components(unet=None) -> dict:
+    """`sdxl_unet()` (or the given UNet); shallow CLIP towers of SDXL's widths; a small VAE (unused by the step)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = unet if unet is not None else sdxl_unet()
 
     def clip(width, cls):
         return cls(CLIPTextConfig(vocab_size=514, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,

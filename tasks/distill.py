@@ -32,9 +32,11 @@ METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "l
                   "grad_norm_G", "grad_norm_fake", "nonfinite_skipped"]
 
 
-def build_trainer(store: ArtifactStore, cfg, device: torch.device, teacher) -> DMDTrainer:
-    """The trainer for a run's teacher, regression pairs streamed from the shards."""
+def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer:
+    """The trainer for a run's teacher (kept as `trainer.run_teacher`), regression pairs streamed from the shards."""
     d = cfg.distill
+    # A LoRA trainer adapts the teacher's network in place (one base for every role): it gets a copy of its own.
+    teacher = run_teacher(store, cfg, device, own=bool(d.lora_rank))
     pairs = real = None
     if d.regression != "none":
         pairs = pair_stream(store, cfg, d.reg_batch_size or d.batch_size, d.seed)
@@ -50,8 +52,10 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device, teacher) -> D
     if d.regression == "lpips":
         lpips_model = build_lpips(d.lpips_net, d.lpips_weights, d.lpips_random_trunk).to(device)
     trainer_cls = DDPTrainer if d.world_size > 1 else DMDTrainer  # streams carry the global batch; DDP splits it
-    return trainer_cls(d, teacher, conditions=conditions(teacher, cfg), pairs=pairs, real=real,
-                       lpips_model=lpips_model, device=device, pairs_guidance=cfg.pairs.guidance)
+    trainer = trainer_cls(d, teacher, conditions=conditions(teacher, cfg), pairs=pairs, real=real,
+                          lpips_model=lpips_model, device=device, pairs_guidance=cfg.pairs.guidance)
+    trainer.run_teacher = teacher
+    return trainer
 
 
 def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
@@ -209,9 +213,8 @@ def run_distill(root: str, run_name: str, force: bool = False,
         device = torch.device(device.type, torch.cuda.current_device()) if device.type == "cuda" else device
         store = writer_store(store)  # rank 0 writes checkpoints, metrics and samples
     DISTILL_STAGE.unmark(store)
-    # A LoRA trainer adapts the teacher's network in place (one base for every role): it gets a copy of its own.
-    teacher = run_teacher(store, cfg, device, own=bool(d.lora_rank))
-    trainer = build_trainer(store, cfg, device, teacher)
+    trainer = build_trainer(store, cfg, device)
+    teacher = trainer.run_teacher
     start = 0 if force else resume(store, trainer, cfg)
     if start > d.steps:
         raise ValueError(f"distill.steps={d.steps} is below the latest checkpoint (step {start}); use --force")
