@@ -199,7 +199,7 @@ def part_sdxl(args, device: str, out: dict) -> None:
     B = out["batch"] = args.sdxl_batch
     if not args.tiny:
         sdxl_train_step.sdxl_components = meta_sdxl_components
-    cases = [("naive_peft", "none", False), ("project", "none", False), ("project gan", "none", False)]
+    cases = [("naive_peft", "none", False), ("project", "none", False), ("project gan", "none", True)]
     if args.compile != "none":
         cases.append(("project compile", args.compile, False))
     for name, compile, gan in cases:

@@ -52,22 +52,32 @@ def target_names(module: nn.Module, patterns: list[str]) -> list[str]:
     return out
 
 
+def _autocast_on() -> bool:
+    return torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
+
+
 class AdapterSwitch:
-    """Which adapter the layers of one base run: None (adapters off: the base alone) or one adapter name."""
+    """Which adapter the layers of one base run: None (adapters off: the base alone) or one adapter name.
+
+    Under autocast the layers pass their (bf16) input to the fp32 adapter as it is, and autocast casts the matmul;
+    peft would first copy it to fp32 in every adapted layer. Outside autocast the input is cast to the adapter's
+    dtype, as peft does."""
 
     def __init__(self, base: nn.Module) -> None:
         self.layers = lora_layers(base)
-        self.state: Optional[str] = "?"
+        self.state: tuple = ("?", None)
         self.activate(None)
 
-    def activate(self, name: Optional[str]) -> None:
-        if name == self.state:
+    def activate(self, name: Optional[str], autocast: Optional[bool] = None) -> None:
+        state = (name, _autocast_on() if autocast is None else autocast)
+        if state == self.state:
             return
-        for layer in self.layers:  # peft's own set_adapter also flips requires_grad: set the two attributes only
+        for layer in self.layers:  # peft's own set_adapter also flips requires_grad: set the attributes only
             layer._disable_adapters = name is None
             if name is not None:
                 layer._active_adapter = name
-        self.state = name
+            layer.cast_input_dtype_enabled = not state[1]
+        self.state = state
 
     @contextlib.contextmanager
     def using(self, name: Optional[str]) -> Iterator[None]:
@@ -76,11 +86,11 @@ class AdapterSwitch:
         try:
             yield
         finally:
-            self.activate(before)
+            self.activate(*before)
 
     def checkpoint_context(self) -> tuple:
         """`context_fn` of torch.utils.checkpoint: the recomputation in backward runs under the forward's adapter."""
-        return contextlib.nullcontext(), self.using(self.state)
+        return contextlib.nullcontext(), self.using(self.state[0])
 
 
 def _key(name: str, adapter: str) -> str:

@@ -99,6 +99,38 @@ def test_gradient_checkpointing_recomputes_under_the_forward_adapter():
             torch.testing.assert_close(v, w, atol=1e-5, rtol=1e-4, msg=k)
 
 
+def test_under_autocast_the_adapters_take_the_bf16_input_as_it_is():
+    """peft copies every adapted layer's input to the adapter's fp32; under autocast the switch turns that off (the
+    matmul is cast by autocast) and the forward agrees with peft's cast path; outside autocast the input is cast."""
+    trainer = make_trainer(**LORA)
+    for _ in range(2):
+        trainer.train_step()
+    G, base = trainer.G.denoiser, base_of(trainer)
+    for n, p in base.named_parameters():  # a bf16 base, fp32 adapters: as LoRA students are held on CUDA
+        p.data = p.data if ".lora_" in n else p.data.bfloat16()
+    seen = []
+    hooks = [layer.lora_A[GENERATOR].register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+             for layer in lora_layers(base)]
+    x, t, c = torch.randn(4, 1, 8, 8, dtype=torch.bfloat16), torch.full((4,), 0.3), torch.randint(0, 10, (4,))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = G(x, t, c)
+        assert seen and set(seen) == {torch.bfloat16}
+        seen.clear()
+        for layer in lora_layers(base):  # peft's own path: the input copied to fp32 first
+            layer.cast_input_dtype_enabled = True
+        with G.switch.using(GENERATOR):
+            G.switch.activate(GENERATOR, autocast=False)
+            cast = G.base(x, t, c)
+        assert set(seen) == {torch.float32}
+    torch.testing.assert_close(fast.float(), cast.float(), atol=2e-2, rtol=2e-2)
+    seen.clear()
+    with torch.no_grad():
+        G(x, t, c)  # no autocast: bf16 input, fp32 adapter; peft's cast keeps the matmul in one dtype
+    assert set(seen) == {torch.float32}
+    for h in hooks:
+        h.remove()
+
+
 def test_an_adapter_of_a_given_init_is_its_own_base():
     from dmd_core.config import DistillConfig
     from dmd_core.streams import TensorStream
