@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import sys
+import traceback
 
 import torch
 
@@ -325,6 +326,8 @@ def main() -> None:
         except Exception as err:  # a failing part must not lose the others' numbers
             RESULT[name]["error"] = f"{type(err).__name__}: {err}"[:500]
             print(name, "failed:", RESULT[name]["error"], flush=True)
+            traceback.print_exc()
+            save()
         free()
         save()
     print(json.dumps(RESULT, indent=2))
