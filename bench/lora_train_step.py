@@ -279,6 +279,10 @@ def part_flux(args, device: str, out: dict) -> None:
     if not args.tiny:
         flow_train_step.real_components = meta_components
         torch.cuda.reset_peak_memory_stats()
+        # torch 2.11's cuDNN attention failed in this step's backward on an H100 (`mha_graph.execute(...)
+        # .is_good()`, then an illegal memory access): the flash and memory-efficient kernels take its place.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        out["cudnn_sdp"] = False
     teacher = flow_train_step.build_teacher("flux", args.tiny, device)
     out["transformer_params"] = sum(p.numel() for p in teacher.net.parameters())
     if device == "cuda":
