@@ -283,19 +283,19 @@ def part_flux(args, device: str, out: dict) -> None:
         # .is_good()`, then an illegal memory access): the flash and memory-efficient kernels take its place.
         torch.backends.cuda.enable_cudnn_sdp(False)
         out["cudnn_sdp"] = False
-    teacher = flow_train_step.build_teacher("flux", args.tiny, device)
-    out["transformer_params"] = sum(p.numel() for p in teacher.net.parameters())
-    if device == "cuda":
-        out["build_peak_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     for B in args.flux_batches:
+        teacher = flow_train_step.build_teacher("flux", args.tiny, device)  # a LoRA trainer adapts it in place
+        out["transformer_params"] = sum(p.numel() for p in teacher.net.parameters())
+        if device == "cuda" and "build_peak_GB" not in out:
+            out["build_peak_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         out[str(B)] = r = run_case(lambda: flux_project(teacher, B, device, args.rank), args.warmup, args.iters, device)
         images_per_s(r, B)
         print("flux", B, json.dumps(r), flush=True)
+        del teacher
+        free()
         save()
         if r.get("oom"):
             break
-    del teacher
-    free()
 
 
 def main() -> None:

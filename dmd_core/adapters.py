@@ -196,6 +196,10 @@ def lora_students(teacher: Callable, generator_init: Optional[nn.Module], fake_i
                             "with a plain-callable teacher")
         plan.setdefault(id(base), (base, []))[1].extend(names)
     switches: dict[int, AdapterSwitch] = {}
+    for base, _ in plan.values():
+        if lora_layers(base):
+            raise ValueError("LoRA students: the base network already holds LoRA adapters (a LoRA trainer adapts "
+                             "its teacher's network in place); give each trainer a teacher of its own")
     for i, (key, (base, names)) in enumerate(plan.items()):
         if dtype is not None and base is teacher:
             base.to(dtype)

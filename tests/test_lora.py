@@ -147,6 +147,17 @@ def test_an_adapter_of_a_given_init_is_its_own_base():
     trainer.train_step()
 
 
+def test_a_second_lora_trainer_on_an_adapted_teacher_is_refused():
+    from dmd_core.config import DistillConfig
+    from dmd_core.trainer import DMDTrainer
+
+    teacher = tiny_teacher()
+    cfg = DistillConfig(batch_size=4, lora_rank=2, regression="none")
+    DMDTrainer(cfg, teacher, teacher.process, (1, 8, 8), num_classes=10, null_cond=10, device="cpu")
+    with pytest.raises(ValueError, match="already holds LoRA adapters"):
+        DMDTrainer(cfg, teacher, teacher.process, (1, 8, 8), num_classes=10, null_cond=10, device="cpu")
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(lora_rank=4, guidance_range=(1.0, 4.0)), "guidance_range"),
     (dict(lora_alpha=8.0), "lora_rank"),
