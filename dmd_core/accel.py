@@ -82,6 +82,44 @@ def unwrap_ddp(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
+def full_state(obj):
+    """A state dict (nested dicts and lists) with every DTensor gathered to its full tensor (a collective: every
+    rank calls it); plain tensors and other values as they are. An unsharded state is returned unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return obj.full_tensor()
+    if isinstance(obj, dict):
+        return {k: full_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [full_state(v) for v in obj]
+    return obj
+
+
+def shard_like(value, ref):
+    """`value` (a full tensor) laid out as `ref` is: this rank's shard when `ref` is a DTensor (no communication:
+    every rank holds the full value), else `value` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(ref, DTensor) or isinstance(value, DTensor):
+        return value
+    return distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements, src_data_rank=None)
+
+
+def load_module_state(module: nn.Module, state: dict) -> None:
+    """`module.load_state_dict(state)` from full tensors, sharded on the way in when the module is (FSDP2)."""
+    own = module.state_dict()
+    module.load_state_dict({k: shard_like(v, own[k]) if k in own else v for k, v in state.items()})
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """`opt.load_state_dict(state)` from full tensors: each moment sharded as its parameter is."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    moments = {i: {k: shard_like(v, params[int(i)]) if isinstance(v, torch.Tensor) and v.dim() else v
+                   for k, v in per.items()} for i, per in state["state"].items()}
+    opt.load_state_dict({**state, "state": moments})
+
+
 def compiled(fn: Callable, mode: str, backend: str = "inductor") -> Callable:
     """A compiled wrapper of a module or function that must not be changed in place (a shared teacher)."""
     if mode == "none":

@@ -194,7 +194,9 @@ class DistillConfig(_Model):
     channels_last: Optional[bool] = Field(None, description="NHWC activations and weights; default: on CUDA only")
     world_size: int = Field(1, ge=1, description="training processes (one GPU each) in all nodes; batch_size "
                                                  "and reg_batch_size are global: each rank takes 1/world_size")
-    parallel: Literal["ddp"] = Field("ddp", description="DistributedDataParallel over generator and fake score")
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="with world_size > 1: ddp (DistributedDataParallel over generator and fake score) or "
+                           "fsdp2 (full-weight students, EMA and the frozen teacher sharded per block over the ranks)")
     lora_rank: int = Field(0, ge=0, description="LoRA rank of the students: G and the fake score are two adapters "
                                                "over one frozen base, the teacher (adapters off: the real score); "
                                                "0 = full-weight students")
@@ -265,6 +267,15 @@ class DistillConfig(_Model):
                              "with full weights (lora_rank=0)")
         if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets is not None):
             raise ValueError("lora_alpha / lora_targets need lora_rank > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp2(self) -> "DistillConfig":
+        if self.parallel == "fsdp2" and self.lora_rank:
+            raise ValueError("parallel=fsdp2 shards full-weight students; LoRA students (lora_rank > 0) share one "
+                             "base: use parallel=ddp")
+        if self.parallel == "fsdp2" and self.gan.enabled:
+            raise ValueError("parallel=fsdp2 with gan.enabled is not supported yet: use parallel=ddp")
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""Data-parallel DMD training (DDP): the process group, rank-split streams and `DDPTrainer`.
+"""Data-parallel DMD training (DDP, or FSDP2 for full weights): the process group, rank-split streams, `DDPTrainer`
+and `FSDPTrainer`.
 
 Batches. `distill.batch_size` (and `reg_batch_size`) are global: each of the `world_size` ranks trains on
 batch / world_size samples, DDP averages the gradients, so one optimizer step sees the gradient of the mean
@@ -12,6 +13,13 @@ how the batch is split: a run with world_size W equals the one-process run with 
 to float summation order. torch's global generators (used only by layers such as dropout) are per rank,
 seeded from (seed, rank). Pair streams are built with the global batch and sliced the same way
 (`RankSlice`), so their position, like the trainer's generator, is the same on every rank.
+
+FSDP2 (`distill.parallel=fsdp2`). The same batches, draws and agreement as DDP; G, the fake score, G's EMA and the
+frozen teacher are each sharded over the ranks with `fully_shard`, per transformer / resnet block and then as a
+whole, so every rank holds 1/world_size of each network and of the optimizer moments. Parameters are held in
+bf16 with fp32 gradient reduction on CUDA with distill.bf16 (`MixedPrecisionPolicy`), as they are on the CPU.
+Checkpoints gather the shards into the files one process writes (every rank takes part; rank 0 writes), and a
+resume shards them again, so a run resumes exactly at the same world size and its checkpoints export as any.
 
 Checkpoints. Rank 0 writes them; the weights, optimizers, the shared generator and the stream position are
 the same on every rank, and the per-rank torch generator states of all ranks are gathered into
@@ -28,10 +36,12 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .conditions import hash_seed
 from .config import DistillConfig
+from . import accel
 from .draws import Collective, Draws
 from .streams import Stream
 from .trainer import DMDTrainer
@@ -172,14 +182,71 @@ def data_parallel(trainer: DMDTrainer, env: DistEnv) -> DMDTrainer:
     return trainer
 
 
-def DDPTrainer(cfg: DistillConfig, teacher, *, pairs: Optional[Stream] = None, real: Optional[Stream] = None,
-               dist_env: Optional[DistEnv] = None, **kwargs) -> DMDTrainer:
-    """A `DMDTrainer` for one rank of a DDP job: built with the per-rank batch (batch sizes are global) and rank
-    slices of the global-batch streams, then composed with `data_parallel`."""
-    env = dist_env or current()
+def rank_trainer(cfg: DistillConfig, teacher, pairs: Optional[Stream], real: Optional[Stream], env: DistEnv,
+                 **kwargs) -> DMDTrainer:
+    """One rank's `DMDTrainer`: built with the per-rank batch (batch sizes are global) and rank slices of the
+    global-batch streams; a parallel wrapper composes onto it."""
     W = env.world_size
     local = cfg.model_copy(update={"batch_size": cfg.batch_size // W,
                                    "reg_batch_size": cfg.reg_batch_size // W if cfg.reg_batch_size else None})
     pairs = RankSlice(pairs, env.rank, W) if pairs is not None else None
     real = RankSlice(real, env.rank, W) if real is not None else None
-    return data_parallel(DMDTrainer(local, teacher, pairs=pairs, real=real, **kwargs), env)
+    return DMDTrainer(local, teacher, pairs=pairs, real=real, **kwargs)
+
+
+def DDPTrainer(cfg: DistillConfig, teacher, *, pairs: Optional[Stream] = None, real: Optional[Stream] = None,
+               dist_env: Optional[DistEnv] = None, **kwargs) -> DMDTrainer:
+    """A `DMDTrainer` for one rank of a DDP job (`rank_trainer`), composed with `data_parallel`."""
+    env = dist_env or current()
+    return data_parallel(rank_trainer(cfg, teacher, pairs, real, env, **kwargs), env)
+
+
+# Blocks each sharded on their own (one all-gather per block in forward and backward): the regional-compile
+# blocks of the UNets and the transformer blocks of SD3 and FLUX.
+SHARD_BLOCKS = (*accel.REGIONS, "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def shard_module(module: nn.Module, policy) -> None:
+    """`fully_shard` each block of `module` (innermost first), then the module itself (what is left)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in reversed([m for m in module.modules() if type(m).__name__ in SHARD_BLOCKS and m is not module]):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+
+
+def _rebind(opt: torch.optim.Optimizer, before: dict[int, str], after: dict[str, nn.Parameter]) -> None:
+    """Point an optimizer (no steps taken yet) at the sharded parameters that replaced the ones it was built with."""
+    for group in opt.param_groups:
+        group["params"] = [after[before[id(p)]] for p in group["params"]]
+
+
+def fully_sharded(trainer: DMDTrainer, env: DistEnv) -> DMDTrainer:
+    """Compose FSDP2 onto a built full-weight trainer from outside (see the module docstring); its optimizers are
+    pointed at the sharded parameters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if trainer.gan_head is not None or trainer.students.shares_teacher:
+        raise ValueError("FSDP2 shards full-weight students without a GAN head: use parallel=ddp")
+    trainer.draws = Draws(trainer.rng, trainer.device, env.rank, env.world_size)
+    trainer.collective = DDPCollective(env, trainer.device)
+    torch.manual_seed(rank_seed(trainer.cfg.seed, env.rank))
+    bf16 = trainer.device.type == "cuda" and trainer.cfg.bf16
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
+              else MixedPrecisionPolicy())
+    names = {id(p): n for n, p in trainer.G.named_parameters()}
+    fake_names = {id(p): n for n, p in trainer.mu_fake.named_parameters()}
+    for module in (trainer.G.denoiser, trainer.mu_fake, trainer.ema, trainer.teacher_denoiser):
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            shard_module(module, policy)
+    _rebind(trainer.opt_G, names, dict(trainer.G.named_parameters()))
+    if trainer.opt_fake is not None:
+        _rebind(trainer.opt_fake, fake_names, dict(trainer.mu_fake.named_parameters()))
+    return trainer
+
+
+def FSDPTrainer(cfg: DistillConfig, teacher, *, pairs: Optional[Stream] = None, real: Optional[Stream] = None,
+                dist_env: Optional[DistEnv] = None, **kwargs) -> DMDTrainer:
+    """A `DMDTrainer` for one rank of an FSDP2 job (`rank_trainer`), composed with `fully_sharded`."""
+    env = dist_env or current()
+    return fully_sharded(rank_trainer(cfg, teacher, pairs, real, env, **kwargs), env)

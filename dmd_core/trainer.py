@@ -257,15 +257,22 @@ class DMDTrainer:
         return self.gan_head(self.features.take())
 
     # ---- one iteration ----------------------------------------------------------------------
-    def _clip_and_step(self, loss: torch.Tensor, params, opt: torch.optim.Optimizer, lr: float) -> Optional[float]:
-        """Backward, clip (norm 10), step; returns the grad norm, or None if anything was non-finite.
+    def _clip_and_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -> Optional[float]:
+        """Backward, clip the optimizer's parameters' gradients (norm 10), step; returns the grad norm, or None if
+        anything was non-finite. (The optimizer's parameters, not the module's: a sharded module shows its
+        unsharded parameters between forward and backward.)
 
         The loss and the norm are checked together after backward: one host synchronisation per update.
         """
         if not self.collective.all_finite(loss):  # skipped on every process (DDP needs every rank's backward)
             return None
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        params = [p for group in opt.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the norm over all ranks' shards
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
         if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
             return None
         for group in opt.param_groups:
@@ -318,7 +325,7 @@ class DMDTrainer:
                 loss_G = loss_G + cfg.gan.weight_generator * loss_gan
                 metrics["loss_gan_G"] = loss_gan.detach()
         metrics["loss_G"] = loss_G.detach()
-        norm = self._clip_and_step(loss_G, list(self.G.parameters()), self.opt_G, cfg.lr)
+        norm = self._clip_and_step(loss_G, self.opt_G, cfg.lr)
         if norm is None:
             return None
         metrics["grad_norm_G"] = norm
@@ -345,8 +352,7 @@ class DMDTrainer:
                 loss = loss + cfg.gan.weight_discriminator * loss_d
                 metrics["loss_gan_D"] = loss_d.detach()
         metrics["loss_fake"] = loss_fake.detach()
-        params = [p for g in self.opt_fake.param_groups for p in g["params"]]
-        norm = self._clip_and_step(loss, params, self.opt_fake, cfg.lr_fake or cfg.lr)
+        norm = self._clip_and_step(loss, self.opt_fake, cfg.lr_fake or cfg.lr)
         if norm is not None:
             metrics["grad_norm_fake"] = norm
         return norm is not None

@@ -13,14 +13,15 @@ from .checkpoint import bytes_to_tensors, files_to_state, state_to_files, tensor
 def checkpoint_files(trainer) -> dict[str, bytes]:
     """Everything needed to resume exactly, as file name -> bytes (safetensors + JSON, no pickle)."""
     G, fake = accel.unwrap_ddp(trainer.G.denoiser), accel.unwrap_ddp(trainer.mu_fake)
-    files = {"generator.safetensors": tensors_to_bytes(G.state_dict()),
-             "fake.safetensors": tensors_to_bytes(fake.state_dict()),
-             "ema.safetensors": tensors_to_bytes(trainer.ema.state_dict())}
+    full = accel.full_state  # sharded (FSDP2) weights and moments are saved whole: the files of one process
+    files = {"generator.safetensors": tensors_to_bytes(full(G.state_dict())),
+             "fake.safetensors": tensors_to_bytes(full(fake.state_dict())),
+             "ema.safetensors": tensors_to_bytes(full(trainer.ema.state_dict()))}
     if trainer.gan_head is not None:
         files["gan_head.safetensors"] = tensors_to_bytes(trainer.gan_head.state_dict())
-    files.update(state_to_files(trainer.opt_G.state_dict(), "optim_generator"))
+    files.update(state_to_files(full(trainer.opt_G.state_dict()), "optim_generator"))
     if trainer.opt_fake is not None:
-        files.update(state_to_files(trainer.opt_fake.state_dict(), "optim_fake"))
+        files.update(state_to_files(full(trainer.opt_fake.state_dict()), "optim_fake"))
     rng = {"trainer": trainer.rng.get_state(), "torch_cpu": torch.get_rng_state()}
     if trainer.device.type == "cuda":
         rng["torch_cuda"] = torch.cuda.get_rng_state(trainer.device)
@@ -36,15 +37,15 @@ def checkpoint_files(trainer) -> dict[str, bytes]:
 
 def load_checkpoint_files(trainer, files: dict[str, bytes]) -> None:
     """Restore from `state_files()` output; continues bit-exactly on the same device."""
-    accel.unwrap_ddp(trainer.G.denoiser).load_state_dict(bytes_to_tensors(files["generator.safetensors"]))
-    accel.unwrap_ddp(trainer.mu_fake).load_state_dict(bytes_to_tensors(files["fake.safetensors"]))
-    trainer.ema.load_state_dict(bytes_to_tensors(files["ema.safetensors"]))
+    accel.load_module_state(accel.unwrap_ddp(trainer.G.denoiser), bytes_to_tensors(files["generator.safetensors"]))
+    accel.load_module_state(accel.unwrap_ddp(trainer.mu_fake), bytes_to_tensors(files["fake.safetensors"]))
+    accel.load_module_state(trainer.ema, bytes_to_tensors(files["ema.safetensors"]))
     if trainer.gan_head is not None:
         trainer.gan_head.load_state_dict(bytes_to_tensors(files["gan_head.safetensors"]))
-    trainer.opt_G.load_state_dict(files_to_state(files, "optim_generator"))
+    accel.load_optimizer_state(trainer.opt_G, files_to_state(files, "optim_generator"))
     accel.match_state_layout(trainer.opt_G)
     if trainer.opt_fake is not None:
-        trainer.opt_fake.load_state_dict(files_to_state(files, "optim_fake"))
+        accel.load_optimizer_state(trainer.opt_fake, files_to_state(files, "optim_fake"))
         accel.match_state_layout(trainer.opt_fake)
     rng = bytes_to_tensors(files["rng.safetensors"])
     trainer.rng.set_state(rng["trainer"])

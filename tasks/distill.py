@@ -13,7 +13,7 @@ from tqdm import tqdm
 from dmd_core import accel
 from dmd_core.config import stable_hash
 from dmd_core.datasets import real_dataset
-from dmd_core.distributed import DDPTrainer, init_process_group
+from dmd_core.distributed import DDPTrainer, FSDPTrainer, init_process_group
 from dmd_core.guidance import student_at
 from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
@@ -35,8 +35,9 @@ METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "l
 def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer:
     """The trainer for a run's teacher (kept as `trainer.run_teacher`), regression pairs streamed from the shards."""
     d = cfg.distill
-    # A LoRA trainer adapts the teacher's network in place (one base for every role): it gets a copy of its own.
-    teacher = run_teacher(store, cfg, device, own=bool(d.lora_rank))
+    # A LoRA trainer adapts the teacher's network in place (one base for every role), FSDP2 shards it: a copy of its own.
+    sharded = d.world_size > 1 and d.parallel == "fsdp2"
+    teacher = run_teacher(store, cfg, device, own=bool(d.lora_rank) or sharded)
     pairs = real = None
     if d.regression != "none":
         pairs = pair_stream(store, cfg, d.reg_batch_size or d.batch_size, d.seed)
@@ -51,7 +52,8 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
     lpips_model = None
     if d.regression == "lpips":
         lpips_model = build_lpips(d.lpips_net, d.lpips_weights, d.lpips_random_trunk).to(device)
-    trainer_cls = DDPTrainer if d.world_size > 1 else DMDTrainer  # streams carry the global batch; DDP splits it
+    # Streams carry the global batch; the parallel trainer splits it over the ranks.
+    trainer_cls = DMDTrainer if d.world_size == 1 else FSDPTrainer if sharded else DDPTrainer
     trainer = trainer_cls(d, teacher, conditions=conditions(teacher, cfg), pairs=pairs, real=real,
                           lpips_model=lpips_model, device=device, pairs_guidance=cfg.pairs.guidance)
     trainer.run_teacher = teacher
@@ -225,7 +227,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
     cache = CompileCache(store, cfg, trainer, writer=rank == 0)
     auto = accel.CompileWhenItPays(d.steps - start, cache.loaded) if trainer.auto_compile_mode else None
     t0 = time.time()
-    writer = rank == 0
+    writer, shards = rank == 0, d.world_size > 1 and d.parallel == "fsdp2"
     for _ in tqdm(range(start, d.steps), desc="distill", initial=start, total=d.steps, disable=not writer):
         t_step = time.perf_counter()
         m = train_step_or_stop(store, trainer, cfg)
@@ -244,8 +246,10 @@ def run_distill(root: str, run_name: str, force: bool = False,
             store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
             write_checkpoint(store, trainer.step, trainer.state_files(), key)  # every rank: RNG states are gathered
             cache.save(trainer, last=trainer.step == d.steps)
-        if writer and (trainer.step % d.sample_every == 0 or trainer.step == d.steps):
-            store.write_bytes(sample_grid_key(trainer.step), sample_grid(trainer, grid_cond, cols=grid_cols))
+        if (writer or shards) and (trainer.step % d.sample_every == 0 or trainer.step == d.steps):
+            grid = sample_grid(trainer, grid_cond, cols=grid_cols)  # a sharded EMA runs on every rank
+            if writer:
+                store.write_bytes(sample_grid_key(trainer.step), grid)
         if progress is not None:
             progress(trainer.step, d.steps)
     DISTILL_STAGE.mark(store, cfg, steps=d.steps, nonfinite_skipped=trainer.nonfinite_skipped)

@@ -16,7 +16,7 @@ from safetensors.torch import load
 from dmd_core.checkpoint import files_to_state
 from tasks.config import load_config
 from storage.checkpoints import read_checkpoint
-from storage.layout import CONFIG, METRICS, checkpoint_prefix, run_store
+from storage.layout import CONFIG, METRICS, checkpoint_prefix, run_store, sample_grid_key
 from tasks.context import open_run, run_teacher
 from tasks.stages import DISTILL_STAGE, resume_key
 
@@ -121,6 +121,55 @@ def test_two_ranks_equal_one_process_and_resume_exactly(base_run):
     DISTILL_STAGE.unmark(store)
     run_distill(root, cross)
     assert relative_update_gap(root, one, cross, 4) < 0.1
+
+
+def one_process_run(root: str) -> str:
+    """The one-process run of the base config (already trained when the DDP test ran first)."""
+    from tasks.distill import run_distill
+
+    if not run_store(root, "one").exists(CONFIG):
+        variant(root, "one")
+    run_distill(root, "one")
+    return "one"
+
+
+def test_fsdp2_two_ranks_equal_one_process_and_resume_exactly(base_run):
+    """distill.parallel=fsdp2: every network sharded over 2 gloo ranks; the same training as one process (the DDP
+    test's tolerances), checkpoints in one process's format, bit-exact resume at the same world size."""
+    from tasks.distill import run_distill
+
+    root = base_run
+    one, sharded = one_process_run(root), variant(root, "fsdp2", world_size=2, parallel="fsdp2")
+    run_distill(root, sharded)
+    assert DISTILL_STAGE.is_done(*open_run(root, sharded))
+    final = weights(root, sharded, 4)
+    # whole tensors of the unsharded shapes, as one process writes them
+    for name in ("generator.safetensors", "fake.safetensors", "ema.safetensors"):
+        a, b = load(weights(root, one, 4)[name]), load(final[name])
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), name
+    for opt in ("generator", "fake"):
+        m1, m2 = first_moment(root, one, opt), first_moment(root, sharded, opt)
+        assert m1.shape == m2.shape and float((m1 - m2).norm() / m1.norm()) < 1e-5, opt
+    rows1 = run_store(root, one).read_table(METRICS).to_pylist()
+    rows2 = run_store(root, sharded).read_table(METRICS).to_pylist()
+    for k in ("loss_dm", "loss_reg", "loss_fake"):
+        assert rows2[0][k] == pytest.approx(rows1[0][k], rel=1e-5), k
+    for name in ("generator.safetensors", "fake.safetensors"):
+        assert relative_update_gap(root, one, sharded, 4, name) < 0.1, name
+    ema = relative_update_gap(root, one, sharded, 4, "ema.safetensors")
+    assert 0 < ema < 0.1  # the EMA moved, as one process's did
+    assert run_store(root, sharded).exists(sample_grid_key(4))
+
+    store = run_store(root, sharded)
+    for step in (3, 4):
+        for key in store.ls(checkpoint_prefix(step)):
+            store.delete(key)
+    DISTILL_STAGE.unmark(store)
+    run_distill(root, sharded)
+    resumed = weights(root, sharded, 4)
+    assert set(resumed) == set(final)
+    for name in final:
+        assert resumed[name] == final[name], name
 
 
 def test_failed_ranks_raise_one_clear_error(base_run):
