@@ -194,6 +194,17 @@ def test_batch_must_split_over_ranks():
         load_config("digits-tiny", overrides=["distill.world_size=4", "distill.nnodes=2"])
 
 
+def test_fsdp2_refuses_what_it_does_not_shard():
+    from dmd_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="parallel=fsdp2 shards full-weight students.*use parallel=ddp"):
+        load_config("digits-tiny", overrides=["distill.parallel=fsdp2", "distill.lora_rank=4"])
+    with pytest.raises(ConfigError, match="parallel=fsdp2 with gan.enabled"):
+        load_config("digits-tiny", overrides=["distill.parallel=fsdp2", "distill.gan.enabled=true"])
+    with pytest.raises(ConfigError, match="distill.parallel"):
+        load_config("digits-tiny", overrides=["distill.parallel=fsdp"])
+
+
 def test_ranks_need_a_root_other_processes_can_open():
     from flows.preflight import PreflightError, preflight
 
