@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import traceback
+from typing import Optional
 
 import torch
 
@@ -95,7 +96,7 @@ class NaivePeftStep(sdxl_train_step.EagerStep):
     """bench/sdxl_train_step.py's eager step with G and the fake score as two peft adapters of one bf16 UNet (the
     real score: adapters disabled), switched per call; EMA over G's adapter; plain AdamW."""
 
-    def __init__(self, teacher, batch: int, device: str, rank: int) -> None:
+    def __init__(self, teacher, batch: int, device: str, rank: int, fp32_adapters: bool = False) -> None:
         from peft import LoraConfig
 
         self.dev, self.B, self.shape, self.teacher = torch.device(device), batch, teacher.sample_shape, teacher
@@ -110,6 +111,8 @@ class NaivePeftStep(sdxl_train_step.EagerStep):
         for ps in self.params.values():
             for p in ps:
                 p.requires_grad_(True)
+                if fp32_adapters:  # add_adapter holds them in the base's bf16; peft's trainers cast them to fp32
+                    p.data = p.data.float()
         self.ema = [p.detach().clone() for p in self.params["G"]]
         self.opt_G = torch.optim.AdamW(self.params["G"], lr=sdxl_train_step.LR, weight_decay=0.01)
         self.opt_fake = torch.optim.AdamW(self.params["fake"], lr=sdxl_train_step.LR, weight_decay=0.01)
@@ -169,12 +172,13 @@ class NaivePeftStep(sdxl_train_step.EagerStep):
         self.opt_fake.step()
 
 
-def sdxl_project(teacher, batch: int, device: str, rank: int, compile: str, gan: bool):
+def sdxl_project(teacher, batch: int, device: str, rank: int, compile: str, gan: bool,
+                 channels_last: Optional[bool] = None):
     """DMDTrainer with LoRA students: DMD2 (no regression), one G and one fake-score update a step."""
     cfg = DistillConfig(batch_size=batch, regression="none", guidance=sdxl_train_step.GUIDANCE, lr=sdxl_train_step.LR,
                         grad_clip=sdxl_train_step.CLIP, bf16=True, gradient_checkpointing=True,
                         generator_timesteps=[sdxl_train_step.T_STAR], compile=compile, lora_rank=rank,
-                        gan={"enabled": gan})
+                        gan={"enabled": gan}, channels_last=channels_last)
     real = RandomPairs(batch, teacher.sample_shape, PROMPTS) if gan else None
     trainer = DMDTrainer(cfg, teacher, conditions=Prompts(PROMPTS), real=real, device=device)
     return trainer.train_step
@@ -200,19 +204,24 @@ def part_sdxl(args, device: str, out: dict) -> None:
     B = out["batch"] = args.sdxl_batch
     if not args.tiny:
         sdxl_train_step.sdxl_components = meta_sdxl_components
-    cases = [("naive_peft", "none", False), ("project", "none", False), ("project gan", "none", True)]
-    if args.compile != "none":
-        cases.append(("project compile", args.compile, False))
-    for name, compile, gan in cases:
+    # name: naive peft loop (fp32 adapters?) or the project trainer (compile, GAN head, channels_last)
+    cases = {"naive_peft": dict(fp32_adapters=False), "naive_peft fp32": dict(fp32_adapters=True),
+             "project": dict(compile="none", gan=False), "project nchw": dict(compile="none", gan=False,
+                                                                               channels_last=False),
+             "project gan": dict(compile="none", gan=True), "project compile": dict(compile=args.compile, gan=False)}
+    names = args.sdxl_cases.split(",")
+    if args.compile != "none" and "project compile" not in names:
+        names.append("project compile")
+    for name in names:
         # A fresh teacher a case: peft and the LoRA trainer both adapt the teacher's UNet in place.
         teacher = sdxl_train_step.build_teacher(args.tiny, device)
-        if name == "naive_peft":
-            build = lambda: NaivePeftStep(teacher, B, device, args.rank)  # noqa: E731
+        if name.startswith("naive_peft"):
+            build = lambda: NaivePeftStep(teacher, B, device, args.rank, **cases[name])  # noqa: E731
         else:
-            build = lambda: sdxl_project(teacher, B, device, args.rank, compile, gan)  # noqa: E731
+            build = lambda: sdxl_project(teacher, B, device, args.rank, **cases[name])  # noqa: E731
         out[name] = run_case(build, args.warmup, args.iters, device)
         images_per_s(out[name], B)
-        if name != "naive_peft" and "images_per_s" in out[name] and "images_per_s" in out["naive_peft"]:
+        if name != "naive_peft" and "images_per_s" in out[name] and "images_per_s" in out.get("naive_peft", {}):
             out[name]["speed_over_naive"] = round(out[name]["images_per_s"] / out["naive_peft"]["images_per_s"], 3)
         print("sdxl", name, json.dumps(out[name]), flush=True)
         del teacher, build
@@ -306,7 +315,9 @@ def main() -> None:
     p.add_argument("--sd15-batches", default="8")
     p.add_argument("--sdxl-batch", type=int, default=16)
     p.add_argument("--flux-batches", default="2")
-    p.add_argument("--compile", default="default", help="distill.compile of the compiled SDXL cases")
+    p.add_argument("--sdxl-cases", default="naive_peft,project,project gan",
+                   help="of naive_peft, naive_peft fp32, project, project nchw, project gan")
+    p.add_argument("--compile", default="default", help="distill.compile of the compiled SDXL case")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "lora_train_step.json"))
