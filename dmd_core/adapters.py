@@ -40,6 +40,13 @@ def default_targets(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
+def student_lora_targets(d, base: nn.Module) -> list[str]:
+    """The target patterns of a run's LoRA students: `distill.lora_targets` or the base's defaults, plus the guidance
+    projection (`cond_proj`, zero in the base) of a guided student (distill.guidance_range)."""
+    targets = list(d.lora_targets or default_targets(base))
+    return targets + ["cond_proj"] if d.guidance_range is not None else targets
+
+
 def target_names(module: nn.Module, patterns: list[str]) -> list[str]:
     """Names of the Linear / Conv2d modules of `module` that a pattern matches (a pattern matches a whole name
     component path suffix, e.g. `to_q` or `ff.net.2`; or a regular expression over the full name)."""

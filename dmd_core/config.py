@@ -262,9 +262,6 @@ class DistillConfig(_Model):
 
     @model_validator(mode="after")
     def _lora(self) -> "DistillConfig":
-        if self.lora_rank and self.guidance_range is not None:
-            raise ValueError("lora_rank with guidance_range: a guided LoRA student is not supported yet; train it "
-                             "with full weights (lora_rank=0)")
         if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets is not None):
             raise ValueError("lora_alpha / lora_targets need lora_rank > 0")
         return self

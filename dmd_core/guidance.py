@@ -71,9 +71,14 @@ def student_denoiser(teacher, weights: dict[str, torch.Tensor], d) -> nn.Module:
     """A checkpoint's generator weights on the teacher's architecture, guided when `d.guidance_range` is set; a LoRA
     student's adapter merged into the teacher's weights."""
     if d.lora_rank:
-        from .adapters import merged_state_dict
+        from .adapters import merged_state_dict, student_lora_targets
 
-        return teacher.student(merged_state_dict(teacher.denoiser, weights, d.lora_rank, d.lora_alpha, d.lora_targets))
+        if d.guidance_range is None:
+            targets = student_lora_targets(d, teacher.denoiser)
+            return teacher.student(merged_state_dict(teacher.denoiser, weights, d.lora_rank, d.lora_alpha, targets))
+        base = guided_denoiser(teacher.denoiser, d.guidance_embedding_dim)  # the guided base the adapters trained on
+        merged = merged_state_dict(base, weights, d.lora_rank, d.lora_alpha, student_lora_targets(d, base))
+        return load_guided_student(teacher.denoiser, merged, d.guidance_embedding_dim)
     if d.guidance_range is None:
         return teacher.student(weights)
     return load_guided_student(teacher.denoiser, weights, d.guidance_embedding_dim)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import accel
-from .adapters import Students, lora_students
+from .adapters import Students, lora_students, student_lora_targets
 from .conditions import ClassLabels, Conditions
 from .config import DistillConfig
 from .denoisers import PREDICTION_TYPES, CFGDenoiser, Cond, NetDenoiser, cond_cat, with_guidance
@@ -91,9 +91,15 @@ class DMDTrainer:
         if cfg.guidance_range is not None and generator_init is None:
             if not isinstance(teacher, NetDenoiser):
                 raise TypeError("distill.guidance_range needs a network teacher, or `generator_init` taking w")
-            generator_init = guided_denoiser(teacher, cfg.guidance_embedding_dim)
-            # The fake score models G's distribution at each w, so it takes w too (no CFG): p_fake(x | c, w).
-            fake_init = fake_init if fake_init is not None else guided_denoiser(teacher, cfg.guidance_embedding_dim)
+            if cfg.lora_rank and fake_init is None:
+                # One guided base for every role: without w it is the teacher (the real score); the adapters of G
+                # and the fake score also adapt its zero guidance projection (a LoRA target), so each learns its own.
+                teacher = guided_denoiser(teacher, cfg.guidance_embedding_dim).to(self.device).eval()
+                teacher.requires_grad_(False)
+            else:
+                generator_init = guided_denoiser(teacher, cfg.guidance_embedding_dim)
+                # The fake score models G's distribution at each w, so it takes w too (no CFG): p_fake(x | c, w).
+                fake_init = fake_init if fake_init is not None else guided_denoiser(teacher, cfg.guidance_embedding_dim)
         self.students = self._students(cfg, teacher, generator_init, fake_init)
         teacher = self.students.real
         self.mu_real = with_guidance(teacher, real_w, null_cond)
@@ -157,7 +163,8 @@ class DMDTrainer:
             return Students(G, fake, teacher, [m for m in (G, fake) if isinstance(m, nn.Module)])
         inits = [m.to(self.device) if isinstance(m, nn.Module) else m for m in (generator_init, fake_init)]
         dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.bf16 else None  # the base, held once
-        return lora_students(teacher, *inits, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed, dtype)
+        targets = student_lora_targets(cfg, teacher) if isinstance(teacher, nn.Module) else cfg.lora_targets
+        return lora_students(teacher, *inits, cfg.lora_rank, cfg.lora_alpha, targets, cfg.seed, dtype)
 
     def agree(self, flag: bool) -> bool:
         """A decision every process takes the same way: rank 0's (one process: its own)."""

@@ -104,7 +104,9 @@ def run_export(root: str, run_name: str, force: bool = False) -> str:
     D = student_denoiser(teacher, weights, cfg.distill)
     pipe = student_pipeline(teacher, D.net, cfg)
     kind = type(pipe).__name__
-    lora = bool(cfg.distill.lora_rank) and hasattr(type(pipe), "save_lora_weights")
+    # A guided LoRA student also adapts a guidance projection the teacher's network lacks: merged export only.
+    lora = (bool(cfg.distill.lora_rank) and cfg.distill.guidance_range is None
+            and hasattr(type(pipe), "save_lora_weights"))
     scales = export_scales(cfg.distill, teacher.embedded_guidance)
     rows = store.read_table(METRICS).to_pylist() if store.exists(METRICS) else []
     final = {k: v for k, v in (rows[-1] if rows else {}).items() if k not in ("step", "seconds")}  # seconds vary

@@ -147,6 +147,37 @@ def test_an_adapter_of_a_given_init_is_its_own_base():
     trainer.train_step()
 
 
+def test_a_guided_lora_student_learns_w_and_merges_into_the_guided_student():
+    """guidance_range with LoRA: one guided base (the teacher without w), whose zero guidance projection G's and the
+    fake score's adapters adapt; the merged student (guided architecture) equals G's forward at every w."""
+    from types import SimpleNamespace
+
+    from dmd_core.guidance import student_cond, student_denoiser
+
+    torch.manual_seed(0)
+    reference = tiny_teacher()
+    trainer = make_trainer(lora_rank=4, lr=2e-2, guidance_range=(1.0, 3.0), gan={"enabled": False})
+    for _ in range(4):
+        trainer.train_step()
+    G, base = trainer.G.denoiser, base_of(trainer)
+    assert trainer.mu_fake.base is base and trainer.teacher_denoiser.base is base
+    proj = [n for n, _ in G.named_parameters() if "cond_proj" in n.replace(":", ".")]
+    assert proj  # the guidance projection is adapted, not trained in full
+    x, t, c = torch.randn(4, 1, 8, 8), torch.full((4,), 0.5), torch.randint(0, 10, (4,))
+    w1, w3 = torch.full((4,), 1.0), torch.full((4,), 3.0)
+    with torch.no_grad():
+        assert torch.equal(trainer.teacher_denoiser(x, t, c), reference(x, t, c))  # no w: the teacher
+        out1, out3 = G(x, t, student_cond(G, c, w1)), G(x, t, student_cond(G, c, w3))
+        assert not torch.allclose(out1, out3, atol=1e-4)  # G depends on w
+        weights = {k: v.clone() for k, v in G.state_dict().items()}
+        d = SimpleNamespace(lora_rank=4, lora_alpha=None, lora_targets=None, guidance_range=(1.0, 3.0),
+                            guidance_embedding_dim=trainer.cfg.guidance_embedding_dim)
+        holder = SimpleNamespace(denoiser=reference)
+        student = student_denoiser(holder, weights, d)
+        for w, out in ((w1, out1), (w3, out3)):
+            torch.testing.assert_close(student(x, t, student_cond(student, c, w)), out, atol=1e-5, rtol=1e-5)
+
+
 def test_a_second_lora_trainer_on_an_adapted_teacher_is_refused():
     from dmd_core.config import DistillConfig
     from dmd_core.trainer import DMDTrainer
@@ -159,7 +190,6 @@ def test_a_second_lora_trainer_on_an_adapted_teacher_is_refused():
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(lora_rank=4, guidance_range=(1.0, 4.0)), "guidance_range"),
     (dict(lora_alpha=8.0), "lora_rank"),
     (dict(lora_targets=["to_q"]), "lora_rank"),
     (dict(lora_rank=-1), "lora_rank"),
