@@ -14,7 +14,6 @@ import contextlib
 import copy
 import re
 import warnings
-from functools import partial
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -73,18 +72,23 @@ class AdapterSwitch:
     def __init__(self, base: nn.Module) -> None:
         self.layers = lora_layers(base)
         self.state: tuple = ("?", None)
+        self._in_block: dict[int, list[nn.Module]] = {}
         self.activate(None)
 
-    def activate(self, name: Optional[str], autocast: Optional[bool] = None) -> None:
-        state = (name, _autocast_on() if autocast is None else autocast)
-        if state == self.state:
-            return
-        for layer in self.layers:  # peft's own set_adapter also flips requires_grad: set the attributes only
+    @staticmethod
+    def _set(layers: list[nn.Module], state: tuple) -> None:
+        name, autocast = state
+        for layer in layers:  # peft's own set_adapter also flips requires_grad: set the attributes only
             layer._disable_adapters = name is None
             if name is not None:
                 layer._active_adapter = name
-            layer.cast_input_dtype_enabled = not state[1]
-        self.state = state
+            layer.cast_input_dtype_enabled = not autocast
+
+    def activate(self, name: Optional[str], autocast: Optional[bool] = None) -> None:
+        state = (name, _autocast_on() if autocast is None else autocast)
+        if state != self.state:
+            self._set(self.layers, state)
+            self.state = state
 
     @contextlib.contextmanager
     def using(self, name: Optional[str]) -> Iterator[None]:
@@ -95,9 +99,33 @@ class AdapterSwitch:
         finally:
             self.activate(*before)
 
-    def checkpoint_context(self) -> tuple:
-        """`context_fn` of torch.utils.checkpoint: the recomputation in backward runs under the forward's adapter."""
-        return contextlib.nullcontext(), self.using(self.state[0])
+    def layers_in(self, block: Optional[nn.Module]) -> list[nn.Module]:
+        """The adapted layers inside `block` (all of them for None)."""
+        if block is None:
+            return self.layers
+        if id(block) not in self._in_block:
+            mine = {id(layer) for layer in self.layers}
+            self._in_block[id(block)] = [m for m in block.modules() if id(m) in mine]
+        return self._in_block[id(block)]
+
+    def checkpoint_context(self, block: Optional[nn.Module] = None) -> tuple:
+        """`context_fn` of torch.utils.checkpoint for `block`: its recomputation in backward runs under the adapter its
+        forward ran with; only the block's own layers are switched (and switched back), not the whole base."""
+        forward_state, layers = self.state, self.layers_in(block)
+
+        @contextlib.contextmanager
+        def recompute() -> Iterator[None]:
+            current = self.state
+            if current == forward_state:
+                yield
+                return
+            self._set(layers, forward_state)
+            try:
+                yield
+            finally:
+                self._set(layers, current)
+
+        return contextlib.nullcontext(), recompute()
 
 
 def _key(name: str, adapter: str) -> str:
@@ -165,7 +193,8 @@ def inject(base: nn.Module, names: list[str], rank: int, alpha: float, targets: 
 
 class Students:
     """G, the fake score, G's EMA and the real score as the trainer calls them; `nets` are the networks compile and
-    activation checkpointing act on (each once), `context_fn(net)` the checkpoint context a shared base needs."""
+    activation checkpointing act on (each once), `context_fn(net)` the checkpoint context (per block) a shared base
+    needs."""
 
     def __init__(self, generator: nn.Module, fake: nn.Module, real: Callable, nets: list[nn.Module],
                  ema: Optional[Callable[[nn.Module], nn.Module]] = None,
@@ -232,13 +261,6 @@ def lora_students(teacher: Callable, generator_init: Optional[nn.Module], fake_i
     real = RealScore(teacher, switches[id(teacher)]) if id(teacher) in switches else teacher
     return Students(role(generator_init, GENERATOR), role(fake_init, FAKE), real,
                     [base for base, _ in plan.values()], ema, switches)
-
-
-def checkpoint_function(context_fn: Optional[Callable]) -> Optional[Callable]:
-    """diffusers' `gradient_checkpointing_func` that restores the adapter of the forward in the recomputation."""
-    if context_fn is None:
-        return None
-    return partial(torch.utils.checkpoint.checkpoint, use_reentrant=False, context_fn=context_fn)
 
 
 @torch.no_grad()

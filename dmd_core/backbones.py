@@ -50,13 +50,17 @@ class Backbone:
     lora_targets: tuple[str, ...] = ()  # the layers a LoRA student adapts by default
 
     def checkpointing(self, net: nn.Module, context_fn: Optional[Callable] = None) -> None:
-        """Recompute activations in backward (gradient checkpointing); `context_fn` as torch.utils.checkpoint's
-        (a LoRA base recomputes under the adapter its forward ran with)."""
+        """Recompute activations in backward (gradient checkpointing); `context_fn(block)` gives torch.utils.checkpoint's
+        contexts for the block checkpointed (a LoRA base recomputes it under the adapter its forward ran with)."""
         if context_fn is None:
             net.enable_gradient_checkpointing()
             return
-        net.enable_gradient_checkpointing(partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
-                                                  context_fn=context_fn))
+
+        def checkpoint(block, *args, **kwargs):  # diffusers passes the block module first
+            block_ctx = partial(context_fn, block if isinstance(block, nn.Module) else None)
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, context_fn=block_ctx, **kwargs)
+
+        net.enable_gradient_checkpointing(checkpoint)
 
     def guided(self, net: nn.Module, embedding_dim: int) -> nn.Module:
         """A copy of `net` that also takes a guidance scale w, equal to `net` at initialisation."""
@@ -78,8 +82,8 @@ class GuidedUNet2D(nn.Module):
     def config(self):
         return self.unet.config
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.unet.enable_gradient_checkpointing()
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Optional[Callable] = None) -> None:
+        self.unet.enable_gradient_checkpointing(gradient_checkpointing_func)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                 guidance_scale: Optional[torch.Tensor] = None):
