@@ -191,7 +191,8 @@ class DistillConfig(_Model):
         "auto", description="what compile covers in G and the fake score: model (one graph each), blocks (each "
                             "transformer and resnet block; regional compilation); auto = blocks with "
                             "gradient_checkpointing, else model")
-    channels_last: Optional[bool] = Field(None, description="NHWC activations and weights; default: on CUDA only")
+    channels_last: Optional[bool] = Field(None, description="NHWC activations and weights; default: on CUDA only, "
+                                                            "and off for LoRA students")
     world_size: int = Field(1, ge=1, description="training processes (one GPU each) in all nodes; batch_size "
                                                  "and reg_batch_size are global: each rank takes 1/world_size")
     parallel: Literal["ddp", "fsdp2"] = Field(

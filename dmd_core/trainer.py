@@ -114,7 +114,7 @@ class DMDTrainer:
         resolved = accel.resolve_compile(cfg.compile, self.device)
         self.auto_compile_mode = resolved if cfg.compile == "auto" and resolved != "none" else None
         self.compile_mode = "none"
-        if accel.resolve_channels_last(cfg.channels_last, self.device):
+        if accel.resolve_channels_last(cfg.channels_last, self.device, lora=bool(cfg.lora_rank)):
             for module in (self.G.denoiser, self.mu_fake, *self.students.nets, teacher):
                 if isinstance(module, nn.Module):
                     accel.channels_last(module)

@@ -14,6 +14,7 @@ def test_auto_settings_are_off_on_the_cpu_and_on_for_cuda():
     assert accel.resolve_compile("auto", cpu) == "none" and accel.resolve_compile("auto", cuda) == "default"
     assert accel.resolve_compile("default", cpu) == "default"
     assert accel.resolve_channels_last(None, cpu) is False and accel.resolve_channels_last(None, cuda) is True
+    assert accel.resolve_channels_last(None, cuda, lora=True) is False and accel.resolve_channels_last(True, cuda, lora=True)
     with pytest.raises(ValueError, match="compile"):
         accel.resolve_compile("fastest", cpu)
 
