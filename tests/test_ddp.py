@@ -69,6 +69,23 @@ def first_moment(root: str, run: str, opt: str) -> torch.Tensor:
     return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)])
 
 
+def assert_resumes_bit_exactly(root: str, run: str) -> None:
+    """Resume at the same world size: drop steps 3-4, rerun, bit-identical checkpoint at step 4."""
+    from tasks.distill import run_distill
+
+    store = run_store(root, run)
+    final = weights(root, run, 4)
+    for step in (3, 4):
+        for key in store.ls(checkpoint_prefix(step)):
+            store.delete(key)
+    DISTILL_STAGE.unmark(store)
+    run_distill(root, run)
+    resumed = weights(root, run, 4)
+    assert set(resumed) == set(final)
+    for name in final:
+        assert resumed[name] == final[name], name
+
+
 def test_two_ranks_equal_one_process_and_resume_exactly(base_run):
     from tasks.distill import run_distill
 
@@ -97,18 +114,7 @@ def test_two_ranks_equal_one_process_and_resume_exactly(base_run):
         assert relative_update_gap(root, one, two, 4, name) < 0.1, name
         assert relative_update_gap(root, one, other_seed, 4, name) > 0.5, name
 
-    # resume at the same world size: drop steps 3-4, rerun, bit-identical checkpoint at step 4
-    store = run_store(root, two)
-    final = weights(root, two, 4)
-    for step in (3, 4):
-        for key in store.ls(checkpoint_prefix(step)):
-            store.delete(key)
-    DISTILL_STAGE.unmark(store)
-    run_distill(root, two)
-    resumed = weights(root, two, 4)
-    assert set(resumed) == set(final)
-    for name in final:
-        assert resumed[name] == final[name], name
+    assert_resumes_bit_exactly(root, two)
 
     # resume on one process from the 2-rank checkpoint at step 2: continues the same training
     cross = variant(root, "cross")
@@ -160,16 +166,7 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_exactly(base_run):
     assert 0 < ema < 0.1  # the EMA moved, as one process's did
     assert run_store(root, sharded).exists(sample_grid_key(4))
 
-    store = run_store(root, sharded)
-    for step in (3, 4):
-        for key in store.ls(checkpoint_prefix(step)):
-            store.delete(key)
-    DISTILL_STAGE.unmark(store)
-    run_distill(root, sharded)
-    resumed = weights(root, sharded, 4)
-    assert set(resumed) == set(final)
-    for name in final:
-        assert resumed[name] == final[name], name
+    assert_resumes_bit_exactly(root, sharded)
 
 
 def test_lora_students_under_ddp_equal_one_process(base_run):
