@@ -39,9 +39,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import accel
 from .conditions import hash_seed
 from .config import DistillConfig
-from . import accel
 from .draws import Collective, Draws
 from .streams import Stream
 from .trainer import DMDTrainer
@@ -158,14 +158,20 @@ class DDPCollective(Collective):
             torch.manual_seed(rank_seed(seed, self.rank, step))
 
 
+def join_ranks(trainer: DMDTrainer, env: DistEnv) -> None:
+    """What every parallel wrapper gives a rank's trainer: draws for the global batch sliced by rank, agreement
+    through the process group, and this rank's torch generators seeded from (seed, rank)."""
+    trainer.draws = Draws(trainer.rng, trainer.device, env.rank, env.world_size)
+    trainer.collective = DDPCollective(env, trainer.device)
+    torch.manual_seed(rank_seed(trainer.cfg.seed, env.rank))
+
+
 def data_parallel(trainer: DMDTrainer, env: DistEnv) -> DMDTrainer:
     """Compose DDP onto a built trainer from outside: generator and fake score wrapped in DDP (the real score stays
     frozen and unwrapped), draws made for the global batch and sliced by rank, agreement through the process group.
     With the DMD2 GAN head the fake score and the head average their gradients through per-parameter hooks instead
     of DDP: the GAN loss reaches the fake score through hooked bottleneck features, which DDP cannot follow."""
-    trainer.draws = Draws(trainer.rng, trainer.device, env.rank, env.world_size)
-    trainer.collective = DDPCollective(env, trainer.device)
-    torch.manual_seed(rank_seed(trainer.cfg.seed, env.rank))
+    join_ranks(trainer, env)
     ids = [torch.cuda.current_device()] if trainer.device.type == "cuda" else None
     trainer.G.denoiser = DistributedDataParallel(trainer.G.denoiser, device_ids=ids)
     if trainer.gan_head is not None:
@@ -228,9 +234,7 @@ def fully_sharded(trainer: DMDTrainer, env: DistEnv) -> DMDTrainer:
 
     if trainer.gan_head is not None or trainer.students.shares_teacher:
         raise ValueError("FSDP2 shards full-weight students without a GAN head: use parallel=ddp")
-    trainer.draws = Draws(trainer.rng, trainer.device, env.rank, env.world_size)
-    trainer.collective = DDPCollective(env, trainer.device)
-    torch.manual_seed(rank_seed(trainer.cfg.seed, env.rank))
+    join_ranks(trainer, env)
     bf16 = trainer.device.type == "cuda" and trainer.cfg.bf16
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
