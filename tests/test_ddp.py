@@ -69,6 +69,18 @@ def first_moment(root: str, run: str, opt: str) -> torch.Tensor:
     return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)])
 
 
+def assert_same_first_step(root: str, one: str, ranked: str) -> None:
+    """Step 1 of a multi-rank run is the one-process step of the global batch: AdamW's first moments (the averaged
+    gradient) to 1e-5 relative, and the logged losses (global-batch means) to 1e-5."""
+    for opt in ("generator", "fake"):
+        m1, m2 = first_moment(root, one, opt), first_moment(root, ranked, opt)
+        assert m1.shape == m2.shape and float((m1 - m2).norm() / m1.norm()) < 1e-5, opt
+    rows1 = run_store(root, one).read_table(METRICS).to_pylist()
+    rows2 = run_store(root, ranked).read_table(METRICS).to_pylist()
+    for k in ("loss_dm", "loss_reg", "loss_fake"):
+        assert rows2[0][k] == pytest.approx(rows1[0][k], rel=1e-5), k
+
+
 def assert_resumes_bit_exactly(root: str, run: str) -> None:
     """Resume at the same world size: drop steps 3-4, rerun, bit-identical checkpoint at step 4."""
     from tasks.distill import run_distill
@@ -100,15 +112,7 @@ def test_two_ranks_equal_one_process_and_resume_exactly(base_run):
     assert {"trainer", "rank0.torch_cpu", "rank1.torch_cpu"} <= set(rng)
     assert json.loads(weights(root, two, 4)["trainer_state.json"])["world_size"] == 2
 
-    # step 1: the DDP-averaged gradient is the global batch's gradient
-    for opt in ("generator", "fake"):
-        m1, m2 = first_moment(root, one, opt), first_moment(root, two, opt)
-        assert float((m1 - m2).norm() / m1.norm()) < 1e-5, opt
-    # logged losses are global-batch means
-    rows1 = run_store(root, one).read_table(METRICS).to_pylist()
-    rows2 = run_store(root, two).read_table(METRICS).to_pylist()
-    for k in ("loss_dm", "loss_reg", "loss_fake"):
-        assert rows2[0][k] == pytest.approx(rows1[0][k], rel=1e-5), k
+    assert_same_first_step(root, one, two)
     # after 4 AdamW steps: same training up to float noise; other random draws are far away
     for name in ("generator.safetensors", "fake.safetensors"):
         assert relative_update_gap(root, one, two, 4, name) < 0.1, name
@@ -153,13 +157,7 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_exactly(base_run):
     for name in ("generator.safetensors", "fake.safetensors", "ema.safetensors"):
         a, b = load(weights(root, one, 4)[name]), load(final[name])
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), name
-    for opt in ("generator", "fake"):
-        m1, m2 = first_moment(root, one, opt), first_moment(root, sharded, opt)
-        assert m1.shape == m2.shape and float((m1 - m2).norm() / m1.norm()) < 1e-5, opt
-    rows1 = run_store(root, one).read_table(METRICS).to_pylist()
-    rows2 = run_store(root, sharded).read_table(METRICS).to_pylist()
-    for k in ("loss_dm", "loss_reg", "loss_fake"):
-        assert rows2[0][k] == pytest.approx(rows1[0][k], rel=1e-5), k
+    assert_same_first_step(root, one, sharded)
     for name in ("generator.safetensors", "fake.safetensors"):
         assert relative_update_gap(root, one, sharded, 4, name) < 0.1, name
     ema = relative_update_gap(root, one, sharded, 4, "ema.safetensors")
@@ -179,9 +177,7 @@ def test_lora_students_under_ddp_equal_one_process(base_run):
     other_seed = variant(root, "lora1s", lora_rank=4, seed=1)
     for run in (one, two, other_seed):
         run_distill(root, run)
-    for opt in ("generator", "fake"):
-        m1, m2 = first_moment(root, one, opt), first_moment(root, two, opt)
-        assert m1.shape == m2.shape and float((m1 - m2).norm() / m1.norm()) < 1e-5, opt
+    assert_same_first_step(root, one, two)
     a, b, c = (load(weights(root, run, 4)["generator.safetensors"]) for run in (one, two, other_seed))
     assert a.keys() == b.keys() and all(".lora_" in k.replace(":", ".") for k in a)
     B = [k for k in a if "lora_B" in k]  # zero at the start: what the training moved
