@@ -297,7 +297,7 @@ class EvaluateConfig(_Model):
     """Evaluation protocol: `digits` (FD in a digits classifier's features), or clean-fid FID (+ CLIP score for
     text) at the papers' protocols `coco30k`, `coco10k`, `cifar10-50k`. None: digits for data.name=digits."""
 
-    protocol: Optional[Literal["digits", "coco30k", "coco10k", "cifar10-50k"]] = None
+    protocol: Optional[str] = Field(None, description="a name in dmd_core.protocols.PROTOCOLS")
     n_samples: Optional[int] = Field(None, gt=1, description="samples per model; default the protocol's "
                                                                "(30,000 for coco30k, 1,797 for digits)")
     teacher_steps: int = Field(50, gt=0)
@@ -322,6 +322,16 @@ class EvaluateConfig(_Model):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast of the evaluated models' generation (and VAE decode); the feature "
                             "extractors keep their own precision; auto = bf16 on CUDA, fp32 on CPU (in each row)")
+
+    @field_validator("protocol")
+    @classmethod
+    def _known_protocol(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            from .protocols import PROTOCOLS
+
+            if v not in PROTOCOLS:
+                raise ValueError(f"unknown evaluation protocol {v!r}; use one of {', '.join(sorted(PROTOCOLS))}")
+        return v
 
     @model_serializer(mode="wrap")
     def _omit_unset_fields(self, handler):

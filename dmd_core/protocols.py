@@ -25,6 +25,33 @@ COCO_CAPTION_SEED = 123
 
 
 @dataclass(frozen=True)
+class MetricSpec:
+    """How one metric is named, printed and compared by tables, plots, reports and the Prefect artifacts."""
+
+    name: str
+    header: str
+    format: str  # str.format pattern of one value
+    lower_is_better: bool | None  # None: direction unknown (an unregistered metric)
+
+    def cell(self, value: float) -> str:
+        """`value` as a table cell."""
+        return self.format.format(value)
+
+
+METRICS: dict[str, MetricSpec] = {m.name: m for m in (
+    MetricSpec("fd", "FD", "{:.2f}", lower_is_better=True),  # Fréchet distance in a dataset classifier's features
+    MetricSpec("fid", "FID", "{:.2f}", lower_is_better=True),  # clean-fid, Inception pool3 (Heusel et al. 2017)
+    MetricSpec("accuracy", "class accuracy", "{:.1%}", lower_is_better=False),
+    MetricSpec("clip", "CLIP score", "{:.4f}", lower_is_better=False),  # mean raw cosine (Hessel et al. 2021)
+)}
+
+
+def metric_spec(name: str) -> MetricSpec:
+    """The registered spec of `name`; an unknown metric is printed with 4 significant digits, direction unknown."""
+    return METRICS.get(name) or MetricSpec(name, name, "{:.4g}", lower_is_better=None)
+
+
+@dataclass(frozen=True)
 class Protocol:
     """One named evaluation protocol: `n` generated samples, both sets resized to `resolution`², a reference."""
 
@@ -37,6 +64,16 @@ class Protocol:
     reference_is_caption_images: bool = False  # reference = the images of the drawn captions, not a whole folder
     classifier: bool = False  # Fréchet distance and accuracy in a dataset classifier's features, not Inception's
     source: str = ""
+
+    @property
+    def text(self) -> bool:
+        """Scores text-to-image models on drawn captions (FID and CLIP score)."""
+        return self.caption_seed is not None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics of its rows, in table order (names in METRICS)."""
+        return ("fd", "accuracy") if self.classifier else ("fid", "clip") if self.text else ("fid",)
 
 
 PROTOCOLS: dict[str, Protocol] = {

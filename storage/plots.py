@@ -19,10 +19,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
+from dmd_core.protocols import METRICS, metric_spec
+
 DPI = 100
 PNG_METADATA = {"Software": None}  # matplotlib writes only this tEXt chunk into a PNG; drop it
-METRIC_ORDER = ("fd", "fid", "accuracy", "clip")
-LOWER_IS_BETTER = {"fd": True, "fid": True, "accuracy": False, "clip": False}
 GENERATOR_LOSSES = ("loss_G", "loss_dm", "loss_reg", "loss_gan_G")
 CRITIC_LOSSES = ("loss_fake", "loss_gan_D")
 
@@ -64,9 +64,9 @@ def latest_results(rows: Iterable[Mapping], run: str) -> list[dict]:
 
 
 def metric_names(rows: Iterable[Mapping]) -> list[str]:
-    """Metrics present in `rows`, the known ones first (fd, fid, accuracy, clip), then the rest sorted."""
+    """Metrics present in `rows`, the registered ones first (in METRICS' order), then the rest sorted."""
     present = {r["metric"] for r in rows}
-    return [m for m in METRIC_ORDER if m in present] + sorted(present - set(METRIC_ORDER))
+    return [m for m in METRICS if m in present] + sorted(present - set(METRICS))
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -120,7 +120,7 @@ def _draw_metric(ax, rows: list[dict], metric: str) -> None:
                      if r["model"] == "student" and int(r["steps"]) == steps)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="tab:blue", linewidth=1.5,
                 label=f"{baseline_label('student', steps)} student")
-    better = {True: " (lower is better)", False: " (higher is better)"}.get(LOWER_IS_BETTER.get(metric), "")
+    better = {True: " (lower is better)", False: " (higher is better)"}.get(metric_spec(metric).lower_is_better, "")
     ax.set_title(f"{metric}{better}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
@@ -251,8 +251,8 @@ def labelled_grid_png(columns: Sequence[tuple[str, torch.Tensor]], row_labels: O
 
 
 GUIDANCE_METRICS = ("fd_teacher", "fd", "accuracy", "fid", "clip")
-GUIDANCE_TITLES = {"fd_teacher": "FD to the teacher's N-step samples at the same w", "fd": "FD to the real data",
-                   "accuracy": "class accuracy", "fid": "FID", "clip": "CLIP score"}
+GUIDANCE_TITLES = {**{m.name: m.header for m in METRICS.values()}, "fd": "FD to the real data",
+                   "fd_teacher": "FD to the teacher's N-step samples at the same w"}
 
 
 def guidance_figure(rows: Iterable[Mapping], title: str = "guidance sweep") -> Figure:
@@ -274,7 +274,7 @@ def guidance_figure(rows: Iterable[Mapping], title: str = "guidance sweep") -> F
                 pts = sorted((r["guidance"], r["value"]) for r in rows if r["label"] == label and r["metric"] == metric)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[label], label=label)
-            better = {True: " ↓", False: " ↑"}.get(LOWER_IS_BETTER.get(metric.split("_")[0]), "")
+            better = {True: " ↓", False: " ↑"}.get(metric_spec(metric.split("_")[0]).lower_is_better, "")
             ax.set_title(GUIDANCE_TITLES[metric] + better, fontsize=10)
             ax.set_xlabel("guidance scale w")
             ax.set_ylabel(metric)

@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from dmd_core.config import (PROJECT_DIR, ConfigError, DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
                              PairsConfig, TeacherConfig, _Model, stable_hash)
+from dmd_core.protocols import get_protocol
 
 CONFIG_DIR = PROJECT_DIR / "configs"
 STAGES = ("teacher", "pairs", "distill", "export", "evaluate")
@@ -80,7 +81,7 @@ class PipelineConfig(_Model):
     def _timesteps_in_range(self) -> "PipelineConfig":
         if self.teacher.text and not self.data.captions:
             raise ValueError(f"data.captions is required for a text-to-image teacher (teacher.kind={self.teacher.kind})")
-        if (self.evaluate.protocol or "").startswith("coco") and not self.teacher.text:
+        if self.evaluate.protocol and get_protocol(self.evaluate.protocol).text and not self.teacher.text:
             raise ValueError(f"evaluate.protocol={self.evaluate.protocol} scores text-to-image teachers "
                              "(a text teacher.kind: sd, sdxl, sd3 or flux)")
         T = self.teacher.num_train_timesteps

@@ -93,7 +93,7 @@ def classifier_sweep(root, store, cfg, run_name, teacher, dataset, protocol, ste
 def image_sweep(root, store, cfg, run_name, teacher, protocol, step, device) -> list[dict]:
     """Student FID (and CLIP score for text models) at each w of the sweep, on the protocol's noise and prompts."""
     e, hashes = cfg.evaluate, result_hashes(store, cfg)
-    n, raw, z, ref, inception, clip, name = protocol_inputs(root, cfg, teacher, protocol, device)
+    n, raw, z, ref, inception, clip = protocol_inputs(root, cfg, teacher, protocol, device)[:6]
     at, out = sweep_students(store, cfg, teacher, step), []
     precision = accel.resolve_precision(e.precision, device)
     for w in e.guidance_sweep:

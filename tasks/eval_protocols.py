@@ -4,7 +4,7 @@ the comparison grid; the stage module owns the results table."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -23,19 +23,44 @@ from storage.checkpoints import checkpoint_weights
 from storage.coco import iter_reference_images, list_reference_images, read_coco_annotations
 from storage.layout import root_store
 from storage.models import cached_file
+from tasks.eval_cache import TeacherBaselines
 from tasks.stages import resume_key
 
 KEY_COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "metric")
-COLUMNS = (*KEY_COLUMNS, "value", "n_samples", "time", "precision")
+COLUMNS = (*KEY_COLUMNS, "value", "n_samples", "time", "precision", "cached")
 
 
 def rows(run: str, config_hash: str, step: int, model: str, steps: int, scores: dict, n: int,
-         precision: Optional[str] = None) -> list[dict]:
-    """Result rows; `precision` is the resolved autocast of the model's generation (None for the real data)."""
+         precision: Optional[str] = None, cached: bool = False) -> list[dict]:
+    """Result rows; `precision` is the resolved autocast of the model's generation (None for the real data);
+    `cached`: the scores were read from the root's teacher baselines, no image was generated for them."""
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return [{"run": run, "config_hash": config_hash, "checkpoint_step": step, "model": model, "steps": steps,
-             "metric": k, "value": v, "n_samples": n, "time": now, "precision": precision}
+             "metric": k, "value": v, "n_samples": n, "time": now, "precision": precision, "cached": cached}
             for k, v in scores.items()]
+
+
+def teacher_rows(run_name: str, models: "Models", baselines: TeacherBaselines, n: int, needed: Callable,
+                 metric: str, compute: Callable, pictures: dict) -> list[dict]:
+    """Rows of the teacher at evaluate.teacher_steps and at the generator's timesteps: read from the root's
+    teacher baselines when computed before, else `compute(sample) -> (scores, 8 preview images)` and stored."""
+    c, hashes = models.cfg, result_hashes(models.store, models.cfg)
+    new = []
+    for kind, n_steps, sampler, solver, timesteps in (
+            ("teacher", c.evaluate.teacher_steps, models.teacher_steps, c.pairs.solver, None),
+            ("teacher-G0", models.n_gen, models.teacher_generator, "generator", list(c.distill.generator_timesteps))):
+        if not needed(kind, -1, "teacher", n_steps, metric):
+            continue
+        label = f"teacher {n_steps}-step"
+        key = baselines.key(kind, n_steps, solver, c.pairs.guidance, timesteps)
+        hit = baselines.get(key, label)
+        scores, preview = hit if hit is not None else compute(sampler())
+        if hit is None:
+            baselines.put(key, label, scores, preview)
+        if preview is not None:
+            pictures[label] = preview
+        new += rows(run_name, hashes[kind], -1, "teacher", n_steps, scores, n, models.precision, cached=hit is not None)
+    return new
 
 
 def result_hashes(store: ArtifactStore, cfg) -> dict[str, str]:
@@ -133,7 +158,7 @@ class ClassifierScorer:
                 "accuracy": float((preds == labels.cpu()).float().mean())}
 
 
-def classifier_protocol(store, cfg, run_name, teacher, dataset, protocol, steps, needed,
+def classifier_protocol(root, store, cfg, run_name, teacher, dataset, protocol, steps, needed,
                         device) -> tuple[list[dict], dict]:
     """Rows for the real floor, teacher N-step and 1-step, and the student checkpoints `steps`."""
     e, hashes = cfg.evaluate, result_hashes(store, cfg)
@@ -158,14 +183,14 @@ def classifier_protocol(store, cfg, run_name, teacher, dataset, protocol, steps,
         fd = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
         new += rows(run_name, hashes["real"], -1, "real", 0, {"fd": fd, "accuracy": score(images, labels)["accuracy"]},
                     len(a))
-    for kind, name, n_steps, fn in (("teacher", f"teacher {e.teacher_steps}-step", e.teacher_steps,
-                                     models.teacher_steps),
-                                    ("teacher-G0", f"teacher {models.n_gen}-step", models.n_gen,
-                                     models.teacher_generator)):
-        if needed(kind, -1, "teacher", n_steps, "fd"):
-            x = run(fn())
-            new += rows(run_name, hashes[kind], -1, "teacher", n_steps, score(x, y), n, models.precision)
-            pictures[name] = x[:8]
+
+    def baseline(fn: Callable) -> tuple[dict, torch.Tensor]:
+        x = run(fn)
+        return score(x, y), x[:8]
+
+    baselines = TeacherBaselines(root, store, cfg, protocol, n, models.precision,
+                                 f"classifier-e{e.classifier_epochs}-s{e.seed}")
+    new += teacher_rows(run_name, models, baselines, n, needed, "fd", baseline, pictures)
     grid = None
     for step in steps:
         if needed("student", step, "student", models.n_gen, "fd"):
@@ -199,28 +224,41 @@ def _extractors(cfg, teacher, device):
 
 
 def _reference(root: str, cfg, protocol, files: list[str], extractor, name: str, device):
-    """Reference (mu, sigma), computed once per (protocol, resolution, mode, extractor, images) under the root."""
+    """Reference (mu, sigma) and its path, computed once per (protocol, resolution, mode, extractor, images) under
+    the root."""
     e = cfg.evaluate
     key = stable_hash([protocol.name, protocol.resolution, e.fid_mode, name, e.reference_images, files])
     cache = root_store(root)
     path = f"_reference/{protocol.name}-{key}.safetensors"
     if cache.exists(path):
         stats = bytes_to_tensors(cache.read_bytes(path))
-        return stats["mu"].numpy(), stats["sigma"].numpy()
+        return (stats["mu"].numpy(), stats["sigma"].numpy()), path
     batches = iter_reference_images(e.reference_images, files, protocol.resolution, e.batch_size)
     mu, sigma = reference_stats(batches, extractor, e.fid_mode, device)
     cache.write_bytes(path, tensors_to_bytes({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}))
-    return mu, sigma
+    return (mu, sigma), path
 
 
-def protocol_inputs(root, cfg, teacher, protocol, device) -> tuple:
-    """What every generator is scored on under an image protocol: (n, conditions, noise z, reference statistics,
-    Inception extractor, CLIP scorer, extractor name)."""
+class ProtocolInputs(NamedTuple):
+    """What every generator is scored on under an image protocol."""
+
+    n: int
+    raw: Any  # the conditions: prompts, class ids or None
+    z: torch.Tensor  # the noise, drawn on the CPU from evaluate.seed
+    ref: tuple  # reference (mu, sigma)
+    inception: torch.nn.Module
+    clip: Optional[ClipScorer]
+    name: str  # the extractor's name
+    reference: str  # the reference statistics' path under the root
+
+
+def protocol_inputs(root, cfg, teacher, protocol, device) -> ProtocolInputs:
+    """What every generator is scored on under an image protocol (ProtocolInputs)."""
     e = cfg.evaluate
     if not e.reference_images:
         raise ValueError(f"evaluate.protocol={protocol.name} needs evaluate.reference_images (a folder URL)")
     n, raw, files = e.n_samples or protocol.n, None, None
-    if protocol.name.startswith("coco"):
+    if protocol.text:
         if not e.captions:
             raise ValueError(f"evaluate.protocol={protocol.name} needs evaluate.captions (captions_val2014.json)")
         drawn = sample_captions(read_coco_annotations(e.captions), n, protocol.caption_seed)
@@ -231,15 +269,16 @@ def protocol_inputs(root, cfg, teacher, protocol, device) -> tuple:
         raw = class_balanced_labels(n, teacher.num_classes)
     files = files if files is not None else list_reference_images(e.reference_images)
     inception, clip, name = _extractors(cfg, teacher, device)
-    ref = _reference(root, cfg, protocol, files, inception, name, device)
+    ref, reference = _reference(root, cfg, protocol, files, inception, name, device)
     z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(e.seed))
-    return n, raw, z, ref, inception, clip, name
+    return ProtocolInputs(n, raw, z, ref, inception, clip, name, reference)
 
 
 def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device) -> tuple[list[dict], dict]:
     """FID (and CLIP for text models) of teacher N-step, teacher 1-step and the student checkpoints `steps`."""
     e, hashes = cfg.evaluate, result_hashes(store, cfg)
-    n, raw, z, ref, inception, clip, name = protocol_inputs(root, cfg, teacher, protocol, device)
+    inputs = protocol_inputs(root, cfg, teacher, protocol, device)
+    n, raw, z, ref, inception, clip = inputs.n, inputs.raw, inputs.z, inputs.ref, inputs.inception, inputs.clip
     models = Models(store, cfg, teacher, device, images=True)
 
     def score(fn: Callable, keep: Optional[dict], label: str) -> dict:
@@ -250,14 +289,13 @@ def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed,
                 keep[label] = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
         return scores.result(*ref)
 
-    new, pictures = [], {}
-    for kind, label, n_steps, fn in (("teacher", f"teacher {e.teacher_steps}-step", e.teacher_steps,
-                                      models.teacher_steps),
-                                     ("teacher-G0", f"teacher {models.n_gen}-step", models.n_gen,
-                                      models.teacher_generator)):
-        if needed(kind, -1, "teacher", n_steps, "fid"):
-            new += rows(run_name, hashes[kind], -1, "teacher", n_steps, score(fn(), pictures, label), n,
-                        models.precision)
+    def baseline(fn: Callable) -> tuple[dict, torch.Tensor]:
+        keep: dict = {}
+        return score(fn, keep, "preview"), keep["preview"]
+
+    pictures: dict = {}
+    baselines = TeacherBaselines(root, store, cfg, protocol, inputs.n, models.precision, inputs.reference)
+    new = teacher_rows(run_name, models, baselines, inputs.n, needed, "fid", baseline, pictures)
     for step in steps:
         if needed("student", step, "student", models.n_gen, "fid"):
             label = f"student step {step}"

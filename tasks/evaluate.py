@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dmd_core.datasets import DEFAULT_PROTOCOLS, real_dataset
-from dmd_core.protocols import Protocol, get_protocol
+from dmd_core.protocols import METRICS, Protocol, get_protocol
 from tasks.report import LOSS, TREND, markdown_with_images, report
 from storage import ArtifactStore
 from storage.checkpoints import list_checkpoints
@@ -54,7 +54,7 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
         dataset = real_dataset(cfg.data.name)
         if dataset is None:
             raise ValueError(f"evaluate.protocol={protocol.name} needs its dataset, got data.name={cfg.data.name!r}")
-        new, pictures = classifier_protocol(store, cfg, run_name, teacher, dataset, protocol, steps, needed, device)
+        new, pictures = classifier_protocol(root, store, cfg, run_name, teacher, dataset, protocol, steps, needed, device)
     else:
         new, pictures = image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device)
     write_pictures(store, pictures)
@@ -95,7 +95,7 @@ def summarize(store: ArtifactStore, rows: list[dict], run_name: str, hashes: dic
     return {"run": run_name, "checkpoint_step": last, "grid": store.url(EVAL_GRID) if last is not None else None,
             "compare": store.url(EVAL_COMPARE) if store.exists(EVAL_COMPARE) else None,
             "rows": [{**{k: r[k] for k in ("model", "steps", "metric", "value", "n_samples", "checkpoint_step")},
-                      "precision": r.get("precision")} for r in keep]}
+                      "precision": r.get("precision"), "cached": bool(r.get("cached"))} for r in keep]}
 
 
 @task(name="evaluate", cache_policy=NONE, persist_result=False)
@@ -114,19 +114,18 @@ def evaluate_task(root: str, run_name: str, all_checkpoints: bool = False) -> di
     return summary
 
 
-METRIC_HEADERS = {"fd": "FD", "accuracy": "class accuracy", "fid": "FID", "clip": "CLIP score"}
-
-
 def summary_markdown(summary: dict) -> str:
     """The results table: real floor, teacher N-step, teacher 1-step, DMD student; one column per metric."""
     by = {(r["model"], r["steps"], r["metric"]): r["value"] for r in summary["rows"]}
-    metrics = [m for m in METRIC_HEADERS if any(k[2] == m for k in by)] or ["fd", "accuracy"]
-    lines = ["| model | steps | " + " | ".join(METRIC_HEADERS[m] for m in metrics) + " |",
+    cached = {(r["model"], r["steps"]) for r in summary["rows"] if r.get("cached")}
+    metrics = [m for m in METRICS if any(k[2] == m for k in by)] or ["fd", "accuracy"]
+    lines = ["| model | steps | " + " | ".join(METRICS[m].header for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     order = sorted({(m, s) for m, s, _ in by}, key=lambda k: (["real", "teacher", "student"].index(k[0]), -k[1]))
     for m, s in order:
         name = {"real": "real floor (two halves)", "teacher": f"teacher {s}-step", "student": f"DMD {s}-step"}[m]
-        cells = [_cell(metric, by.get((m, s, metric), float("nan"))) for metric in metrics]
+        name += " (cached)" if (m, s) in cached else ""
+        cells = [METRICS[metric].cell(by.get((m, s, metric), float("nan"))) for metric in metrics]
         lines.append(f"| {name} | {s} | " + " | ".join(cells) + " |")
     if summary.get("note"):
         lines.append(f"\n{summary['note']}")
@@ -134,7 +133,3 @@ def summary_markdown(summary: dict) -> str:
         lines.append("\nA one-step teacher can be classified well (its blurry digits keep their class) while its "
                      "FD is poor: accuracy measures agreement with the requested class, FD the whole distribution.")
     return "\n".join(lines) + (f"\n\nsample grid: {summary['grid']}\n" if summary.get("grid") else "\n")
-
-
-def _cell(metric: str, value: float) -> str:
-    return f"{value:.1%}" if metric == "accuracy" else f"{value:.2f}" if metric != "clip" else f"{value:.4f}"

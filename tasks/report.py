@@ -4,11 +4,11 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable, Mapping
 
+from dmd_core.protocols import metric_spec
 from storage.layout import EVAL_DIR, METRICS, RESULTS, run_store
 
 TREND = f"{EVAL_DIR}/trend.png"
 LOSS = f"{EVAL_DIR}/loss.png"
-METRIC_FORMAT = {"accuracy": "{:.1%}", "clip": "{:.4f}"}
 
 
 def latest_table(rows: Iterable[Mapping], run_name: str) -> tuple[str, int | None]:
@@ -24,13 +24,14 @@ def latest_table(rows: Iterable[Mapping], run_name: str) -> tuple[str, int | Non
     order = sorted({(m, s) for m, s, _ in by},
                    key=lambda k: (["real", "teacher", "student"].index(k[0]) if k[0] in ("real", "teacher", "student")
                                   else 3, -k[1]))
-    lines = ["| model | steps | checkpoint step | n samples | " + " | ".join(metrics) + " |",
+    headers = [metric_spec(m).header for m in metrics]
+    lines = ["| model | steps | checkpoint step | n samples | " + " | ".join(headers) + " |",
              "|---|---|---|---|" + "---|" * len(metrics)]
     for m, s in order:
         cells = []
         for metric in metrics:
             r = by.get((m, s, metric))
-            cells.append(METRIC_FORMAT.get(metric, "{:.4g}").format(r["value"]) if r else "")
+            cells.append(metric_spec(metric).cell(r["value"]) if r else "")
         any_row = next(r for (mm, ss, _), r in by.items() if (mm, ss) == (m, s))
         ckpt = str(any_row["checkpoint_step"]) if m == "student" else ""
         lines.append(f"| {baseline_label(m, s)} | {s} | {ckpt} | {any_row['n_samples']} | " + " | ".join(cells) + " |")

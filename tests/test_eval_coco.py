@@ -48,28 +48,49 @@ def test_coco30k_protocol_through_the_flow(prefect_api, tmp_path):
             ("teacher", 3, "clip"), ("student", 1, "clip")} <= metrics
     assert all(np.isfinite(r["value"]) and r["n_samples"] == 4 for r in rows)
     assert all(-1 <= r["value"] <= 1 for r in rows if r["metric"] == "clip")
-    cache = [k for k in root_store(root).ls("_reference")]
-    assert len(cache) == 1 and "coco30k" in cache[0]
+    listing = root_store(root).ls("_reference")
+    cache = [k for k in listing if "coco30k" in k]  # the reference statistics
+    assert len(cache) == 1
+    # the two teacher baselines (teacher 3-step, teacher at the generator's step), each scores + preview images
+    assert len([k for k in listing if k.startswith("_reference/teacher-")]) == 4
+    assert not any(r["cached"] for r in rows)
     assert out["evaluate"]["compare"] and store.exists("eval/compare.png") and store.exists("eval/trend.png")
 
     # A second run (another run name, same root and protocol) reads the cached reference statistics.
     before = root_store(root).info(cache[0])
     from tasks import eval_protocols
 
-    calls = []
+    calls, teacher_images = [], []
     original = eval_protocols.reference_stats
+    samplers = eval_protocols.Models.teacher_steps, eval_protocols.Models.teacher_generator
+
+    def counted(make):  # a teacher sampler that counts the images it generates
+        def wrapped(self):
+            sample = make(self)
+            return lambda z, raw: teacher_images.append(z.shape[0]) or sample(z, raw)
+        return wrapped
+
     eval_protocols.reference_stats = lambda *a, **k: calls.append(1) or original(*a, **k)
+    eval_protocols.Models.teacher_steps, eval_protocols.Models.teacher_generator = map(counted, samplers)
     try:
-        dmd(preset="sd-tiny", root=root, run_name="coco2", overrides=overrides, stages=["teacher", "pairs", "distill",
-                                                                                       "export", "evaluate"])
+        out2 = dmd(preset="sd-tiny", root=root, run_name="coco2", overrides=overrides,
+                   stages=["teacher", "pairs", "distill", "export", "evaluate"])
     finally:
         eval_protocols.reference_stats = original
+        eval_protocols.Models.teacher_steps, eval_protocols.Models.teacher_generator = samplers
     assert calls == [] and root_store(root).info(cache[0]) == before
     rows2 = run_store(root, "coco2").read_table(RESULTS).to_pylist()
-    # Same seed, same captions, same noise: the teacher baselines repeat exactly.
+    # The teacher baselines come from the root's cache: no teacher image generated, the values repeat exactly,
+    # and the rows, the summary and its table say so.
+    assert teacher_images == []
     first = {(r["model"], r["steps"], r["metric"]): r["value"] for r in rows if r["model"] == "teacher"}
     second = {(r["model"], r["steps"], r["metric"]): r["value"] for r in rows2 if r["model"] == "teacher"}
-    assert first == second
+    assert first == second and len(second) == 4
+    assert all(r["cached"] == (r["model"] == "teacher") for r in rows2)
+    from tasks.evaluate import summary_markdown
+
+    table = summary_markdown(out2["evaluate"])
+    assert "| teacher 3-step (cached) |" in table and "| DMD 1-step |" in table
 
     # Without the Inception file the stage fails with one line naming it, and writes nothing.
     from tasks.evaluate import run_evaluate

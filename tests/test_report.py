@@ -96,10 +96,10 @@ def test_report_writes_deterministic_pngs_and_the_latest_table(root):
 
     assert out["checkpoint_step"] == 300
     table = out["table"].splitlines()
-    assert table[0] == "| model | steps | checkpoint step | n samples | fd | accuracy |"
+    assert table[0] == "| model | steps | checkpoint step | n samples | FD | class accuracy |"
     assert [line.split(" | ")[0] for line in table[2:]] == ["| real floor", "| teacher 50-step", "| teacher 1-step",
                                                              "| DMD 1-step"]
-    assert table[-1] == "| DMD 1-step | 1 | 300 | 64 | 3 | 90.0% |"
+    assert table[-1] == "| DMD 1-step | 1 | 300 | 64 | 3.00 | 90.0% |"
 
 
 def test_trend_has_one_axis_per_metric_and_keeps_only_the_current_config():
@@ -169,7 +169,7 @@ def test_cli_report_prints_the_table_and_paths(root):
     out = CliRunner().invoke(app, ["report", RUN, "--root", root])
     assert out.exit_code == 0, out.output
     store = run_store(root, RUN)
-    assert "| DMD 1-step | 1 | 300 | 64 | 3 | 90.0% |" in out.output
+    assert "| DMD 1-step | 1 | 300 | 64 | 3.00 | 90.0% |" in out.output
     assert f"trend: {store.url(TREND)}" in out.output and f"loss: {store.url(LOSS)}" in out.output
 
 
