@@ -319,6 +319,8 @@ class EvaluateConfig(_Model):
                                                        "extractors, no weights needed (numbers mean nothing)")
     guidance_sweep: Optional[GuidanceScales] = Field(None, min_length=1, description="guidance scales at which "
                                                   "the teacher and the student are scored (eval/guidance.parquet)")
+    world_size: int = Field(1, ge=1, description="data-parallel evaluation: torchrun ranks on this host (one GPU "
+                                                 "each) sharing the samples; the results equal one process's")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast of the evaluated models' generation (and VAE decode); the feature "
                             "extractors keep their own precision; auto = bf16 on CUDA, fp32 on CPU (in each row)")
@@ -343,6 +345,8 @@ class EvaluateConfig(_Model):
                 data.pop("guidance_sweep", None)
             if self.precision == "auto":
                 data.pop("precision", None)
+            if self.world_size == 1:
+                data.pop("world_size", None)
         return data
 
 

@@ -185,6 +185,36 @@ class FeatureStats:
         mu = np.true_divide(self._sum, np.intp(self.n), out=np.empty_like(self._sum), casting="unsafe")
         return mu, self._m2 / (self.n - 1)
 
+    def merge(self, other: "FeatureStats") -> None:
+        """Add another set's statistics, as if its features had followed these (Chan et al. 1979 pairwise update);
+        how data-parallel ranks combine their shares."""
+        if other.n == 0:
+            return
+        if self.n == 0:
+            self.n, self._sum, self._mean64, self._m2 = other.n, other._sum.copy(), other._mean64.copy(), other._m2.copy()
+            return
+        n = self.n + other.n
+        delta = other._mean64 - self._mean64
+        self._sum = np.add(self._sum, other._sum, dtype=self._sum.dtype)
+        self._mean64 = self._mean64 + delta * (other.n / n)
+        self._m2 = self._m2 + other._m2 + np.outer(delta, delta) * (self.n * other.n / n)
+        self.n = n
+
+    def packed(self) -> np.ndarray:
+        """float64 [n, is_float64, sum, mean, m2] of a non-empty set: one flat array a collective can carry."""
+        if self.n == 0:
+            raise ValueError("packed: no features yet")
+        return np.concatenate([[self.n, self._sum.dtype == np.float64], self._sum, self._mean64, self._m2.ravel()])
+
+    @classmethod
+    def unpacked(cls, v: np.ndarray) -> "FeatureStats":
+        """The FeatureStats `packed` described."""
+        stats, d = cls(), int(round(np.sqrt(v.size - 1))) - 1  # v.size = 2 + 2d + d² = (d + 1)² + 1
+        stats.n = int(v[0])
+        stats._sum = v[2:2 + d].astype(np.float64 if v[1] else np.float32)
+        stats._mean64, stats._m2 = v[2 + d:2 + 2 * d].copy(), v[2 + 2 * d:].reshape(d, d).copy()
+        return stats
+
 
 def stats_from_batches(batches: Iterable[Images], extractor: Extractor, mode: str, device: torch.device | str = "cpu",
                        batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

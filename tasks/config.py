@@ -113,7 +113,8 @@ class PipelineConfig(_Model):
 # How a stage's work is spread (threads, Dask, torchrun ranks) or sped up, not what it computes.
 EXECUTION_FIELDS = {"pairs": {"runner", "runner_address", "runner_workers"},
                     "distill": {"world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id", "compile",
-                                "compile_scope", "channels_last"}}
+                                "compile_scope", "channels_last"},
+                    "evaluate": {"world_size"}}
 
 
 def _first_error(err: ValidationError) -> str:

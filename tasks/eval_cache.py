@@ -10,6 +10,7 @@ import torch
 from dmd_core.checkpoint import bytes_to_tensors, tensors_to_bytes
 from dmd_core.config import stable_hash
 from storage.layout import root_store
+from tasks.launch import writer_store
 from tasks.stages import TEACHER_STAGE
 
 log = logging.getLogger("dmd.evaluate")
@@ -33,7 +34,7 @@ class TeacherBaselines:
 
     def __init__(self, root: str, store, cfg, protocol, n: int, precision: str, reference: str) -> None:
         e = cfg.evaluate
-        self.cache = root_store(root)
+        self.cache = writer_store(root_store(root))  # rank 0 writes, under data-parallel evaluation
         self.base = [teacher_identity(store, cfg), protocol.name, int(n), precision, e.seed, e.batch_size,
                      cfg.data.name, cfg.distill.guidance, reference, e.model_dump(mode="json", include=set(SCORING_FIELDS))]
 

@@ -23,6 +23,7 @@ from dmd_core.metrics import features_and_predictions, gaussian_stats
 from storage.checkpoints import checkpoint_weights
 from storage.layout import root_store
 from storage.plots import guidance_png
+from tasks.launch import writer_store
 from tasks.eval_protocols import ClassifierScorer, classifier, generating, protocol_inputs, result_hashes, rows
 from tasks.stages import TEACHER_STAGE, resume_key
 
@@ -54,7 +55,7 @@ def _teacher_samples(root: str, store, cfg, teacher, z: torch.Tensor, y: torch.T
     e, marker = cfg.evaluate, store.read_json(TEACHER_STAGE.marker)
     key = stable_hash([marker.get("content", marker["hash"]), cfg.pairs.solver, e.teacher_steps, e.seed,
                        int(z.shape[0]), float(w)] + ([] if precision == "fp32" else [precision]))
-    cache, path = root_store(root), f"_reference/guidance-teacher-{key}.safetensors"
+    cache, path = writer_store(root_store(root)), f"_reference/guidance-teacher-{key}.safetensors"
     if cache.exists(path):
         return bytes_to_tensors(cache.read_bytes(path))["x"]
     sample = generating(teacher, lambda zb, c: teacher.sample(cfg.pairs.solver, e.teacher_steps, zb, c, w),

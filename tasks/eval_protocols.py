@@ -12,7 +12,8 @@ from dmd_core import accel
 from dmd_core.checkpoint import bytes_to_tensors, tensors_to_bytes
 from dmd_core.config import stable_hash
 from dmd_core.denoisers import with_guidance
-from dmd_core.evaluation import ClipScorer, ImageScores, generate_images, reference_stats
+from dmd_core.eval_parallel import gather_scores, rank_slice
+from dmd_core.evaluation import ClipScorer, ImageScores, generate_images, reference_stats, slice_raw
 from dmd_core.fid import frechet_distance
 from dmd_core.generator import Generator
 from dmd_core.guidance import student_at, student_denoiser
@@ -24,6 +25,7 @@ from storage.coco import iter_reference_images, list_reference_images, read_coco
 from storage.layout import root_store
 from storage.models import cached_file
 from tasks.eval_cache import TeacherBaselines
+from tasks.launch import writer_store
 from tasks.stages import resume_key
 
 KEY_COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "metric")
@@ -211,7 +213,11 @@ def _extractors(cfg, teacher, device):
         from dmd_core.tiny import TinyInception, register_tiny_clip
 
         inception, name = TinyInception().to(device).eval(), "tiny-random"
-        clip = load_clip(register_tiny_clip(), random_init=True, device=device) if teacher.conditioning == "text" else None
+        clip = None
+        if teacher.conditioning == "text":
+            with torch.random.fork_rng(devices=[]):  # the same random CLIP in every process (and rank)
+                torch.manual_seed(0)
+                clip = load_clip(register_tiny_clip(), random_init=True, device=device)
     else:
         path = cached_file(e.inception_weights) if e.inception_weights else None
         inception, name = inception_extractor(path, device, e.fid_mode), "inception-2015-12-05"
@@ -228,7 +234,7 @@ def _reference(root: str, cfg, protocol, files: list[str], extractor, name: str,
     the root."""
     e = cfg.evaluate
     key = stable_hash([protocol.name, protocol.resolution, e.fid_mode, name, e.reference_images, files])
-    cache = root_store(root)
+    cache = writer_store(root_store(root))
     path = f"_reference/{protocol.name}-{key}.safetensors"
     if cache.exists(path):
         stats = bytes_to_tensors(cache.read_bytes(path))
@@ -280,6 +286,8 @@ def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed,
     inputs = protocol_inputs(root, cfg, teacher, protocol, device)
     n, raw, z, ref, inception, clip = inputs.n, inputs.raw, inputs.z, inputs.ref, inputs.inception, inputs.clip
     models = Models(store, cfg, teacher, device, images=True)
+    share = rank_slice(n)  # data-parallel ranks: this one's samples; one process: all of them
+    z, raw = z[share], slice_raw(raw, share.start, share.stop)
 
     def score(fn: Callable, keep: Optional[dict], label: str) -> dict:
         scores = ImageScores(inception, e.fid_mode, device, clip)
@@ -287,6 +295,7 @@ def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed,
             scores.update(images, cond)
             if keep is not None and label not in keep:
                 keep[label] = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        gather_scores(scores)
         return scores.result(*ref)
 
     def baseline(fn: Callable) -> tuple[dict, torch.Tensor]:

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from dmd_core.datasets import DEFAULT_PROTOCOLS, real_dataset
+from dmd_core.distributed import current
 from dmd_core.protocols import METRICS, Protocol, get_protocol
 from tasks.report import LOSS, TREND, markdown_with_images, report
 from storage import ArtifactStore
@@ -22,6 +23,7 @@ from tasks.context import device_for, open_run, run_teacher
 from tasks.eval_guidance import run_guidance_sweep
 from tasks.eval_protocols import COLUMNS, KEY_COLUMNS, classifier_protocol, image_protocol, result_hashes
 from tasks.gpu_slots import gpu_slots
+from tasks.launch import is_rank, launch_evaluate, writer_store
 from tasks.stages import artifact_key, resume_key
 
 
@@ -33,8 +35,11 @@ def protocol_of(cfg) -> Protocol | None:
 
 def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dict:
     """Append new rows to eval/results.parquet (never duplicating a key) and write eval/summary.json."""
-    store, cfg = open_run(root, run_name)
-    protocol = protocol_of(cfg)
+    full_store, cfg = open_run(root, run_name)
+    if cfg.evaluate.world_size > 1 and not is_rank():  # torchrun starts the ranks, each running this function
+        launch_evaluate(root, run_name, all_checkpoints, cfg.evaluate.world_size)
+        return full_store.read_json(SUMMARY)
+    store, protocol, lead = writer_store(full_store), protocol_of(cfg), current().rank == 0
     if protocol is None:  # no metric protocol for this data: say so rather than fail the pipeline
         summary = {"run": run_name, "checkpoint_step": None, "grid": None, "rows": [],
                    "note": f"no evaluation protocol for data.name={cfg.data.name!r}: set evaluate.protocol"}
@@ -68,8 +73,9 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
         store.write_table(RESULTS, {c: [r.get(c) for r in rows] for c in COLUMNS})
         summary = summarize(store, rows, run_name, hashes)
         store.write_json(SUMMARY, summary)
-        report(root, run_name)  # eval/trend.png and eval/loss.png, redrawn only when rows were added
-    if summary["checkpoint_step"] is not None:  # the model card carries the metrics of the checkpoint it exports
+        if lead:
+            report(root, run_name)  # eval/trend.png and eval/loss.png, redrawn only when rows were added
+    if summary["checkpoint_step"] is not None and lead:  # the model card carries the metrics of the checkpoint it exports
         from tasks.export import add_evaluation
 
         add_evaluation(store, summary_markdown({**summary, "grid": None}), summary["checkpoint_step"])
@@ -104,7 +110,7 @@ def evaluate_task(root: str, run_name: str, all_checkpoints: bool = False) -> di
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     store, cfg = open_run(root, run_name)
-    with gpu_slots(cfg):
+    with gpu_slots(cfg, occupy=cfg.evaluate.world_size):  # data-parallel ranks: one slot (GPU) each
         summary = run_evaluate(root, run_name, all_checkpoints)
     create_table_artifact(summary["rows"], key=artifact_key(run_name, "eval"), description=f"DMD evaluation of {run_name}")
     images = {name: store.read_bytes(key) for name, key in (("compare", EVAL_COMPARE), ("trend", TREND),

@@ -1,4 +1,5 @@
-"""Data-parallel distill: start `world_size` ranks under torchrun (each rank runs `tasks.ddp`).
+"""Data-parallel stages: start `world_size` ranks under torchrun (distill: each rank runs `tasks.ddp`; evaluate:
+`tasks.eval_ranks`).
 
 `launch_distill` runs `python -m torch.distributed.run ... -m tasks.ddp ROOT RUN` in a child process (one node:
 `--standalone --nproc_per_node N`; several: c10d rendezvous at `distill.rdzv_endpoint`, the same command run
@@ -23,14 +24,17 @@ ERROR_TAG = "dmd-rank-error:"
 
 
 class DistributedRunError(RuntimeError):
-    """The ranks of a distributed distill run failed; the message names the exit status and their last lines."""
+    """The ranks of a distributed stage failed; the message names the exit status and their last lines."""
+
+
+def is_rank() -> bool:
+    """True in a process torchrun started (or one already in a process group)."""
+    return current().world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def wants_launch(d: DistillConfig) -> bool:
-    """True when this process must start the ranks (it is not one of them already)."""
-    if current().world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
-        return False
-    return d.launcher == "torchrun" or (d.launcher == "auto" and d.world_size > 1)
+    """True when this process must start the distill ranks (it is not one of them already)."""
+    return not is_rank() and (d.launcher == "torchrun" or (d.launcher == "auto" and d.world_size > 1))
 
 
 def torchrun_command(root: str, run_name: str, force: bool, d: DistillConfig) -> list[str]:
@@ -47,11 +51,23 @@ def torchrun_command(root: str, run_name: str, force: bool, d: DistillConfig) ->
 def launch_distill(root: str, run_name: str, force: bool, d: DistillConfig,
                    log: Callable[[str], Any] = print) -> None:
     """Run the distill stage as torchrun ranks and wait; DistributedRunError if they fail."""
-    cmd = torchrun_command(root, run_name, force, d)
+    launch_ranks("distill", torchrun_command(root, run_name, force, d), d.world_size, d.nnodes, log)
+
+
+def launch_evaluate(root: str, run_name: str, all_checkpoints: bool, world_size: int,
+                    log: Callable[[str], Any] = print) -> None:
+    """Run the evaluate stage as `world_size` torchrun ranks on this host and wait; DistributedRunError if they fail."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}", "--standalone",
+           "-m", "tasks.eval_ranks", root, run_name] + (["--all-checkpoints"] if all_checkpoints else [])
+    launch_ranks("evaluate", cmd, world_size, 1, log)
+
+
+def launch_ranks(stage: str, cmd: list[str], world_size: int, nnodes: int, log: Callable[[str], Any]) -> None:
+    """Run a torchrun command line with the project on PYTHONPATH, relay its lines, raise on a failed rank."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_DIR), env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
-    log(f"distill: starting {d.world_size} ranks on {d.nnodes} node(s): {' '.join(cmd[1:])}")
+    log(f"{stage}: starting {world_size} ranks on {nnodes} node(s): {' '.join(cmd[1:])}")
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     errors: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
@@ -64,7 +80,7 @@ def launch_distill(root: str, run_name: str, force: bool, d: DistillConfig,
         rc = proc.wait()
     if rc != 0:
         first = errors[0] if errors else "no rank reported an error (killed?)"
-        raise DistributedRunError(f"distill: {first} (torchrun exit status {rc}, {d.world_size} ranks); "
+        raise DistributedRunError(f"{stage}: {first} (torchrun exit status {rc}, {world_size} ranks); "
                                   "last lines:\n" + "\n".join(tail))
 
 

@@ -1,0 +1,37 @@
+"""The entry point each torchrun rank of a data-parallel evaluation runs: `python -m tasks.eval_ranks ROOT RUN
+[--all-checkpoints]` (started by `tasks.launch.launch_evaluate`): join the process group and run the evaluate
+stage on this rank's share of the samples; rank 0 writes."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+import torch.distributed as dist
+
+from dmd_core.distributed import init_process_group
+from tasks.context import device_for, open_run
+from tasks.launch import ERROR_TAG
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """One rank: join the process group (nccl on cuda:LOCAL_RANK, gloo on CPU) and run the evaluate stage."""
+    from tasks.evaluate import run_evaluate  # this module is that stage's rank entry point, run by torchrun
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.eval_ranks", description=__doc__.splitlines()[0])
+    parser.add_argument("root")
+    parser.add_argument("run_name")
+    parser.add_argument("--all-checkpoints", action="store_true")
+    args = parser.parse_args(argv)
+    env = init_process_group(device_for(open_run(args.root, args.run_name)[1]).type)
+    try:
+        run_evaluate(args.root, args.run_name, args.all_checkpoints)
+    except Exception as e:  # one line the launching process turns into its error message
+        print(f"{ERROR_TAG} rank {env.rank} failed: {type(e).__name__}: {e}".replace("\n", " "), flush=True)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
