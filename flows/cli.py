@@ -301,6 +301,58 @@ def report_cmd(
         typer.echo(f"{name}: {url}")
 
 
+@app.command("eval")
+def eval_cmd(
+    folder: Path = typer.Argument(..., metavar="FOLDER", help="a diffusers pipeline folder (an export, or a "
+                                                              "published model kept locally)"),
+    protocol: str = typer.Option(..., help="evaluation protocol: coco30k, coco10k, cifar10-50k"),
+    steps: int = typer.Option(1, min=1, help="num_inference_steps the pipeline is called with"),
+    guidance: Optional[float] = typer.Option(None, help="guidance_scale it is called with (default: the pipeline's)"),
+    root: str = typer.Option("./artifacts", help="artifact root URL; rows go to ROOT/NAME/eval/results.parquet"),
+    name: Optional[str] = typer.Option(None, help="the rows' run name (default: the folder's name)"),
+    set_: List[str] = typer.Option([], "--set", help="an evaluate setting, e.g. --set evaluate.captions=PATH"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+) -> None:
+    """Score any diffusers pipeline folder at a protocol, on the evaluate stage's noise and prompts."""
+    import torch
+    from pydantic import ValidationError
+
+    from dmd_core.config import EvaluateConfig
+    from dmd_core.protocols import PROTOCOLS
+    from tasks.eval_pipeline import pipeline_class, run_eval_pipeline
+
+    if protocol not in PROTOCOLS or PROTOCOLS[protocol].classifier:
+        fail(f"--protocol: choose one of {', '.join(n for n, p in PROTOCOLS.items() if not p.classifier)}, "
+             f"got {protocol!r}")
+    if device not in ("cpu", "cuda", "auto"):
+        fail(f"--device: choose cpu, cuda or auto, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available; use --device cpu")
+    settings = {}
+    for item in set_:
+        field, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set {item}: expected evaluate.FIELD=VALUE")
+        settings[field.removeprefix("evaluate.")] = yaml.safe_load(value)
+    try:
+        evaluate = EvaluateConfig(**settings, protocol=protocol)
+        pipeline_class(folder)
+    except ValidationError as err:
+        e = err.errors()[0]
+        fail(f"--set evaluate.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}")
+    except (FileNotFoundError, ValueError) as err:
+        fail(f"FOLDER: {err}")
+    on = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    try:
+        rows = run_eval_pipeline(str(folder), root, name or folder.resolve().name, protocol, steps, guidance,
+                                 evaluate, on)
+    except (FileNotFoundError, ValueError, NotImplementedError) as err:
+        fail(str(err))
+    for r in rows:
+        typer.echo(f"{r['run']} | {r['model']} {r['steps']}-step | {r['metric']} = {r['value']:.6g} "
+                   f"| n = {r['n_samples']}")
+
+
 @app.command()
 def presets() -> None:
     """List the presets shipped in configs/."""

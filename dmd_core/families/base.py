@@ -74,6 +74,16 @@ class TeacherFamily:
         student takes `w` as an input (else w = 1 runs it without guidance)."""
         raise NotImplementedError
 
+    def pipeline_inputs(self, pipe, pipeline: str) -> tuple[int, tuple[int, ...]]:
+        """(number of classes (0: none), the shape of one noise sample) of a loaded stock pipeline of this family,
+        at its default size: what `call_pipeline` takes."""
+        raise NotImplementedError(f"{self.name}: evaluating a {pipeline} folder by path is not supported yet")
+
+    def call_pipeline(self, pipe, pipeline: str, z, raw, steps: int, w: Optional[float], generator):
+        """Images in [0, 1] (B, 3, H, W) from a loaded stock pipeline of this family, called on the noise z with raw
+        conditions (prompts, class ids or None), `steps` steps, guidance_scale `w` (None: the pipeline's default)."""
+        raise NotImplementedError(f"{self.name}: evaluating a {pipeline} folder by path is not supported yet")
+
     def usage(self, pipeline: str) -> list[str]:
         """The model card's code lines loading and calling the export (PATH, {n}, {w} filled in)."""
         raise NotImplementedError

@@ -79,6 +79,16 @@ class StableDiffusionFamily(TeacherFamily):
         return self.load_export(pipeline, path)(raw, num_inference_steps=steps, guidance_scale=w, latents=z,
                                                 output_type="pt", generator=torch.Generator().manual_seed(seed)).images
 
+    def pipeline_inputs(self, pipe, pipeline):
+        """Latents (C, s, s) at the UNet's sample_size (the pipeline's default height and width / 8)."""
+        size = pipe.unet.config.sample_size
+        return 0, (pipe.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+
+    def call_pipeline(self, pipe, pipeline, z, raw, steps, w, generator):
+        kwargs = {} if w is None else {"guidance_scale": w}
+        return pipe(list(raw), num_inference_steps=steps, latents=z.to(pipe.device, pipe.unet.dtype),
+                    generator=generator, output_type="pt", **kwargs).images
+
     def usage(self, pipeline):
         return [f'from diffusers import {pipeline}', f'pipe = {pipeline}.from_pretrained("PATH")',
                 'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={w}).images[0]']

@@ -91,6 +91,28 @@ class UNet2DFamily(TeacherFamily):
         return pipe(latents=z, class_labels=raw, generator=torch.Generator().manual_seed(seed), output_type="pt",
                     guidance_scale=w if guided else None).images
 
+    def pipeline_inputs(self, pipe, pipeline):
+        """Images (C, s, s) at the UNet's sample_size; a class-conditional DMDPipeline's classes without the null
+        label of its guidance (the last class embedding)."""
+        size, classes = pipe.unet.config.sample_size, pipe.unet.config.num_class_embeds
+        shape = (pipe.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+        return (classes - 1 if classes and pipeline == "DMDPipeline" else 0), shape
+
+    def call_pipeline(self, pipe, pipeline, z, raw, steps, w, generator):
+        """DDIMPipeline draws its noise itself (`randn_tensor` of its module, it takes no latents): for this call
+        that function returns z, and the stock `__call__` runs unchanged."""
+        if pipeline == "DDIMPipeline":
+            from diffusers.pipelines.ddim import pipeline_ddim
+
+            draw = pipeline_ddim.randn_tensor
+            pipeline_ddim.randn_tensor = lambda shape, **kw: z.to(kw.get("device"), kw.get("dtype"))
+            try:
+                return pipe(batch_size=z.shape[0], num_inference_steps=steps, generator=generator,
+                            output_type="pt").images
+            finally:
+                pipeline_ddim.randn_tensor = draw
+        return pipe(latents=z, class_labels=raw, generator=generator, output_type="pt", guidance_scale=w).images
+
     def usage(self, pipeline):
         if pipeline == "DDIMPipeline":
             return ['from diffusers import DDIMPipeline', 'pipe = DDIMPipeline.from_pretrained("PATH")',
