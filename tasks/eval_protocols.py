@@ -178,7 +178,7 @@ def classifier_protocol(root, store, cfg, run_name, teacher, dataset, protocol, 
                                                                                  y.split(e.batch_size))])
 
     new, pictures = [], {}
-    if needed("real", -1, "real", 0, "fd"):
+    if needed("real", -1, "real", 0, protocol.metrics[0]):
         half = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(e.seed))
         a, b = half[: images.shape[0] // 2], half[images.shape[0] // 2:]
         fa, fb = (features_and_predictions(model, images[idx])[0] for idx in (a, b))
@@ -192,10 +192,10 @@ def classifier_protocol(root, store, cfg, run_name, teacher, dataset, protocol, 
 
     baselines = TeacherBaselines(root, store, cfg, protocol, n, models.precision,
                                  f"classifier-e{e.classifier_epochs}-s{e.seed}")
-    new += teacher_rows(run_name, models, baselines, n, needed, "fd", baseline, pictures)
+    new += teacher_rows(run_name, models, baselines, n, needed, protocol.metrics[0], baseline, pictures)
     grid = None
     for step in steps:
-        if needed("student", step, "student", models.n_gen, "fd"):
+        if needed("student", step, "student", models.n_gen, protocol.metrics[0]):
             x = run(models.student(step))
             new += rows(run_name, hashes["student"], step, "student", models.n_gen, score(x, y), n, models.precision)
             pictures[f"student step {step}"], grid = x[:8], x[:64]
@@ -304,9 +304,9 @@ def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed,
 
     pictures: dict = {}
     baselines = TeacherBaselines(root, store, cfg, protocol, inputs.n, models.precision, inputs.reference)
-    new = teacher_rows(run_name, models, baselines, inputs.n, needed, "fid", baseline, pictures)
+    new = teacher_rows(run_name, models, baselines, inputs.n, needed, protocol.metrics[0], baseline, pictures)
     for step in steps:
-        if needed("student", step, "student", models.n_gen, "fid"):
+        if needed("student", step, "student", models.n_gen, protocol.metrics[0]):
             label = f"student step {step}"
             new += rows(run_name, hashes["student"], step, "student", models.n_gen,
                         score(models.student(step), pictures, label), n, models.precision)

@@ -12,7 +12,7 @@ from prefect.cache_policies import NONE
 
 from dmd_core.datasets import DEFAULT_PROTOCOLS, real_dataset
 from dmd_core.distributed import current
-from dmd_core.protocols import METRICS, Protocol, get_protocol
+from dmd_core.protocols import METRICS, Protocol, get_protocol, metric_spec
 from tasks.report import LOSS, TREND, markdown_with_images, report
 from storage import ArtifactStore
 from storage.checkpoints import list_checkpoints
@@ -112,12 +112,19 @@ def evaluate_task(root: str, run_name: str, all_checkpoints: bool = False) -> di
     store, cfg = open_run(root, run_name)
     with gpu_slots(cfg, occupy=cfg.evaluate.world_size):  # data-parallel ranks: one slot (GPU) each
         summary = run_evaluate(root, run_name, all_checkpoints)
-    create_table_artifact(summary["rows"], key=artifact_key(run_name, "eval"), description=f"DMD evaluation of {run_name}")
+    create_table_artifact(artifact_rows(summary["rows"]), key=artifact_key(run_name, "eval"),
+                          description=f"DMD evaluation of {run_name}")
     images = {name: store.read_bytes(key) for name, key in (("compare", EVAL_COMPARE), ("trend", TREND),
                                                             ("loss", LOSS)) if store.exists(key)}
     create_markdown_artifact(markdown_with_images(f"DMD evaluation of {run_name}", summary_markdown(summary), images),
                              key=artifact_key(run_name, "eval-summary"))
     return summary
+
+
+def artifact_rows(rows: list[dict]) -> list[dict]:
+    """The summary's rows as the Prefect table shows them: the metric's header and its formatted value."""
+    return [{**r, "metric": metric_spec(r["metric"]).header, "value": metric_spec(r["metric"]).cell(r["value"])}
+            for r in rows]
 
 
 def summary_markdown(summary: dict) -> str:
