@@ -10,14 +10,18 @@ Weights come only from a local file (`evaluate.clip_weights`); nothing is ever d
 """
 from __future__ import annotations
 
+import functools
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .fid import extractor_precision, parallel_map
 from .protocols import center_crop_resize as protocol_crop_resize
 
 DMD2_PREFIX = "A photo depicts "  # Hessel et al. 2021 (CLIPScore), as DMD2's evaluator prepends it
@@ -72,10 +76,13 @@ def load_clip(model_name: str = DEFAULT_MODEL, weights: Optional[str] = None, de
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
 
-def to_pil(image: Union[torch.Tensor, Image.Image]) -> Image.Image:
-    """A (3, H, W) float tensor in [0, 1] (clamped, rounded to uint8) or uint8 tensor, or a PIL image, as RGB PIL."""
+def to_pil(image: Union[torch.Tensor, Image.Image, np.ndarray]) -> Image.Image:
+    """A (3, H, W) float tensor in [0, 1] (clamped, rounded to uint8) or uint8 tensor, a uint8 (H, W, 3) array, or
+    a PIL image, as RGB PIL."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return Image.fromarray(image)
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"each image must be a (3, H, W) tensor or a PIL image, got "
                          f"{getattr(image, 'shape', type(image).__name__)}")
@@ -98,16 +105,47 @@ def tokenize_captions(captions: Sequence[str], tokenizer: Callable, prefix: str 
     return tokenizer([prefix + c for c in captions])
 
 
+def split_preprocess(preprocess: Callable) -> tuple[Callable, Callable]:
+    """(PIL stages, tensor stages) of an open_clip preprocess, split before its ToTensor; composed they are it.
+    A preprocess of another kind is all PIL stages."""
+    stages = list(getattr(preprocess, "transforms", []))
+    at = next((i for i, t in enumerate(stages) if type(t).__name__ in ("ToTensor", "MaybeToTensor")), None)
+    if at is None:
+        return preprocess, _identity
+    return type(preprocess)(stages[:at]), type(preprocess)(stages[at:])
+
+
+def _identity(x):
+    return x
+
+
+def pil_stages(image: Union[torch.Tensor, Image.Image, np.ndarray], pil_preprocess: Callable,
+               resize: Optional[int] = None):
+    """One image up to the model's ToTensor: uint8 RGB PIL, DMD2's crop + Lanczos to `resize` when given, then the
+    preprocess's PIL stages. PIL only (no torch, whose own threads would multiply), so any worker can run it."""
+    pil = to_pil(image)
+    return pil_preprocess(pil if resize is None else center_crop_resize(pil, resize))
+
+
+def _portable(image):
+    """A uint8 (3, H, W) tensor as a contiguous (H, W, 3) array: pickled alone to a worker process, not its batch."""
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
+        return np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    return image
+
+
 @torch.no_grad()
 def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, preprocess: Callable,
                tokenizer: Callable, prefix: str = "", batch_size: int = 64,
-               resize: Optional[int] = None) -> tuple[float, torch.Tensor]:
+               resize: Optional[int] = None, *, pool: Optional[Executor] = None,
+               precision: str = "fp32") -> tuple[float, torch.Tensor]:
     """(mean cosine, per-sample cosine (N,) on CPU) between L2-normalised image and caption embeddings.
 
     Images: (N, 3, H, W) float in [0, 1] or uint8, or a list of PIL images / (3, H, W) tensors. Each becomes a
     uint8 RGB PIL image and goes through the model's own `preprocess`, exactly as open_clip treats a PIL image
     (PIL bicubic on uint8 differs slightly from torchvision's tensor resize). `resize=DMD2_RESIZE` adds DMD2's
-    center crop + 256 Lanczos step first; `prefix=DMD2_PREFIX` adds its caption prefix.
+    center crop + 256 Lanczos step first; `prefix=DMD2_PREFIX` adds its caption prefix. The images are prepared
+    in `pool`'s threads when given; both towers run in `precision` (`fid.extractor_precision`).
     """
     n = len(images)
     if n != len(captions):
@@ -117,16 +155,17 @@ def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, pr
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
+    pil_part, tensor_part = split_preprocess(preprocess)
     scores = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        pils = [to_pil(images[i]) for i in range(start, stop)]
-        if resize is not None:
-            pils = [center_crop_resize(p, resize) for p in pils]
-        pixels = torch.stack([preprocess(p) for p in pils]).to(device)
+        items = [_portable(images[i]) for i in range(start, stop)]
+        pils = parallel_map(functools.partial(pil_stages, pil_preprocess=pil_part, resize=resize), items, pool)
+        batch = [tensor_part(p) for p in pils]
         tokens = tokenize_captions(list(captions[start:stop]), tokenizer, prefix).to(device)
-        img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-        txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        with extractor_precision(precision, device):
+            img = F.normalize(model.encode_image(torch.stack(batch).to(device)).float(), dim=-1)
+            txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
         scores.append((img * txt).sum(-1).cpu())
     per_sample = torch.cat(scores)
     return float(per_sample.double().mean()), per_sample

@@ -3,10 +3,19 @@
 Nothing is written to disk: each batch is decoded, brought to the protocol's resolution (DMD2's center crop on
 the long edge + PIL Lanczos), quantised to uint8 as a PNG would be, and fed to the Inception features and the
 CLIP score at once (Heusel et al. 2017; Radford et al. 2021; DMD §5 protocols).
+
+At scale, the CPU work (the protocol's resize, clean-fid's resize to 299, CLIP's preprocess) runs in a pool of
+threads or processes, and `ImageScores(background=True)` scores batch i in a worker thread while the caller generates batch
+i + 1; every per-image result is computed as in the sequential loop, so the statistics and cosines are the same.
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from itertools import repeat
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -14,7 +23,7 @@ import torch
 
 from .clip_score import clip_score
 from .conditions import RawConditions
-from .fid import FeatureStats, features, frechet_distance, to_uint8
+from .fid import FeatureStats, features, frechet_distance, parallel_map, to_uint8
 from .protocols import center_crop_resize
 
 
@@ -23,26 +32,57 @@ def slice_raw(raw: RawConditions, start: int, stop: int) -> RawConditions:
     return None if raw is None else raw[start:stop]
 
 
-def to_protocol_images(images01: torch.Tensor, resolution: int) -> np.ndarray:
-    """Float images in [0, 1] (N, C, H, W) -> uint8 (N, R, R, 3); resized as the protocol says when not R x R."""
+def image_pool(workers: Optional[int] = None, processes: bool = False) -> Executor:
+    """Workers for the per-image CPU work (PIL resizes): threads, or spawned processes; one per core this process
+    may use unless `workers` says."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = workers or cores or 1
+    if processes:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images")
+
+
+def to_protocol_images(images01: torch.Tensor, resolution: int, pool: Optional[Executor] = None) -> np.ndarray:
+    """Float images in [0, 1] (N, C, H, W), on any device -> uint8 (N, R, R, 3) on the CPU; resized as the
+    protocol says when not R x R (in `pool`'s threads when given)."""
     x = to_uint8(images01)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     arr = x.permute(0, 2, 3, 1).numpy()
     if arr.shape[1] == arr.shape[2] == resolution:
         return arr
-    return np.stack([center_crop_resize(a, resolution) for a in arr])
+    return np.stack(parallel_map(partial(center_crop_resize, size=resolution), list(arr), pool))
+
+
+def pad_batch(z: torch.Tensor, raw: RawConditions, size: int) -> tuple[torch.Tensor, RawConditions]:
+    """A short last batch padded to `size` with copies of its first sample, so a network compiled for one shape
+    runs it unchanged; the padding's outputs are dropped."""
+    n = z.shape[0]
+    if n >= size:
+        return z, raw
+    z = torch.cat([z, z[:1].expand(size - n, *z.shape[1:])])
+    if isinstance(raw, list):
+        return z, raw + list(repeat(raw[0], size - n))
+    if isinstance(raw, torch.Tensor):
+        return z, torch.cat([raw, raw[:1].expand(size - n, *raw.shape[1:])])
+    return z, raw
 
 
 def generate_images(sample: Callable[[torch.Tensor, RawConditions], torch.Tensor], z: torch.Tensor,
-                    raw: RawConditions, batch_size: int, resolution: int) -> Iterator[tuple[np.ndarray, RawConditions]]:
-    """(uint8 protocol images, their raw conditions) batch by batch; `sample(z, raw)` returns images in [0, 1]."""
+                    raw: RawConditions, batch_size: int, resolution: int, *, pool: Optional[Executor] = None,
+                    fixed_batch: bool = False) -> Iterator[tuple[np.ndarray, RawConditions]]:
+    """(uint8 protocol images, their raw conditions) batch by batch; `sample(z, raw)` returns images in [0, 1].
+
+    The images are quantised on their device and resized in `pool`'s threads when given. `fixed_batch` pads a
+    short last batch to `batch_size` (`pad_batch`) for samplers compiled for one shape.
+    """
     for start in range(0, z.shape[0], batch_size):
         stop = min(start + batch_size, z.shape[0])
         cond = slice_raw(raw, start, stop)
+        zb, cb = pad_batch(z[start:stop], cond, batch_size) if fixed_batch else (z[start:stop], cond)
         with torch.no_grad():
-            images = sample(z[start:stop], cond).float().cpu()
-        yield to_protocol_images(images, resolution), cond
+            images = sample(zb, cb)[: stop - start]
+        yield to_protocol_images(images, resolution, pool), cond
 
 
 @dataclass
@@ -54,25 +94,77 @@ class ClipScorer:
     tokenizer: Callable
     prefix: str = ""
     resize: Optional[int] = None
+    precision: str = "fp32"  # fid.EXTRACTOR_PRECISIONS; fp32 is the metric's definition
 
-    def __call__(self, images: np.ndarray, captions: list[str]) -> torch.Tensor:
+    def __call__(self, images: np.ndarray, captions: list[str], pool: Optional[Executor] = None) -> torch.Tensor:
         return clip_score(torch.from_numpy(images).permute(0, 3, 1, 2), captions, self.model, self.preprocess,
-                          self.tokenizer, prefix=self.prefix, resize=self.resize)[1]
+                          self.tokenizer, prefix=self.prefix, resize=self.resize, pool=pool,
+                          precision=self.precision)[1]
 
 
 class ImageScores:
-    """FID statistics and per-sample CLIP cosines of one model's images, accumulated batch by batch."""
+    """FID statistics and per-sample CLIP cosines of one model's images, accumulated batch by batch.
+
+    `pool` resizes in threads; `precision` is Inception's (`fid.extractor_precision`). With `background`, `update`
+    hands the batch to one worker thread and returns, so the caller generates the next batch meanwhile; batches
+    are scored one at a time in their order, after the first `warmup_batches`, which are scored in the caller's
+    thread (a compiled generator records its CUDA graphs on its first two calls, with nothing beside it).
+    `stats` and `cosines` wait for the batch in flight; its error is raised there or at the next `update`.
+    On an H100 with 16 cores the overlap did not pay (docs/benchmarks.md): the threads share one GIL.
+    """
 
     def __init__(self, extractor: torch.nn.Module, mode: str, device: torch.device | str,
-                 clip: Optional[ClipScorer] = None) -> None:
+                 clip: Optional[ClipScorer] = None, *, pool: Optional[Executor] = None, precision: str = "fp32",
+                 background: bool = False, warmup_batches: int = 2) -> None:
         self.extractor, self.mode, self.device, self.clip = extractor, mode, device, clip
-        self.stats = FeatureStats()
-        self.cosines: list[torch.Tensor] = []
+        self.pool, self.precision, self.warmup_batches = pool, precision, warmup_batches
+        self._stats = FeatureStats()
+        self._cosines: list[torch.Tensor] = []
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scores") if background else None
+        self._pending: Optional[Future] = None
+        self._batches = 0
+
+    @property
+    def stats(self) -> FeatureStats:
+        self.wait()
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: FeatureStats) -> None:
+        self.wait()
+        self._stats = value
+
+    @property
+    def cosines(self) -> list[torch.Tensor]:
+        self.wait()
+        return self._cosines
+
+    @cosines.setter
+    def cosines(self, value: list[torch.Tensor]) -> None:
+        self.wait()
+        self._cosines = value
 
     def update(self, images: np.ndarray, captions: RawConditions = None) -> None:
-        self.stats.update(features(list(images), self.extractor, self.mode, device=self.device))
+        """Score a batch of uint8 (B, R, R, 3) images (and their captions, for CLIP); the caller keeps `images`
+        unchanged while it is in flight."""
+        self.wait()
+        self._batches += 1
+        if self._worker is None or self._batches <= self.warmup_batches:
+            self._score(images, captions)
+        else:
+            self._pending = self._worker.submit(self._score, images, captions)
+
+    def wait(self) -> None:
+        """Until the batch in flight is scored; re-raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _score(self, images: np.ndarray, captions: RawConditions) -> None:
+        self._stats.update(features(list(images), self.extractor, self.mode, device=self.device, pool=self.pool,
+                                    precision=self.precision))
         if self.clip is not None and isinstance(captions, list):
-            self.cosines.append(self.clip(images, captions))
+            self._cosines.append(self.clip(images, captions, self.pool))
 
     def result(self, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> dict[str, float]:
         """{"fid": FID against the reference statistics, "clip": mean raw cosine (text models)}."""

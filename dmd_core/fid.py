@@ -15,9 +15,12 @@ Inception); sigma is `np.cov(feats, rowvar=False)` in float64 to ~1e-15, merged 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from concurrent.futures import Executor
 from glob import glob
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,6 +32,9 @@ from scipy import linalg
 from torch import nn
 
 MODES = ("clean", "legacy_tensorflow")
+# The precision a feature extractor runs in (Inception, CLIP). "fp32" leaves torch's flags as they are: by default
+# fp32 matrix multiplies and cuDNN convolutions allowed TF32, as clean-fid and DMD2's evaluator run.
+EXTRACTOR_PRECISIONS = ("fp32", "tf32", "bf16")
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # cleanfid/features.py feature_extractor(): path = "./" on Windows else "/tmp", then InceptionV3W joins the name.
 CLEANFID_INCEPTION_PATH = os.path.join("/tmp", INCEPTION_FILE)
@@ -65,8 +71,39 @@ def inception_extractor(path: str | None, device: torch.device | str, mode: str 
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] -> uint8 by clamp, x255, round half to even (the PNG a folder would hold)."""
-    return (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    """Float images in [0, 1] -> uint8 on the CPU by clamp, x255, round half to even (the PNG a folder would hold).
+
+    Quantised where the images are, then copied: a quarter of the bytes cross to the host, and the three float32
+    operations are correctly rounded on every device, so the bytes are those of the CPU's quantisation.
+    """
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+@contextlib.contextmanager
+def extractor_precision(precision: str, device: torch.device | str) -> Iterator[None]:
+    """The region a feature extractor runs in: "fp32" as torch's flags are (the metric's definition), "tf32"
+    (fp32 weights; TF32 matrix multiplies and convolutions: process-wide flags, restored on exit, so fp32 work of
+    other threads meanwhile uses TF32 too) or "bf16" (autocast, local to the thread)."""
+    if precision not in EXTRACTOR_PRECISIONS:
+        raise ValueError(f"extractor precision must be one of {EXTRACTOR_PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        yield
+    elif precision == "bf16":
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            yield
+    else:
+        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def parallel_map(fn: Callable, items: Sequence, pool: Optional[Executor]) -> list:
+    """[fn(x) for x in items], through `pool` when given (threads, as PIL releases the GIL while it resizes, or
+    processes, for picklable `fn`); the results keep the items' order, so they are those of the loop."""
+    return list(pool.map(fn, items)) if pool is not None else [fn(x) for x in items]
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:
@@ -102,25 +139,37 @@ def _uint8_images(images: Images) -> list[np.ndarray]:
     return [_rgb(im) for im in items]
 
 
-def preprocess(images: Images, mode: str = "clean") -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _resize_dataset(mode: str) -> ResizeDataset:
+    """clean-fid's own `fn_resize` and `ToTensor` for `mode`, built once per process."""
+    return ResizeDataset([], mode=mode)
+
+
+def _clean_resize(mode: str, img: np.ndarray) -> np.ndarray:
+    """clean-fid's `fn_resize` of one image: PIL and numpy only, so it runs in any worker thread or process."""
+    return _resize_dataset(mode).fn_resize(img)
+
+
+def _to_tensor(mode: str, resized: np.ndarray) -> torch.Tensor:
+    """The rest of `cleanfid.utils.ResizeDataset.__getitem__`: `ToTensor()` (x255 for uint8)."""
+    if resized.dtype == np.uint8:
+        return _resize_dataset(mode).transforms(np.array(resized)) * 255
+    if resized.dtype == np.float32:
+        return _resize_dataset(mode).transforms(resized)
+    raise TypeError(f"clean-fid's resizer returned {resized.dtype}")
+
+
+def preprocess(images: Images, mode: str = "clean", pool: Optional[Executor] = None) -> torch.Tensor:
     """What clean-fid's folder path feeds the extractor: float32 (B, 3, 299, 299) for "clean", (B, 3, H, W) for legacy.
 
-    Per image, as `cleanfid.utils.ResizeDataset.__getitem__`: its `fn_resize`, then `ToTensor()` (x255 for uint8).
+    Per image, as `cleanfid.utils.ResizeDataset.__getitem__`: its `fn_resize` (in `pool`'s workers when given:
+    PIL and numpy, no torch, whose own threads would multiply), then `ToTensor()` here.
     """
     _check_mode(mode)
-    dataset = ResizeDataset([], mode=mode)  # holds clean-fid's own fn_resize and ToTensor for `mode`
-    out = []
-    for img in _uint8_images(images):
-        resized = dataset.fn_resize(img)
-        if resized.dtype == np.uint8:
-            out.append(dataset.transforms(np.array(resized)) * 255)
-        elif resized.dtype == np.float32:
-            out.append(dataset.transforms(resized))
-        else:
-            raise TypeError(f"clean-fid's resizer returned {resized.dtype}")
-    if not out:
+    resized = parallel_map(functools.partial(_clean_resize, mode), _uint8_images(images), pool)
+    if not resized:
         raise ValueError("no images to preprocess")
-    return torch.stack(out)
+    return torch.stack([_to_tensor(mode, r) for r in resized])
 
 
 def _chunks(items: list, size: int | None) -> Iterable[list]:
@@ -132,13 +181,19 @@ def _chunks(items: list, size: int | None) -> Iterable[list]:
 
 
 def features(images: Images, extractor: Extractor, mode: str, batch_size: int | None = None,
-             device: torch.device | str = "cpu") -> np.ndarray:
-    """(N, D) features through clean-fid's `get_batch_features` (no_grad, to `device`, back to numpy)."""
+             device: torch.device | str = "cpu", *, pool: Optional[Executor] = None,
+             precision: str = "fp32") -> np.ndarray:
+    """(N, D) features through clean-fid's `get_batch_features` (no_grad, to `device`, back to numpy); resized
+    in `pool`'s threads when given, the extractor run in `precision` (`extractor_precision`; float32 out)."""
     items = _uint8_images(images)
     if not items:
         raise ValueError("no images to compute features of")
-    feats = [get_batch_features(preprocess(chunk, mode), extractor, torch.device(device))
-             for chunk in _chunks(items, batch_size)]
+    net = extractor if precision == "fp32" else (lambda x: extractor(x).float())
+    feats = []
+    for chunk in _chunks(items, batch_size):
+        batch = preprocess(chunk, mode, pool)
+        with extractor_precision(precision, device):
+            feats.append(get_batch_features(batch, net, torch.device(device)))
     return np.concatenate(feats)
 
 

@@ -1,7 +1,7 @@
 """Fast one-step generation on CUDA: half precision, channels_last, fused QKV projections, torch.compile."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -47,6 +47,77 @@ def fast_modules(unet: nn.Module, vae: Optional[nn.Module], mode: str = "reduce-
     compiled with `decoder_mode` when given, else with `mode`."""
     decoder = fast_decoder(vae, decoder_mode or mode, dtype) if vae is not None else None
     return fast_unet(unet, mode, dtype), decoder
+
+
+def _cast_input(dtype: torch.dtype) -> Callable:
+    """A forward pre-hook casting a module's first positional input to `dtype`."""
+
+    def hook(module: nn.Module, args: tuple) -> Optional[tuple]:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dtype != dtype:
+            return (args[0].to(dtype), *args[1:])
+        return None
+
+    return hook
+
+
+def fast_teacher_decoder(teacher, dtype: torch.dtype = torch.bfloat16, mode: str = "reduce-overhead") -> None:
+    """The teacher's VAE made fast in place (`fast_decoder`), its decoder taking latents of any float dtype, so
+    `teacher.decode(x)` works as before (images in `dtype`); a second call with the same dtype does nothing."""
+    vae = getattr(teacher, "vae", None)
+    if vae is None:
+        return
+    decoder = vae.decoder
+    if next(decoder.parameters()).dtype == dtype and getattr(decoder, "_compiled_call_impl", None) is not None:
+        return
+    fast_decoder(vae, mode, dtype)
+    for part in (getattr(vae, "post_quant_conv", None), decoder):
+        if part is not None:
+            part.register_forward_pre_hook(_cast_input(dtype))
+
+
+class InAutocast(nn.Module):
+    """`module(...)` under autocast to `dtype`: a network whose weights are already in `dtype` then only has its
+    inputs cast, and the math around it (a generator's x0 conversion) stays in its own precision, as it does
+    under the evaluate stage's autocast."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args, **kwargs):
+        device = next(self.module.parameters()).device
+        with torch.autocast(device.type, dtype=self.dtype):
+            return self.module(*args, **kwargs)
+
+
+def _network(generator: nn.Module) -> nn.Module:
+    """The denoising network inside a `Generator` (or a `GuidedGenerator` around one)."""
+    inner = getattr(generator, "generator", generator)
+    net = getattr(getattr(inner, "denoiser", None), "net", None)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"fast_generation needs a Generator over a NetDenoiser, got {type(generator).__name__}")
+    return net
+
+
+def fast_generation(generator: nn.Module, teacher=None, dtype: torch.dtype = torch.bfloat16,
+                    mode: str = "reduce-overhead", decoder_mode: Optional[str] = None) -> nn.Module:
+    """A student generator for evaluation on CUDA: its network in `dtype`, NHWC, fused QKV, compiled in place,
+    run under autocast to `dtype`; the teacher's decoder made fast in place too (`fast_teacher_decoder`).
+
+    Returns G' with G'(z, cond, generator=None) -> x0 in the generator's output dtype (float32), the x0
+    conversion and re-noising in float32 as under `accel.autocast`. The contract:
+    - pass a checkpoint's own generator (the student's copy of the network is changed in place) and call G'
+      under no_grad on CUDA, then `teacher.decode` as before;
+    - the networks are compiled for one shape (`dynamic=False`): keep the batch fixed (`generate_images(...,
+      fixed_batch=True)`); the first two calls compile and record the CUDA graphs (`reduce-overhead`), so let
+      nothing else run on the GPU beside them (`ImageScores(warmup_batches=2)` scores those two batches inline);
+    - the teacher's VAE stays in `dtype` afterwards (its decoder casts its input), for the teacher's rows too.
+    `mode` is torch.compile's (INFERENCE_MODES; "none" keeps the module eager), `decoder_mode` the decoder's.
+    """
+    fast_unet(_network(generator), mode, dtype)
+    if teacher is not None:
+        fast_teacher_decoder(teacher, dtype, decoder_mode or mode)
+    return InAutocast(generator, dtype)
 
 
 def fast_pipeline(pipe, mode: str = "reduce-overhead", dtype: torch.dtype = torch.float16):
