@@ -319,6 +319,14 @@ class EvaluateConfig(_Model):
                                                        "extractors, no weights needed (numbers mean nothing)")
     guidance_sweep: Optional[GuidanceScales] = Field(None, min_length=1, description="guidance scales at which "
                                                   "the teacher and the student are scored (eval/guidance.parquet)")
+    fast: Optional[bool] = Field(
+        None, description="CUDA: students generated through dmd_core.inference's fast path (weights in the "
+                          "autocast dtype, NHWC, fused QKV, compiled UNet and decoder) and batches of one shape; "
+                          "None (auto) = from 2,000 samples, where its ~1 min of compilation pays off")
+    clip_precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32", description="CLIP image/text towers' precision: fp32 is the metric's definition (DMD2's evaluator); "
+                            "tf32 is ~4x faster on GPUs and moves the score by ~1e-5 (docs/benchmarks.md)")
+    workers: int = Field(0, ge=0, description="threads for the per-image resizes (PIL); 0 = one per core")
     world_size: int = Field(1, ge=1, description="data-parallel evaluation: torchrun ranks on this host (one GPU "
                                                  "each) sharing the samples; the results equal one process's")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -347,6 +355,9 @@ class EvaluateConfig(_Model):
                 data.pop("precision", None)
             if self.world_size == 1:
                 data.pop("world_size", None)
+            for field, default in (("fast", None), ("clip_precision", "fp32"), ("workers", 0)):
+                if getattr(self, field) == default:
+                    data.pop(field, None)
         return data
 
 

@@ -114,7 +114,7 @@ class PipelineConfig(_Model):
 EXECUTION_FIELDS = {"pairs": {"runner", "runner_address", "runner_workers"},
                     "distill": {"world_size", "launcher", "nnodes", "rdzv_endpoint", "rdzv_id", "compile",
                                 "compile_scope", "channels_last"},
-                    "evaluate": {"world_size"}}
+                    "evaluate": {"world_size", "workers"}}
 
 
 def _first_error(err: ValidationError) -> str:

@@ -13,7 +13,9 @@ from dmd_core.checkpoint import bytes_to_tensors, tensors_to_bytes
 from dmd_core.config import stable_hash
 from dmd_core.denoisers import with_guidance
 from dmd_core.eval_parallel import gather_scores, rank_slice
-from dmd_core.evaluation import ClipScorer, ImageScores, generate_images, reference_stats, slice_raw
+from dmd_core.evaluation import (ClipScorer, ImageScores, generate_images, image_pool, reference_stats,
+                                 slice_raw)
+from dmd_core.inference import fast_generation
 from dmd_core.fid import frechet_distance
 from dmd_core.generator import Generator
 from dmd_core.guidance import student_at, student_denoiser
@@ -28,6 +30,7 @@ from tasks.eval_cache import TeacherBaselines
 from tasks.launch import writer_store
 from tasks.stages import resume_key
 
+FAST_FROM = 2_000  # evaluate.fast=auto: the fast path's ~1 min of compilation pays off from here (docs/benchmarks.md)
 KEY_COLUMNS = ("run", "config_hash", "checkpoint_step", "model", "steps", "metric")
 COLUMNS = (*KEY_COLUMNS, "value", "n_samples", "time", "precision", "cached")
 
@@ -105,10 +108,11 @@ class Models:
     """The models a run evaluates, each as sample(z, raw) -> x0 in model space (or images in [0, 1] when
     `images`), float32, on the same noise; generated under evaluate.precision's autocast (`precision`)."""
 
-    def __init__(self, store: ArtifactStore, cfg, teacher, device, images: bool = False) -> None:
+    def __init__(self, store: ArtifactStore, cfg, teacher, device, images: bool = False, fast: bool = False) -> None:
         self.store, self.cfg, self.teacher, self.device, self.images = store, cfg, teacher, device, images
         self.n_gen = len(cfg.distill.generator_timesteps)
         self.precision = accel.resolve_precision(cfg.evaluate.precision, device)
+        self.fast = fast  # students through dmd_core.inference's fast path (the teacher's decoder made fast too)
 
     def _renoise(self) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(1)
@@ -131,6 +135,8 @@ class Models:
 
     def student(self, step: int) -> Callable:
         G, g = student(self.store, self.cfg, self.teacher, step), self._renoise()
+        if self.fast:
+            G = fast_generation(G, self.teacher, accel.AUTOCAST_DTYPES[self.precision])
         return self._sampler(lambda z, cond: G(z, cond, generator=g))
 
 
@@ -225,7 +231,7 @@ def _extractors(cfg, teacher, device):
         if teacher.conditioning == "text":
             weights = cached_file(e.clip_weights) if e.clip_weights else None
             clip = load_clip(e.clip_model, weights, device)
-    scorer = ClipScorer(*clip, prefix=e.clip_prefix, resize=e.clip_resize) if clip else None
+    scorer = ClipScorer(*clip, prefix=e.clip_prefix, resize=e.clip_resize, precision=e.clip_precision) if clip else None
     return inception, scorer, name
 
 
@@ -280,18 +286,33 @@ def protocol_inputs(root, cfg, teacher, protocol, device) -> ProtocolInputs:
     return ProtocolInputs(n, raw, z, ref, inception, clip, name, reference)
 
 
+def fast_path(cfg, device, n: int) -> bool:
+    """Whether students take the fast path: evaluate.fast true, or unset (auto) from FAST_FROM samples; CUDA and
+    half precision only."""
+    e = cfg.evaluate
+    wanted = e.fast if e.fast is not None else n >= FAST_FROM
+    return wanted and device.type == "cuda" and accel.resolve_precision(e.precision, device) in accel.AUTOCAST_DTYPES
+
+
 def image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device) -> tuple[list[dict], dict]:
     """FID (and CLIP for text models) of teacher N-step, teacher 1-step and the student checkpoints `steps`."""
+    with image_pool(cfg.evaluate.workers or None) as pool:
+        return _image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device, pool)
+
+
+def _image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed, device, pool):
     e, hashes = cfg.evaluate, result_hashes(store, cfg)
     inputs = protocol_inputs(root, cfg, teacher, protocol, device)
     n, raw, z, ref, inception, clip = inputs.n, inputs.raw, inputs.z, inputs.ref, inputs.inception, inputs.clip
-    models = Models(store, cfg, teacher, device, images=True)
+    fast = fast_path(cfg, device, n)
+    models = Models(store, cfg, teacher, device, images=True, fast=fast)
     share = rank_slice(n)  # data-parallel ranks: this one's samples; one process: all of them
     z, raw = z[share], slice_raw(raw, share.start, share.stop)
 
     def score(fn: Callable, keep: Optional[dict], label: str) -> dict:
-        scores = ImageScores(inception, e.fid_mode, device, clip)
-        for images, cond in generate_images(fn, z, raw, e.batch_size, protocol.resolution):
+        scores = ImageScores(inception, e.fid_mode, device, clip, pool=pool)
+        for images, cond in generate_images(fn, z, raw, e.batch_size, protocol.resolution, pool=pool,
+                                            fixed_batch=fast):
             scores.update(images, cond)
             if keep is not None and label not in keep:
                 keep[label] = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1

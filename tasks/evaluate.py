@@ -21,7 +21,8 @@ from storage.layout import EVAL_COMPARE, EVAL_GRID, RESULTS, SUMMARY
 from storage.plots import labelled_grid_png
 from tasks.context import device_for, open_run, run_teacher
 from tasks.eval_guidance import run_guidance_sweep
-from tasks.eval_protocols import COLUMNS, KEY_COLUMNS, classifier_protocol, image_protocol, result_hashes
+from tasks.eval_protocols import (COLUMNS, KEY_COLUMNS, classifier_protocol, fast_path, image_protocol,
+                                  result_hashes)
 from tasks.gpu_slots import gpu_slots
 from tasks.launch import is_rank, launch_evaluate, writer_store
 from tasks.stages import artifact_key, resume_key
@@ -52,7 +53,9 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
     def needed(kind: str, step: int, model: str, steps: int, metric: str) -> bool:
         return (run_name, hashes[kind], step, model, steps, metric) not in have
 
-    teacher = run_teacher(store, cfg, device)
+    # the fast path makes the teacher's decoder fast in place: then this stage loads its own copy
+    own = not protocol.classifier and fast_path(cfg, device, cfg.evaluate.n_samples or protocol.n)
+    teacher = run_teacher(store, cfg, device, own=own)
     steps = list_checkpoints(store, resume_key(store, cfg))
     steps = steps if all_checkpoints else steps[-1:]
     if protocol.classifier:
@@ -78,7 +81,8 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
     if summary["checkpoint_step"] is not None and lead:  # the model card carries the metrics of the checkpoint it exports
         from tasks.export import add_evaluation
 
-        add_evaluation(store, summary_markdown({**summary, "grid": None}), summary["checkpoint_step"])
+        # the card carries the metrics, not where they came from: a rerun that reads cached rows leaves it alone
+        add_evaluation(store, summary_markdown({**summary, "grid": None}, show_cached=False), summary["checkpoint_step"])
     return summary
 
 
@@ -127,10 +131,11 @@ def artifact_rows(rows: list[dict]) -> list[dict]:
             for r in rows]
 
 
-def summary_markdown(summary: dict) -> str:
-    """The results table: real floor, teacher N-step, teacher 1-step, DMD student; one column per metric."""
+def summary_markdown(summary: dict, show_cached: bool = True) -> str:
+    """The results table: real floor, teacher N-step, teacher 1-step, DMD student; one column per metric; rows read
+    from the root's teacher baselines say "(cached)" when `show_cached`."""
     by = {(r["model"], r["steps"], r["metric"]): r["value"] for r in summary["rows"]}
-    cached = {(r["model"], r["steps"]) for r in summary["rows"] if r.get("cached")}
+    cached = {(r["model"], r["steps"]) for r in summary["rows"] if r.get("cached") and show_cached}
     metrics = [m for m in METRICS if any(k[2] == m for k in by)] or ["fd", "accuracy"]
     lines = ["| model | steps | " + " | ".join(METRICS[m].header for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]

@@ -63,3 +63,24 @@ def test_teacher_baseline_keys_change_with_what_the_numbers_depend_on_only(tmp_p
     changed = [key(content="c2"), key(n=9), key(precision="fp32"), key(steps=25), key(["pairs.guidance=2.5"]),
                key(["evaluate.seed=7"])]
     assert len({base, *changed}) == 7
+
+
+def test_the_fast_path_is_taken_on_cuda_in_half_precision_from_2000_samples_or_when_asked():
+    import torch
+
+    from tasks.config import load_config
+    from tasks.eval_protocols import FAST_FROM, fast_path
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def cfg(*overrides):
+        return load_config("sd-tiny", overrides=list(overrides))
+
+    assert fast_path(cfg(), cuda, FAST_FROM) and not fast_path(cfg(), cuda, FAST_FROM - 1)
+    assert fast_path(cfg("evaluate.fast=true"), cuda, 8) and not fast_path(cfg("evaluate.fast=false"), cuda, 30_000)
+    assert not fast_path(cfg("evaluate.fast=true"), cpu, 30_000)  # CUDA only
+    assert not fast_path(cfg("evaluate.fast=true", "evaluate.precision=fp32"), cuda, 30_000)  # half precision only
+    # the new fields at their defaults leave the evaluate section's hash as it was; workers never enters it
+    base = cfg().section_hash("evaluate")
+    assert "fast" not in cfg().evaluate.model_dump() and cfg("evaluate.workers=3").section_hash("evaluate") == base
+    assert cfg("evaluate.clip_precision=tf32").section_hash("evaluate") != base
