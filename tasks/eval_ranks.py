@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-import torch.distributed as dist
-
 from dmd_core.distributed import init_process_group
 from tasks.context import device_for, open_run
-from tasks.launch import ERROR_TAG
+from tasks.launch import as_rank
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -23,14 +21,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--all-checkpoints", action="store_true")
     args = parser.parse_args(argv)
     env = init_process_group(device_for(open_run(args.root, args.run_name)[1]).type)
-    try:
-        run_evaluate(args.root, args.run_name, args.all_checkpoints)
-    except Exception as e:  # one line the launching process turns into its error message
-        print(f"{ERROR_TAG} rank {env.rank} failed: {type(e).__name__}: {e}".replace("\n", " "), flush=True)
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    as_rank(lambda: run_evaluate(args.root, args.run_name, args.all_checkpoints), env.rank)
 
 
 if __name__ == "__main__":

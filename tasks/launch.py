@@ -84,6 +84,21 @@ def launch_ranks(stage: str, cmd: list[str], world_size: int, nnodes: int, log: 
                                   "last lines:\n" + "\n".join(tail))
 
 
+def as_rank(work: Callable[[], Any], rank: int) -> None:
+    """Run a rank's stage: a failure prints one tagged line the launching process turns into its error message,
+    then propagates; the process group is left in any case."""
+    import torch.distributed as dist
+
+    try:
+        work()
+    except Exception as e:
+        print(f"{ERROR_TAG} rank {rank} failed: {type(e).__name__}: {e}".replace("\n", " "), flush=True)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 class RankStore:
     """The run's store as ranks other than 0 use it: reads pass through, writes and deletes are dropped."""
 
