@@ -1,6 +1,7 @@
 """Evaluation at scale, SD1.5 architecture (random weights): today's image-protocol path against the fast one.
 
-python bench/eval_fast.py [--n-base 256] [--n-fast 2048] [--batch 32] [--clip-precisions tf32,bf16] [--out OUT.json]
+python bench/eval_fast.py [--n-base 256] [--n-fast 2048] [--batch 32] [--variants threads:tf32:device,...]
+                          [--skip cpu_stages,extractor_precisions] [--out OUT.json]
 python bench/eval_fast.py --tiny     (CPU smoke run on `dmd_core.tiny` components, eager, a few batches)
 
 Both paths score a one-step student (a `Generator` at t = 999 over a copy of the teacher's denoiser) on the same
@@ -11,8 +12,11 @@ does: `Teacher.encode` (text tower in fp32), the generator and `Teacher.decode` 
 - today: eager fp32 weights, everything in one thread, Inception and CLIP in fp32;
 - fast: `fast_generation` (bf16 weights, NHWC, fused QKV, UNet and decoder compiled with `reduce-overhead`),
   `generate_images(pool=..., fixed_batch=True)`, `ImageScores(pool=..., background=True)`: resizes in a thread
-  pool, batch i scored in a worker thread while batch i + 1 is generated. Inception in fp32, CLIP in each of
-  --clip-precisions, one timed run each. Compilation is timed apart (the first two batches).
+  pool, batch i scored in a worker thread while batch i + 1 is generated. Inception in fp32, CLIP in the
+  precision each variant names, one timed run each; a variant ending in ":device" resizes on the GPU
+  (`resize_on="device"`: protocol crop + Lanczos, clean-fid's resize to 299, CLIP's preprocess, PIL's values).
+  Compilation is timed apart (the first two batches).
+The device resizes are checked against PIL on one batch of the fast sampler's images (`device_resize_check`).
 Then, on the fast run's images, each extractor precision against fp32 (FID statistics and CLIP cosines), and
 whether the threaded scoring equals the sequential one bit for bit. Inception is the architecture stand-in of
 bench/eval_throughput.py (clean-fid's TorchScript file is not available offline). Nothing is downloaded.
@@ -40,7 +44,8 @@ from sd15_train_step import build_teacher  # noqa: E402
 from dmd_core.clip_score import DMD2_PREFIX, load_clip  # noqa: E402
 from dmd_core.evaluation import (ClipScorer, ImageScores, generate_images, image_pool,  # noqa: E402
                                  to_protocol_images)
-from dmd_core.fid import FeatureStats, features, frechet_distance, parallel_map, to_uint8  # noqa: E402
+from dmd_core.clip_score import device_preprocess, pil_stages, split_preprocess  # noqa: E402
+from dmd_core.fid import FeatureStats, features, frechet_distance, parallel_map, preprocess, to_uint8  # noqa: E402
 from dmd_core.generator import Generator  # noqa: E402
 from dmd_core.inference import fast_generation  # noqa: E402
 
@@ -100,18 +105,20 @@ def build(tiny: bool, device: torch.device) -> dict:
             "info": info}
 
 
-def scorer(ctx: dict, precision: str) -> ClipScorer:
-    return ClipScorer(*ctx["clip"], prefix=DMD2_PREFIX, resize=256, precision=precision)
+def scorer(ctx: dict, precision: str, resize_on: str = "cpu") -> ClipScorer:
+    return ClipScorer(*ctx["clip"], prefix=DMD2_PREFIX, resize=256, precision=precision, resize_on=resize_on)
 
 
 def evaluate(ctx, sample, z, prompts, batch, res, device, *, clip_precision="fp32", pool=None, fast=False,
-             keep=False) -> dict:
+             keep=False, resize_on="cpu") -> dict:
     """One model's images from noise to statistics and cosines, timed end to end (the GPU synchronised)."""
-    scores = ImageScores(ctx["inception"], "clean", device, scorer(ctx, clip_precision), pool=pool, background=fast)
+    scores = ImageScores(ctx["inception"], "clean", device, scorer(ctx, clip_precision, resize_on), pool=pool,
+                         background=fast, resize_on=resize_on)
     kept = []
     sync(device)
     t0 = time.perf_counter()
-    for images, captions in generate_images(sample, z, prompts, batch, res, pool=pool, fixed_batch=fast):
+    for images, captions in generate_images(sample, z, prompts, batch, res, pool=pool, fixed_batch=fast,
+                                            resize_on=resize_on):
         scores.update(images, captions)
         if keep:
             kept.append(images)
@@ -219,11 +226,11 @@ def cpu_stages(ctx, images: np.ndarray, pools: dict, batch: int) -> dict:
     return out
 
 
-def generation_only(sample, z, prompts, batch, res, device, pool) -> dict:
+def generation_only(sample, z, prompts, batch, res, device, pool, resize_on="cpu") -> dict:
     """The fast sampler alone through `generate_images` (uint8 protocol images on the CPU), nothing scored."""
     sync(device)
     t0 = time.perf_counter()
-    for _ in generate_images(sample, z, prompts, batch, res, pool=pool, fixed_batch=True):
+    for _ in generate_images(sample, z, prompts, batch, res, pool=pool, fixed_batch=True, resize_on=resize_on):
         pass
     seconds = time.perf_counter() - t0
     return {"n": z.shape[0], "seconds": round(seconds, 2), "images_per_s": round(z.shape[0] / seconds, 2)}
@@ -238,6 +245,33 @@ def agreement(images: np.ndarray, base: np.ndarray, batch: int, device) -> dict:
             "to_uint8_device_equals_cpu": bool(torch.equal(to_uint8(x), to_uint8(x.cpu())))}
 
 
+def device_resize_check(ctx, sample, z, prompts, batch, res, device) -> dict:
+    """One batch of the sampler's images: each device resize against PIL's (bytes, float values, features,
+    cosines), and how far apart the two paths' features and cosines are when not equal."""
+    with torch.no_grad():
+        images01 = sample(z[:batch], prompts[:batch])
+    arr = to_protocol_images(images01, res)
+    arr_device = to_protocol_images(images01, res, resize_on="device")
+    pre = preprocess(list(arr), "clean")
+    pre_device = preprocess(list(arr), "clean", resize_on="device", device=device).cpu()
+    feats = features(arr, ctx["inception"], "clean", device=device)
+    feats_device = features(arr, ctx["inception"], "clean", device=device, resize_on="device")
+    cos = scorer(ctx, "fp32")(arr, prompts[:batch])
+    cos_device = scorer(ctx, "fp32", "device")(arr, prompts[:batch])
+    model, pre_clip, _ = ctx["clip"]
+    pil_part, tensor_part = split_preprocess(pre_clip)
+    clip_in = torch.stack([tensor_part(pil_stages(a, pil_part, 256)) for a in arr])
+    clip_in_device = device_preprocess(torch.from_numpy(arr).permute(0, 3, 1, 2).to(device), pre_clip, 256).cpu()
+    return {"images": batch, "source_size": list(images01.shape[2:]),
+            "protocol_images_equal": bool(np.array_equal(arr, arr_device)),
+            "cleanfid_299_inputs_equal": bool(torch.equal(pre, pre_device)),
+            "clip_inputs_equal": bool(torch.equal(clip_in, clip_in_device)),
+            "inception_features_equal": bool(np.array_equal(feats, feats_device)),
+            "inception_features_max_abs_dev": float(np.abs(feats - feats_device).max()),
+            "clip_cosines_equal": bool(torch.equal(cos, cos_device)),
+            "clip_cosines_max_abs_dev": float((cos - cos_device).abs().max())}
+
+
 def public(run: dict) -> dict:
     return {k: v for k, v in run.items() if k not in ("stats", "cosines", "images")}
 
@@ -248,8 +282,10 @@ def main() -> None:
     p.add_argument("--n-base", type=int, default=256)
     p.add_argument("--n-fast", type=int, default=2048)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--variants", default="threads:tf32,processes:tf32,threads:bf16",
-                   help="fast runs, each POOL:CLIP_PRECISION (pool: threads or processes)")
+    p.add_argument("--variants", default="threads:tf32:device,threads:tf32:cpu",
+                   help="fast runs, each POOL:CLIP_PRECISION[:RESIZE_ON] (pool: threads or processes; resize_on: "
+                        "cpu, the default, or device)")
+    p.add_argument("--skip", default="", help="sections to leave out: cpu_stages, extractor_precisions")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the fast path")
     p.add_argument("--budget-s", type=float, default=540, help="skip later sections past this many seconds")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "eval_fast.json"))
@@ -297,19 +333,26 @@ def main() -> None:
     with image_pool() as threads, image_pool(processes=True) as processes:
         pools = {"threads": threads, "processes": processes}
         result["pool_workers"] = threads._max_workers
-        result["cpu_stages_ms_per_image"] = cpu_stages(ctx, base["images"], pools, batch)
-        save("cpu_stages_ms_per_image")
+        skip = set(filter(None, args.skip.split(",")))
+        if "cpu_stages" not in skip:
+            result["cpu_stages_ms_per_image"] = cpu_stages(ctx, base["images"], pools, batch)
+            save("cpu_stages_ms_per_image")
+        result["device_resize_check"] = device_resize_check(ctx, fast, z, prompts, batch, res, device)
+        save("device_resize_check")
         n_gen = min(n_fast, 16 * batch)
-        result["generation_only"] = generation_only(fast, z[:n_gen], prompts[:n_gen], batch, res, device, threads)
-        save("generation_only")
+        for resize_on in ("cpu", "device"):
+            result[f"generation_only_resize_on_{resize_on}"] = generation_only(
+                fast, z[:n_gen], prompts[:n_gen], batch, res, device, threads, resize_on)
+            save(f"generation_only_resize_on_{resize_on}")
         result["fast"], first = [], None
         for variant in args.variants.split(","):
-            pool_name, clip_p = variant.split(":")
+            pool_name, clip_p, *rest = variant.split(":")
+            resize_on = rest[0] if rest else "cpu"
             if first is not None and time.time() - start > args.budget_s:
                 result.setdefault("skipped", []).append(f"fast run {variant}")
                 continue
             run = evaluate(ctx, fast, z, prompts, batch, res, device, clip_precision=clip_p, pool=pools[pool_name],
-                           fast=True, keep=first is None)
+                           fast=True, keep=first is None, resize_on=resize_on)
             run["clip_precision"] = clip_p
             if first is None:  # the Frechet distance of 2048-d statistics: a fixed cost per model, timed once
                 fid_t0 = time.perf_counter()
@@ -317,7 +360,8 @@ def main() -> None:
                 fid_s = time.perf_counter() - fid_t0
                 first = run
             rate = run["images_per_s"]
-            result["fast"].append({**public(run), "pool": pool_name, "inception_precision": "fp32",
+            result["fast"].append({**public(run), "pool": pool_name, "resize_on": resize_on,
+                                   "inception_precision": "fp32",
                                    "ratio_vs_today": round(rate / base["images_per_s"], 2),
                                    "frechet_distance_s": round(fid_s, 2),
                                    "coco30k_extrapolated_s": round(N_COCO / rate + fid_s, 1),
@@ -325,9 +369,10 @@ def main() -> None:
             save("fast")
         result["agreement"] = agreement(first["images"], base["images"], batch, device)
         save("agreement")
-        result["extractor_precisions"] = deviations(ctx, first["images"], prompts, batch, device, threads, first,
-                                                    start + args.budget_s)
-        save("extractor_precisions")
+        if "extractor_precisions" not in skip:
+            result["extractor_precisions"] = deviations(ctx, first["images"], prompts, batch, device, threads, first,
+                                                        start + args.budget_s)
+            save("extractor_precisions")
     save("elapsed_s")
 
 

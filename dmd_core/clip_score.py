@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .fid import extractor_precision, parallel_map
+from .fid import check_resize_on, extractor_precision, parallel_map
+from .protocols import center_crop_box
 from .protocols import center_crop_resize as protocol_crop_resize
+from .resample import resize_uint8
 
 DMD2_PREFIX = "A photo depicts "  # Hessel et al. 2021 (CLIPScore), as DMD2's evaluator prepends it
 DMD2_RESIZE = 256  # DMD2 resizes the center-cropped image to 256x256 (Lanczos) before CLIP's preprocess
@@ -134,19 +136,60 @@ def _portable(image):
     return image
 
 
+def _resized_size(h: int, w: int, size) -> tuple[int, int]:
+    """torchvision `Resize(size)`'s output (h, w) for an h x w image: an int (or [int]) is the short side."""
+    if isinstance(size, int) or len(size) == 1:
+        short, long = (w, h) if w <= h else (h, w)
+        new_short = size if isinstance(size, int) else size[0]
+        new_long = int(new_short * long / short)
+        return (new_long, new_short) if w <= h else (new_short, new_long)
+    return int(size[0]), int(size[1])
+
+
+def device_preprocess(images: torch.Tensor, preprocess: Callable, resize: Optional[int] = None) -> torch.Tensor:
+    """`pil_stages` then the tensor stages of an open_clip preprocess, for uint8 (N, 3, H, W) images on their
+    device: DMD2's crop + Lanczos to `resize`, Resize (bicubic or Lanczos, `resample.resize_uint8`: PIL's bytes),
+    CenterCrop (torchvision's offsets), RGB, ToTensor (/255), Normalize; the tensors the PIL path gives."""
+    x = images
+    if resize is not None:
+        left, top, right, bottom = center_crop_box(x.shape[3], x.shape[2])
+        x = resize_uint8(x[:, :, top:bottom, left:right], (resize, resize), "lanczos")
+    for t in getattr(preprocess, "transforms", [preprocess]):
+        name = type(t).__name__
+        interpolation = getattr(getattr(t, "interpolation", None), "value", None)
+        if name == "Resize" and interpolation in ("bicubic", "lanczos") and getattr(t, "max_size", None) is None:
+            x = resize_uint8(x, _resized_size(x.shape[2], x.shape[3], t.size), interpolation)
+        elif name == "CenterCrop" and all(c <= s for c, s in zip(t.size, x.shape[2:])):
+            top, left = (int(round((s - c) / 2.0)) for s, c in zip(x.shape[2:], t.size))
+            x = x[:, :, top:top + t.size[0], left:left + t.size[1]]
+        elif name == "MaybeConvertMode" or getattr(t, "__name__", "") == "_convert_to_rgb":
+            continue  # the images are RGB already
+        elif name in ("ToTensor", "MaybeToTensor") and x.dtype == torch.uint8:
+            x = x.float().div(255)
+        elif name == "Normalize" and x.is_floating_point():
+            mean = torch.as_tensor(t.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+            std = torch.as_tensor(t.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+            x = x.sub(mean).div(std)
+        else:
+            raise ValueError(f"resize_on='device' cannot run the preprocess stage {t!r}; use resize_on='cpu'")
+    return x
+
+
 @torch.no_grad()
 def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, preprocess: Callable,
                tokenizer: Callable, prefix: str = "", batch_size: int = 64,
                resize: Optional[int] = None, *, pool: Optional[Executor] = None,
-               precision: str = "fp32") -> tuple[float, torch.Tensor]:
+               precision: str = "fp32", resize_on: str = "cpu") -> tuple[float, torch.Tensor]:
     """(mean cosine, per-sample cosine (N,) on CPU) between L2-normalised image and caption embeddings.
 
     Images: (N, 3, H, W) float in [0, 1] or uint8, or a list of PIL images / (3, H, W) tensors. Each becomes a
     uint8 RGB PIL image and goes through the model's own `preprocess`, exactly as open_clip treats a PIL image
     (PIL bicubic on uint8 differs slightly from torchvision's tensor resize). `resize=DMD2_RESIZE` adds DMD2's
     center crop + 256 Lanczos step first; `prefix=DMD2_PREFIX` adds its caption prefix. The images are prepared
-    in `pool`'s threads when given; both towers run in `precision` (`fid.extractor_precision`).
+    in `pool`'s threads when given, or on the model's device with `resize_on="device"` (image tensors only;
+    `device_preprocess`, the same tensors); both towers run in `precision` (`fid.extractor_precision`).
     """
+    check_resize_on(resize_on)
     n = len(images)
     if n != len(captions):
         raise ValueError(f"{n} images but {len(captions)} captions")
@@ -155,16 +198,24 @@ def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, pr
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
+    if resize_on == "device" and not (isinstance(images, torch.Tensor) and images.ndim == 4 and images.shape[1] == 3):
+        raise ValueError("resize_on='device' takes an (N, 3, H, W) image tensor; pass PIL images with resize_on='cpu'")
     pil_part, tensor_part = split_preprocess(preprocess)
     scores = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        items = [_portable(images[i]) for i in range(start, stop)]
-        pils = parallel_map(functools.partial(pil_stages, pil_preprocess=pil_part, resize=resize), items, pool)
-        batch = [tensor_part(p) for p in pils]
+        if resize_on == "device":
+            x = images[start:stop].to(device)
+            if x.dtype != torch.uint8:  # as `to_pil` quantises
+                x = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
+            batch = device_preprocess(x, preprocess, resize)
+        else:
+            items = [_portable(images[i]) for i in range(start, stop)]
+            pils = parallel_map(functools.partial(pil_stages, pil_preprocess=pil_part, resize=resize), items, pool)
+            batch = torch.stack([tensor_part(p) for p in pils])
         tokens = tokenize_captions(list(captions[start:stop]), tokenizer, prefix).to(device)
         with extractor_precision(precision, device):
-            img = F.normalize(model.encode_image(torch.stack(batch).to(device)).float(), dim=-1)
+            img = F.normalize(model.encode_image(batch.to(device)).float(), dim=-1)
             txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
         scores.append((img * txt).sum(-1).cpu())
     per_sample = torch.cat(scores)

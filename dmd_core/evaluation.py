@@ -23,8 +23,9 @@ import torch
 
 from .clip_score import clip_score
 from .conditions import RawConditions
-from .fid import FeatureStats, features, frechet_distance, parallel_map, to_uint8
-from .protocols import center_crop_resize
+from .fid import FeatureStats, check_resize_on, features, frechet_distance, parallel_map, to_uint8
+from .protocols import center_crop_box, center_crop_resize
+from .resample import resize_uint8
 
 
 def slice_raw(raw: RawConditions, start: int, stop: int) -> RawConditions:
@@ -42,9 +43,19 @@ def image_pool(workers: Optional[int] = None, processes: bool = False) -> Execut
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images")
 
 
-def to_protocol_images(images01: torch.Tensor, resolution: int, pool: Optional[Executor] = None) -> np.ndarray:
+def to_protocol_images(images01: torch.Tensor, resolution: int, pool: Optional[Executor] = None, *,
+                       resize_on: str = "cpu") -> np.ndarray:
     """Float images in [0, 1] (N, C, H, W), on any device -> uint8 (N, R, R, 3) on the CPU; resized as the
-    protocol says when not R x R (in `pool`'s threads when given)."""
+    protocol says when not R x R (in `pool`'s threads when given). `resize_on="device"` quantises, crops and
+    resizes where the images are (`resample.resize_uint8`, PIL's bytes) and copies the R x R result once."""
+    check_resize_on(resize_on)
+    if resize_on == "device":
+        x = (images01.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)  # `to_uint8` before its copy
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        left, top, right, bottom = center_crop_box(x.shape[3], x.shape[2])
+        x = resize_uint8(x[:, :, top:bottom, left:right], (resolution, resolution), "lanczos")
+        return x.permute(0, 2, 3, 1).cpu().numpy()
     x = to_uint8(images01)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
@@ -70,11 +81,12 @@ def pad_batch(z: torch.Tensor, raw: RawConditions, size: int) -> tuple[torch.Ten
 
 def generate_images(sample: Callable[[torch.Tensor, RawConditions], torch.Tensor], z: torch.Tensor,
                     raw: RawConditions, batch_size: int, resolution: int, *, pool: Optional[Executor] = None,
-                    fixed_batch: bool = False) -> Iterator[tuple[np.ndarray, RawConditions]]:
+                    fixed_batch: bool = False, resize_on: str = "cpu") -> Iterator[tuple[np.ndarray, RawConditions]]:
     """(uint8 protocol images, their raw conditions) batch by batch; `sample(z, raw)` returns images in [0, 1].
 
-    The images are quantised on their device and resized in `pool`'s threads when given. `fixed_batch` pads a
-    short last batch to `batch_size` (`pad_batch`) for samplers compiled for one shape.
+    The images are quantised on their device and resized in `pool`'s threads when given, or on their device with
+    `resize_on="device"` (the same bytes). `fixed_batch` pads a short last batch to `batch_size` (`pad_batch`) for
+    samplers compiled for one shape.
     """
     for start in range(0, z.shape[0], batch_size):
         stop = min(start + batch_size, z.shape[0])
@@ -82,7 +94,7 @@ def generate_images(sample: Callable[[torch.Tensor, RawConditions], torch.Tensor
         zb, cb = pad_batch(z[start:stop], cond, batch_size) if fixed_batch else (z[start:stop], cond)
         with torch.no_grad():
             images = sample(zb, cb)[: stop - start]
-        yield to_protocol_images(images, resolution, pool), cond
+        yield to_protocol_images(images, resolution, pool, resize_on=resize_on), cond
 
 
 @dataclass
@@ -95,17 +107,19 @@ class ClipScorer:
     prefix: str = ""
     resize: Optional[int] = None
     precision: str = "fp32"  # fid.EXTRACTOR_PRECISIONS; fp32 is the metric's definition
+    resize_on: str = "cpu"  # fid.RESIZE_ON; "device": crop and resizes on the model's device, the same tensors
 
     def __call__(self, images: np.ndarray, captions: list[str], pool: Optional[Executor] = None) -> torch.Tensor:
         return clip_score(torch.from_numpy(images).permute(0, 3, 1, 2), captions, self.model, self.preprocess,
                           self.tokenizer, prefix=self.prefix, resize=self.resize, pool=pool,
-                          precision=self.precision)[1]
+                          precision=self.precision, resize_on=self.resize_on)[1]
 
 
 class ImageScores:
     """FID statistics and per-sample CLIP cosines of one model's images, accumulated batch by batch.
 
-    `pool` resizes in threads; `precision` is Inception's (`fid.extractor_precision`). With `background`, `update`
+    `pool` resizes in threads, `resize_on="device"` on `device` (clean-fid's resize to 299, the same values);
+    `precision` is Inception's (`fid.extractor_precision`). With `background`, `update`
     hands the batch to one worker thread and returns, so the caller generates the next batch meanwhile; batches
     are scored one at a time in their order, after the first `warmup_batches`, which are scored in the caller's
     thread (a compiled generator records its CUDA graphs on its first two calls, with nothing beside it).
@@ -115,8 +129,9 @@ class ImageScores:
 
     def __init__(self, extractor: torch.nn.Module, mode: str, device: torch.device | str,
                  clip: Optional[ClipScorer] = None, *, pool: Optional[Executor] = None, precision: str = "fp32",
-                 background: bool = False, warmup_batches: int = 2) -> None:
-        self.extractor, self.mode, self.device, self.clip = extractor, mode, device, clip
+                 background: bool = False, warmup_batches: int = 2, resize_on: str = "cpu") -> None:
+        check_resize_on(resize_on)
+        self.extractor, self.mode, self.device, self.clip, self.resize_on = extractor, mode, device, clip, resize_on
         self.pool, self.precision, self.warmup_batches = pool, precision, warmup_batches
         self._stats = FeatureStats()
         self._cosines: list[torch.Tensor] = []
@@ -162,7 +177,7 @@ class ImageScores:
 
     def _score(self, images: np.ndarray, captions: RawConditions) -> None:
         self._stats.update(features(list(images), self.extractor, self.mode, device=self.device, pool=self.pool,
-                                    precision=self.precision))
+                                    precision=self.precision, resize_on=self.resize_on))
         if self.clip is not None and isinstance(captions, list):
             self._cosines.append(self.clip(images, captions, self.pool))
 

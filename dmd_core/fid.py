@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 from concurrent.futures import Executor
 from glob import glob
@@ -32,6 +33,9 @@ from scipy import linalg
 from torch import nn
 
 MODES = ("clean", "legacy_tensorflow")
+# Where the per-image resizes run: PIL on the CPU (the reference), or `dmd_core.resample` on the extractor's device,
+# which gives the same values (tests/test_resample.py, tests/test_eval_fast.py).
+RESIZE_ON = ("cpu", "device")
 # The precision a feature extractor runs in (Inception, CLIP). "fp32" leaves torch's flags as they are: by default
 # fp32 matrix multiplies and cuDNN convolutions allowed TF32, as clean-fid and DMD2's evaluator run.
 EXTRACTOR_PRECISIONS = ("fp32", "tf32", "bf16")
@@ -159,14 +163,37 @@ def _to_tensor(mode: str, resized: np.ndarray) -> torch.Tensor:
     raise TypeError(f"clean-fid's resizer returned {resized.dtype}")
 
 
-def preprocess(images: Images, mode: str = "clean", pool: Optional[Executor] = None) -> torch.Tensor:
+def check_resize_on(resize_on: str) -> None:
+    if resize_on not in RESIZE_ON:
+        raise ValueError(f"resize_on must be one of {RESIZE_ON}, got {resize_on!r}")
+
+
+def clean_resize_on_device(items: list[np.ndarray], device: torch.device | str) -> torch.Tensor:
+    """clean-fid's "clean" `fn_resize` + `ToTensor()` on `device`: each channel as float32 through PIL's mode "F"
+    bicubic to 299x299 (`resample.resize_float`), clipped to [0, 255]; the same float32 values."""
+    from .resample import resize_float
+
+    batches = []
+    for _, run in itertools.groupby(items, key=lambda a: a.shape):  # runs of one image size, resized together
+        x = torch.from_numpy(np.stack(list(run))).to(device).permute(0, 3, 1, 2).float()
+        batches.append(resize_float(x, (299, 299), "bicubic").clamp_(0, 255))
+    return torch.cat(batches)
+
+
+def preprocess(images: Images, mode: str = "clean", pool: Optional[Executor] = None, *, resize_on: str = "cpu",
+               device: torch.device | str = "cpu") -> torch.Tensor:
     """What clean-fid's folder path feeds the extractor: float32 (B, 3, 299, 299) for "clean", (B, 3, H, W) for legacy.
 
     Per image, as `cleanfid.utils.ResizeDataset.__getitem__`: its `fn_resize` (in `pool`'s workers when given:
-    PIL and numpy, no torch, whose own threads would multiply), then `ToTensor()` here.
+    PIL and numpy, no torch, whose own threads would multiply), then `ToTensor()` here. `resize_on="device"` does
+    "clean"'s resize on `device` instead (`clean_resize_on_device`), the batch left there.
     """
     _check_mode(mode)
-    resized = parallel_map(functools.partial(_clean_resize, mode), _uint8_images(images), pool)
+    check_resize_on(resize_on)
+    items = _uint8_images(images)
+    if resize_on == "device" and mode == "clean" and items:
+        return clean_resize_on_device(items, device)
+    resized = parallel_map(functools.partial(_clean_resize, mode), items, pool)
     if not resized:
         raise ValueError("no images to preprocess")
     return torch.stack([_to_tensor(mode, r) for r in resized])
@@ -182,16 +209,17 @@ def _chunks(items: list, size: int | None) -> Iterable[list]:
 
 def features(images: Images, extractor: Extractor, mode: str, batch_size: int | None = None,
              device: torch.device | str = "cpu", *, pool: Optional[Executor] = None,
-             precision: str = "fp32") -> np.ndarray:
+             precision: str = "fp32", resize_on: str = "cpu") -> np.ndarray:
     """(N, D) features through clean-fid's `get_batch_features` (no_grad, to `device`, back to numpy); resized
-    in `pool`'s threads when given, the extractor run in `precision` (`extractor_precision`; float32 out)."""
+    in `pool`'s threads when given, or on `device` (`resize_on="device"`, the same values), the extractor run in
+    `precision` (`extractor_precision`; float32 out)."""
     items = _uint8_images(images)
     if not items:
         raise ValueError("no images to compute features of")
     net = extractor if precision == "fp32" else (lambda x: extractor(x).float())
     feats = []
     for chunk in _chunks(items, batch_size):
-        batch = preprocess(chunk, mode, pool)
+        batch = preprocess(chunk, mode, pool, resize_on=resize_on, device=device)
         with extractor_precision(precision, device):
             feats.append(get_batch_features(batch, net, torch.device(device)))
     return np.concatenate(feats)

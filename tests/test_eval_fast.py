@@ -151,3 +151,44 @@ def test_process_pool_gives_the_same_bytes(extractors):
         assert np.array_equal(to_protocol_images(_float_images(n=4), 24, processes), arr)
         assert torch.equal(preprocess(list(arr), pool=processes), preprocess(list(arr)))
         assert torch.equal(clip(arr, CAPTIONS[:4], processes), clip(arr, CAPTIONS[:4]))
+
+
+def test_device_resizes_equal_the_pil_path(extractors):
+    """resize_on="device" (run here on CPU tensors): the protocol's crop + Lanczos, clean-fid's float bicubic to
+    299 and CLIP's preprocess give PIL's bytes and values, so the features and cosines are the same bit for bit."""
+    inception, clip = extractors
+    images = torch.rand(5, 3, 40, 52, generator=torch.Generator().manual_seed(4))
+    arr = to_protocol_images(images, 24)
+    assert np.array_equal(to_protocol_images(images, 24, resize_on="device"), arr)
+    assert torch.equal(preprocess(list(arr), resize_on="device"), preprocess(list(arr)))
+    mixed = [arr[0], arr[1, :20, :22], arr[2]]  # images of two sizes in one batch
+    assert torch.equal(preprocess(mixed, resize_on="device"), preprocess(mixed))
+    assert np.array_equal(features(arr, inception, "clean", resize_on="device"), features(arr, inception, "clean"))
+    on_device = ClipScorer(clip.model, clip.preprocess, clip.tokenizer, clip.prefix, clip.resize, resize_on="device")
+    assert torch.equal(on_device(arr, CAPTIONS[:5]), clip(arr, CAPTIONS[:5]))
+    (mu, sigma), cos = _scores(extractors, [(arr, CAPTIONS[:5])])
+    scores = ImageScores(inception, "clean", "cpu", on_device, resize_on="device")
+    scores.update(arr, CAPTIONS[:5])
+    assert np.array_equal(scores.stats.compute()[0], mu) and np.array_equal(scores.stats.compute()[1], sigma)
+    assert torch.equal(torch.cat(scores.cosines), cos)
+    z = torch.randn(5, 3, 40, 40, generator=torch.Generator().manual_seed(5))
+    for (a, _), (b, _) in zip(generate_images(_sample, z, CAPTIONS, 2, 24),
+                              generate_images(_sample, z, CAPTIONS, 2, 24, resize_on="device")):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="resize_on"):
+        to_protocol_images(images, 24, resize_on="gpu")
+
+
+def test_device_preprocess_of_vit_g_14_equals_open_clip():
+    """ViT-g-14's own preprocess (Resize 224 bicubic, CenterCrop, ToTensor, Normalize) after DMD2's 256 step."""
+    import open_clip
+
+    from dmd_core.clip_score import _portable, device_preprocess, pil_stages, split_preprocess
+
+    cfg = open_clip.get_pretrained_cfg("ViT-g-14", "laion2b_s12b_b42k")
+    pre = open_clip.image_transform(224, False, mean=cfg["mean"], std=cfg["std"],
+                                    interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"])
+    x = torch.randint(0, 256, (3, 3, 300, 260), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    pil_part, tensor_part = split_preprocess(pre)
+    ref = torch.stack([tensor_part(pil_stages(_portable(x[i]), pil_part, 256)) for i in range(3)])
+    assert torch.equal(device_preprocess(x, pre, 256), ref)
