@@ -4,6 +4,7 @@ the comparison grid; the stage module owns the results table."""
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -305,14 +306,16 @@ def _image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed
     inputs = protocol_inputs(root, cfg, teacher, protocol, device)
     n, raw, z, ref, inception, clip = inputs.n, inputs.raw, inputs.z, inputs.ref, inputs.inception, inputs.clip
     fast = fast_path(cfg, device, n)
+    resize_on = "device" if fast else "cpu"  # the fast path also crops and resizes on the GPU (PIL's bytes)
+    clip = replace(clip, resize_on=resize_on) if clip is not None else None
     models = Models(store, cfg, teacher, device, images=True, fast=fast)
     share = rank_slice(n)  # data-parallel ranks: this one's samples; one process: all of them
     z, raw = z[share], slice_raw(raw, share.start, share.stop)
 
     def score(fn: Callable, keep: Optional[dict], label: str) -> dict:
-        scores = ImageScores(inception, e.fid_mode, device, clip, pool=pool)
+        scores = ImageScores(inception, e.fid_mode, device, clip, pool=pool, resize_on=resize_on)
         for images, cond in generate_images(fn, z, raw, e.batch_size, protocol.resolution, pool=pool,
-                                            fixed_batch=fast):
+                                            fixed_batch=fast, resize_on=resize_on):
             scores.update(images, cond)
             if keep is not None and label not in keep:
                 keep[label] = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1

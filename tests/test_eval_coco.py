@@ -106,3 +106,25 @@ def test_coco30k_protocol_through_the_flow(prefect_api, tmp_path):
     assert str(tmp_path / "nowhere") in str(err.value) and "\n" not in str(err.value)
     assert {k: store2.sha256(k) for k in store2.ls("eval")} == before
     assert not (tmp_path / "nowhere").exists()
+
+    # The fast path's wiring (on CUDA in production; here eager on the CPU): the student's network in bf16,
+    # batches of one shape (n = 4 in batches of 3: the last one padded), crops and resizes on the tensors' device.
+    from functools import partial
+
+    from dmd_core import inference
+    from tasks import eval_protocols, evaluate
+
+    cfg = store.read_json("config.json")
+    cfg["evaluate"].update(precision="bf16", batch_size=3)
+    store.write_json("config.json", cfg)
+    made = []
+    fast_path, fast_generation = eval_protocols.fast_path, eval_protocols.fast_generation
+    eval_protocols.fast_path = evaluate.fast_path = lambda *a: True  # the stage then loads its own teacher copy
+    eval_protocols.fast_generation = lambda G, *a: made.append(G) or partial(inference.fast_generation, mode="none")(G, *a)
+    try:
+        run_evaluate(root, "coco")
+    finally:
+        eval_protocols.fast_path, eval_protocols.fast_generation, evaluate.fast_path = fast_path, fast_generation, fast_path
+    fast_rows = [r for r in store.read_table(RESULTS).to_pylist() if r["precision"] == "bf16"]
+    assert len(made) == 1 and {(r["model"], r["metric"]) for r in fast_rows} >= {("student", "fid"), ("student", "clip")}
+    assert all(np.isfinite(r["value"]) and r["n_samples"] == 4 for r in fast_rows)
