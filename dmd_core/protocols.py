@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 Row = TypeVar("Row", bound=tuple)
 
@@ -169,4 +171,6 @@ def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     if n < 0 or num_classes < 1:
         raise ValueError(f"class_balanced_labels: need n >= 0 and num_classes >= 1, "
                          f"got n={n}, num_classes={num_classes}")
+    import torch
+
     return torch.arange(int(n), dtype=torch.long) % int(num_classes)
