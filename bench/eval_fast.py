@@ -45,7 +45,8 @@ from dmd_core.clip_score import DMD2_PREFIX, load_clip  # noqa: E402
 from dmd_core.evaluation import (ClipScorer, ImageScores, generate_images, image_pool,  # noqa: E402
                                  to_protocol_images)
 from dmd_core.clip_score import device_preprocess, pil_stages, split_preprocess  # noqa: E402
-from dmd_core.fid import FeatureStats, features, frechet_distance, parallel_map, preprocess, to_uint8  # noqa: E402
+from dmd_core.fid import (FeatureStats, device_features, extractor_precision, features, frechet_distance,  # noqa: E402
+                          parallel_map, preprocess, to_uint8)
 from dmd_core.generator import Generator  # noqa: E402
 from dmd_core.inference import fast_generation  # noqa: E402
 
@@ -111,17 +112,20 @@ def scorer(ctx: dict, precision: str, resize_on: str = "cpu") -> ClipScorer:
 
 def evaluate(ctx, sample, z, prompts, batch, res, device, *, clip_precision="fp32", pool=None, fast=False,
              keep=False, resize_on="cpu") -> dict:
-    """One model's images from noise to statistics and cosines, timed end to end (the GPU synchronised)."""
+    """One model's images from noise to statistics and cosines, timed end to end (the GPU synchronised).
+    resize_on "resident": the device resizes, and the images stay on the GPU until scored (`on_device`)."""
+    on_device = resize_on == "resident"
+    resize_on = "device" if on_device else resize_on
     scores = ImageScores(ctx["inception"], "clean", device, scorer(ctx, clip_precision, resize_on), pool=pool,
-                         background=fast, resize_on=resize_on)
+                         background=fast and not on_device, resize_on=resize_on)
     kept = []
     sync(device)
     t0 = time.perf_counter()
     for images, captions in generate_images(sample, z, prompts, batch, res, pool=pool, fixed_batch=fast,
-                                            resize_on=resize_on):
+                                            resize_on=resize_on, on_device=on_device):
         scores.update(images, captions)
         if keep:
-            kept.append(images)
+            kept.append(images.cpu().numpy() if on_device else images)
     stats, cosines = scores.stats, torch.cat(scores.cosines)
     sync(device)
     seconds = time.perf_counter() - t0
@@ -272,6 +276,50 @@ def device_resize_check(ctx, sample, z, prompts, batch, res, device) -> dict:
             "clip_cosines_max_abs_dev": float((cos - cos_device).abs().max())}
 
 
+def breakdown(ctx, sample, z, prompts, batch, res, device, iters: int = 5) -> dict:
+    """ms per image of each part of the fast path alone, on one batch (the GPU synchronised around each): the
+    sampler, the protocol resize, Inception with its resize, CLIP (tf32) whole and its two towers, the CPU's
+    statistics update."""
+    from dmd_core.clip_score import tokenize_captions
+
+    zb, cb = z[:batch], prompts[:batch]
+    with torch.no_grad():
+        images01 = sample(zb, cb)
+    arr = to_protocol_images(images01, res, resize_on="device", on_device=True)
+    clip = scorer(ctx, "tf32", "device")
+    model = ctx["clip"][0]
+    pre = device_preprocess(arr.permute(0, 3, 1, 2), ctx["clip"][1], 256)
+    tokens = tokenize_captions(cb, ctx["clip"][2], DMD2_PREFIX).to(device)
+    feats = device_features(arr, ctx["inception"], "clean").cpu().numpy()
+
+    def towers(fn):
+        def run():
+            with torch.no_grad(), extractor_precision("tf32", device):
+                fn()
+        return run
+
+    parts = {"sample": lambda: sample(zb, cb),
+             "protocol_resize": lambda: to_protocol_images(images01, res, resize_on="device", on_device=True),
+             "inception_with_resize": lambda: device_features(arr, ctx["inception"], "clean"),
+             "clip_tf32_whole": lambda: clip.on_device(arr, cb),
+             "clip_preprocess": lambda: device_preprocess(arr.permute(0, 3, 1, 2), ctx["clip"][1], 256),
+             "clip_tokenize": lambda: tokenize_captions(cb, ctx["clip"][2], DMD2_PREFIX),
+             "clip_image_tower_tf32": towers(lambda: model.encode_image(pre)),
+             "clip_text_tower_tf32": towers(lambda: model.encode_text(tokens)),
+             "feature_stats_update_cpu": lambda: FeatureStats().update(feats)}
+    out = {}
+    for name, fn in parts.items():
+        with torch.no_grad():
+            fn()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync(device)
+        out[name] = round(1000 * (time.perf_counter() - t0) / (iters * batch), 3)
+    return out
+
+
 def public(run: dict) -> dict:
     return {k: v for k, v in run.items() if k not in ("stats", "cosines", "images")}
 
@@ -282,10 +330,10 @@ def main() -> None:
     p.add_argument("--n-base", type=int, default=256)
     p.add_argument("--n-fast", type=int, default=2048)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--variants", default="threads:tf32:device,threads:tf32:cpu",
+    p.add_argument("--variants", default="threads:tf32:device,threads:tf32:resident",
                    help="fast runs, each POOL:CLIP_PRECISION[:RESIZE_ON] (pool: threads or processes; resize_on: "
-                        "cpu, the default, or device)")
-    p.add_argument("--skip", default="", help="sections to leave out: cpu_stages, extractor_precisions")
+                        "cpu, the default, device, or resident: device resizes, images scored on the GPU)")
+    p.add_argument("--skip", default="", help="sections to leave out: cpu_stages, extractor_precisions, breakdown")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the fast path")
     p.add_argument("--budget-s", type=float, default=540, help="skip later sections past this many seconds")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "eval_fast.json"))
@@ -339,6 +387,9 @@ def main() -> None:
             save("cpu_stages_ms_per_image")
         result["device_resize_check"] = device_resize_check(ctx, fast, z, prompts, batch, res, device)
         save("device_resize_check")
+        if "breakdown" not in skip:
+            result["breakdown_ms_per_image"] = breakdown(ctx, fast, z, prompts, batch, res, device)
+            save("breakdown_ms_per_image")
         n_gen = min(n_fast, 16 * batch)
         for resize_on in ("cpu", "device"):
             result[f"generation_only_resize_on_{resize_on}"] = generation_only(
@@ -360,6 +411,9 @@ def main() -> None:
                 fid_s = time.perf_counter() - fid_t0
                 first = run
             rate = run["images_per_s"]
+            if run is not first:  # the same images scored another way: the same statistics and cosines?
+                run["stats_equal_first_run"] = bool(all(np.array_equal(x, y) for x, y in zip(run["stats"], first["stats"])))
+                run["cosines_max_abs_dev_first_run"] = float((run["cosines"] - first["cosines"]).abs().max())
             result["fast"].append({**public(run), "pool": pool_name, "resize_on": resize_on,
                                    "inception_precision": "fp32",
                                    "ratio_vs_today": round(rate / base["images_per_s"], 2),

@@ -213,10 +213,34 @@ def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, pr
             items = [_portable(images[i]) for i in range(start, stop)]
             pils = parallel_map(functools.partial(pil_stages, pil_preprocess=pil_part, resize=resize), items, pool)
             batch = torch.stack([tensor_part(p) for p in pils])
-        tokens = tokenize_captions(list(captions[start:stop]), tokenizer, prefix).to(device)
-        with extractor_precision(precision, device):
-            img = F.normalize(model.encode_image(batch.to(device)).float(), dim=-1)
-            txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
-        scores.append((img * txt).sum(-1).cpu())
+        tokens = tokenize_captions(list(captions[start:stop]), tokenizer, prefix)
+        scores.append(_cosines(model, batch.to(device), tokens, precision).cpu())
     per_sample = torch.cat(scores)
     return float(per_sample.double().mean()), per_sample
+
+
+def _cosines(model: nn.Module, batch: torch.Tensor, tokens: torch.Tensor, precision: str) -> torch.Tensor:
+    """Per-sample cosine of preprocessed images (on the model's device) and their token ids, on the device. The
+    ids cross from pinned memory without waiting, so a GPU caller is not held until its queue drains."""
+    device = batch.device
+    if device.type == "cuda":
+        tokens = tokens.pin_memory().to(device, non_blocking=True)
+    else:
+        tokens = tokens.to(device)
+    with torch.no_grad(), extractor_precision(precision, device):
+        img = F.normalize(model.encode_image(batch).float(), dim=-1)
+        txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
+    return (img * txt).sum(-1)
+
+
+def device_cosines(images: torch.Tensor, captions: Sequence[str], model: nn.Module, preprocess: Callable,
+                   tokenizer: Callable, prefix: str = "", resize: Optional[int] = None,
+                   precision: str = "fp32") -> torch.Tensor:
+    """`clip_score`'s per-sample cosines of uint8 (N, H, W, 3) images on the model's device with
+    `resize_on="device"`, in one batch, left on the device (nothing waits for the GPU)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"device_cosines takes uint8 (N, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    batch = device_preprocess(images.permute(0, 3, 1, 2), preprocess, resize)
+    return _cosines(model, batch, tokenize_captions(list(captions), tokenizer, prefix), precision)

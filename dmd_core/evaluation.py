@@ -21,9 +21,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .clip_score import clip_score
+from .clip_score import clip_score, device_cosines
 from .conditions import RawConditions
-from .fid import FeatureStats, check_resize_on, features, frechet_distance, parallel_map, to_uint8
+from .fid import FeatureStats, check_resize_on, device_features, features, frechet_distance, parallel_map, to_uint8
 from .protocols import center_crop_box, center_crop_resize
 from .resample import resize_uint8
 
@@ -44,18 +44,21 @@ def image_pool(workers: Optional[int] = None, processes: bool = False) -> Execut
 
 
 def to_protocol_images(images01: torch.Tensor, resolution: int, pool: Optional[Executor] = None, *,
-                       resize_on: str = "cpu") -> np.ndarray:
+                       resize_on: str = "cpu", on_device: bool = False) -> np.ndarray | torch.Tensor:
     """Float images in [0, 1] (N, C, H, W), on any device -> uint8 (N, R, R, 3) on the CPU; resized as the
     protocol says when not R x R (in `pool`'s threads when given). `resize_on="device"` quantises, crops and
-    resizes where the images are (`resample.resize_uint8`, PIL's bytes) and copies the R x R result once."""
+    resizes where the images are (`resample.resize_uint8`, PIL's bytes) and copies the R x R result once, or
+    not at all with `on_device` (a uint8 (N, R, R, 3) tensor on the images' device)."""
     check_resize_on(resize_on)
+    if on_device and resize_on != "device":
+        raise ValueError("on_device=True needs resize_on='device'")
     if resize_on == "device":
         x = (images01.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)  # `to_uint8` before its copy
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         left, top, right, bottom = center_crop_box(x.shape[3], x.shape[2])
-        x = resize_uint8(x[:, :, top:bottom, left:right], (resolution, resolution), "lanczos")
-        return x.permute(0, 2, 3, 1).cpu().numpy()
+        x = resize_uint8(x[:, :, top:bottom, left:right], (resolution, resolution), "lanczos").permute(0, 2, 3, 1)
+        return x if on_device else x.cpu().numpy()
     x = to_uint8(images01)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
@@ -81,12 +84,13 @@ def pad_batch(z: torch.Tensor, raw: RawConditions, size: int) -> tuple[torch.Ten
 
 def generate_images(sample: Callable[[torch.Tensor, RawConditions], torch.Tensor], z: torch.Tensor,
                     raw: RawConditions, batch_size: int, resolution: int, *, pool: Optional[Executor] = None,
-                    fixed_batch: bool = False, resize_on: str = "cpu") -> Iterator[tuple[np.ndarray, RawConditions]]:
+                    fixed_batch: bool = False, resize_on: str = "cpu",
+                    on_device: bool = False) -> Iterator[tuple[np.ndarray | torch.Tensor, RawConditions]]:
     """(uint8 protocol images, their raw conditions) batch by batch; `sample(z, raw)` returns images in [0, 1].
 
     The images are quantised on their device and resized in `pool`'s threads when given, or on their device with
-    `resize_on="device"` (the same bytes). `fixed_batch` pads a short last batch to `batch_size` (`pad_batch`) for
-    samplers compiled for one shape.
+    `resize_on="device"` (the same bytes), and left there with `on_device` (`to_protocol_images`). `fixed_batch`
+    pads a short last batch to `batch_size` (`pad_batch`) for samplers compiled for one shape.
     """
     for start in range(0, z.shape[0], batch_size):
         stop = min(start + batch_size, z.shape[0])
@@ -94,7 +98,7 @@ def generate_images(sample: Callable[[torch.Tensor, RawConditions], torch.Tensor
         zb, cb = pad_batch(z[start:stop], cond, batch_size) if fixed_batch else (z[start:stop], cond)
         with torch.no_grad():
             images = sample(zb, cb)[: stop - start]
-        yield to_protocol_images(images, resolution, pool, resize_on=resize_on), cond
+        yield to_protocol_images(images, resolution, pool, resize_on=resize_on, on_device=on_device), cond
 
 
 @dataclass
@@ -114,6 +118,12 @@ class ClipScorer:
                           self.tokenizer, prefix=self.prefix, resize=self.resize, pool=pool,
                           precision=self.precision, resize_on=self.resize_on)[1]
 
+    def on_device(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Per-sample cosines of uint8 (N, R, R, 3) images on the model's device, left there (`device_cosines`:
+        the values of `resize_on="device"`)."""
+        return device_cosines(images, captions, self.model, self.preprocess, self.tokenizer, prefix=self.prefix,
+                              resize=self.resize, precision=self.precision)
+
 
 class ImageScores:
     """FID statistics and per-sample CLIP cosines of one model's images, accumulated batch by batch.
@@ -125,6 +135,11 @@ class ImageScores:
     thread (a compiled generator records its CUDA graphs on its first two calls, with nothing beside it).
     `stats` and `cosines` wait for the batch in flight; its error is raised there or at the next `update`.
     On an H100 with 16 cores the overlap did not pay (docs/benchmarks.md): the threads share one GIL.
+
+    Images given as a uint8 (B, R, R, 3) tensor (`generate_images(on_device=True)`) are scored on their device.
+    On a GPU nothing waits for it: features and cosines are copied to pinned host memory behind the queued work,
+    and batch i is added to the statistics once batch i + 1 has been queued, in the caller's thread and in batch
+    order, so the statistics are those of the sequential loop (mode "clean", `resize_on="device"`).
     """
 
     def __init__(self, extractor: torch.nn.Module, mode: str, device: torch.device | str,
@@ -138,6 +153,7 @@ class ImageScores:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scores") if background else None
         self._pending: Optional[Future] = None
         self._batches = 0
+        self._queued: list[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.cuda.Event]]] = []
 
     @property
     def stats(self) -> FeatureStats:
@@ -159,21 +175,57 @@ class ImageScores:
         self.wait()
         self._cosines = value
 
-    def update(self, images: np.ndarray, captions: RawConditions = None) -> None:
-        """Score a batch of uint8 (B, R, R, 3) images (and their captions, for CLIP); the caller keeps `images`
-        unchanged while it is in flight."""
-        self.wait()
+    def update(self, images: np.ndarray | torch.Tensor, captions: RawConditions = None) -> None:
+        """Score a batch of uint8 (B, R, R, 3) images, a numpy array or a tensor on the device (and their
+        captions, for CLIP); the caller keeps `images` unchanged while it is in flight."""
+        self._wait_worker()
         self._batches += 1
-        if self._worker is None or self._batches <= self.warmup_batches:
+        if isinstance(images, torch.Tensor):
+            self._queue(images, captions)
+            while len(self._queued) > 1:  # the batch before this one is done on the GPU by the time it is read
+                self._take()
+        elif self._worker is None or self._batches <= self.warmup_batches:
             self._score(images, captions)
         else:
             self._pending = self._worker.submit(self._score, images, captions)
 
     def wait(self) -> None:
-        """Until the batch in flight is scored; re-raises its error."""
+        """Until every batch handed over is scored; re-raises a worker's error."""
+        self._wait_worker()
+        while self._queued:
+            self._take()
+
+    def _wait_worker(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+    def _queue(self, images: torch.Tensor, captions: RawConditions) -> None:
+        """Queue one device-resident batch's features and cosines and their copies to pinned host memory."""
+        if self.mode != "clean" or self.resize_on != "device":
+            raise ValueError("image tensors are scored with mode 'clean' and resize_on='device'; pass numpy "
+                             "images otherwise")
+        feats = device_features(images, self.extractor, self.mode, self.precision)
+        cos = self.clip.on_device(images, captions) if self.clip is not None and isinstance(captions, list) else None
+        if images.device.type != "cuda":
+            self._queued.append((feats.cpu(), cos.cpu() if cos is not None else None, None))
+            return
+        host_feats = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True).copy_(feats, non_blocking=True)
+        host_cos = None
+        if cos is not None:
+            host_cos = torch.empty(cos.shape, dtype=cos.dtype, pin_memory=True).copy_(cos, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._queued.append((host_feats, host_cos, done))
+
+    def _take(self) -> None:
+        """Add the oldest queued batch to the statistics and cosines once its copies have landed."""
+        host_feats, host_cos, done = self._queued.pop(0)
+        if done is not None:
+            done.synchronize()
+        self._stats.update(host_feats.numpy())
+        if host_cos is not None:
+            self._cosines.append(host_cos)
 
     def _score(self, images: np.ndarray, captions: RawConditions) -> None:
         self._stats.update(features(list(images), self.extractor, self.mode, device=self.device, pool=self.pool,

@@ -225,6 +225,21 @@ def features(images: Images, extractor: Extractor, mode: str, batch_size: int | 
     return np.concatenate(feats)
 
 
+def device_features(images: torch.Tensor, extractor: Extractor, mode: str = "clean",
+                    precision: str = "fp32") -> torch.Tensor:
+    """`features` of uint8 (N, H, W, 3) images on the extractor's device, left there: "clean"'s resize to 299 on
+    the device (`clean_resize_on_device`'s values) and no copy to the host, so nothing waits for the GPU."""
+    if mode != "clean":
+        raise ValueError(f"device_features runs clean-fid's 'clean' resize only, got mode {mode!r}")
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"device_features takes uint8 (N, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
+    from .resample import resize_float
+
+    x = resize_float(images.permute(0, 3, 1, 2).float(), (299, 299), "bicubic").clamp_(0, 255)
+    with torch.no_grad(), extractor_precision(precision, images.device):
+        return extractor(x).float()
+
+
 class FeatureStats:
     """Streaming (mu, sigma): clean-fid's `np.mean(feats, 0)` bit for bit, `np.cov(feats, rowvar=False)` to ~1e-15."""
 

@@ -312,13 +312,15 @@ def _image_protocol(root, store, cfg, run_name, teacher, protocol, steps, needed
     share = rank_slice(n)  # data-parallel ranks: this one's samples; one process: all of them
     z, raw = z[share], slice_raw(raw, share.start, share.stop)
 
+    on_device = fast and e.fid_mode == "clean"  # and the images stay on the GPU until scored
+
     def score(fn: Callable, keep: Optional[dict], label: str) -> dict:
         scores = ImageScores(inception, e.fid_mode, device, clip, pool=pool, resize_on=resize_on)
         for images, cond in generate_images(fn, z, raw, e.batch_size, protocol.resolution, pool=pool,
-                                            fixed_batch=fast, resize_on=resize_on):
+                                            fixed_batch=fast, resize_on=resize_on, on_device=on_device):
             scores.update(images, cond)
             if keep is not None and label not in keep:
-                keep[label] = torch.from_numpy(images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                keep[label] = torch.as_tensor(images[:8]).cpu().permute(0, 3, 1, 2).float() / 127.5 - 1
         gather_scores(scores)
         return scores.result(*ref)
 

@@ -179,6 +179,30 @@ def test_device_resizes_equal_the_pil_path(extractors):
         to_protocol_images(images, 24, resize_on="gpu")
 
 
+def test_images_left_on_their_device_score_as_the_sequential_loop(extractors):
+    """generate_images(on_device=True) hands uint8 (B, R, R, 3) tensors to ImageScores, which scores them where
+    they are and adds batch i to the statistics after batch i + 1 is queued: the same statistics and cosines bit
+    for bit as the numpy path, in batch order (run here on CPU tensors)."""
+    inception, clip = extractors
+    on_device = ClipScorer(clip.model, clip.preprocess, clip.tokenizer, clip.prefix, clip.resize, resize_on="device")
+    z = torch.randn(11, 3, 40, 40, generator=torch.Generator().manual_seed(6))
+    kept = list(generate_images(_sample, z, CAPTIONS, 3, 24, resize_on="device", on_device=True))
+    assert all(isinstance(b, torch.Tensor) and b.dtype == torch.uint8 and b.shape[1:] == (24, 24, 3) for b, _ in kept)
+    plain = list(generate_images(_sample, z, CAPTIONS, 3, 24))
+    assert all(np.array_equal(a, b.numpy()) for (a, _), (b, _) in zip(plain, kept))
+    (mu, sigma), cos = _scores(extractors, plain)
+    scores = ImageScores(inception, "clean", "cpu", on_device, resize_on="device")
+    for i, (images, captions) in enumerate(kept):
+        scores.update(images, captions)
+        assert len(scores._queued) == 1 and scores._stats.n == 3 * i  # one batch held back, the rest added
+    (mu_d, sigma_d), cos_d = scores.stats.compute(), torch.cat(scores.cosines)
+    assert np.array_equal(mu, mu_d) and np.array_equal(sigma, sigma_d) and torch.equal(cos, cos_d)
+    with pytest.raises(ValueError, match="resize_on='device'"):
+        ImageScores(inception, "clean", "cpu", clip).update(kept[0][0], kept[0][1])
+    with pytest.raises(ValueError, match="on_device"):
+        next(generate_images(_sample, z, CAPTIONS, 3, 24, on_device=True))
+
+
 def test_device_preprocess_of_vit_g_14_equals_open_clip():
     """ViT-g-14's own preprocess (Resize 224 bicubic, CenterCrop, ToTensor, Normalize) after DMD2's 256 step."""
     import open_clip
