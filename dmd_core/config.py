@@ -32,6 +32,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RealDataConfig(_Model):
+    """Real images for DMD2's GAN (DMD2 §4.2): read by the `real` stage (`storage.real_images`)."""
+
+    url: str = Field(..., min_length=1, description="WebDataset tars (img2dataset layout), a folder of images with "
+                                                    "optional .txt captions, or parquet files, on any fsspec URL")
+    format: Optional[Literal["webdataset", "folder", "parquet"]] = Field(None, description="default: detected")
+    n: Optional[int] = Field(None, gt=0, description="use the first n readable images; default all")
+    shard_size: int = Field(256, gt=0)
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more of the images are unreadable")
+
+
 class DataConfig(_Model):
     """The data: a named dataset (`digits` is sklearn's 8x8 digits, embedded) and the prompts of text models."""
 
@@ -42,6 +53,15 @@ class DataConfig(_Model):
     captions: Optional[str] = Field(None, description="prompts for text-to-image teachers: a COCO captions json, "
                                                       ".txt (one a line), .parquet or .csv on any fsspec URL")
     caption_column: Optional[str] = Field(None, description="column of a .parquet/.csv caption file")
+    real: Optional[RealDataConfig] = Field(None, description="real images for the GAN (the `real` stage)")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_real(self, handler):
+        """Without real images the section dumps (and hashes) exactly as before the field existed."""
+        data = handler(self)
+        if self.real is None and isinstance(data, dict):
+            data.pop("real", None)
+        return data
 
 
 class TeacherConfig(_Model):

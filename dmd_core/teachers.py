@@ -37,6 +37,15 @@ class LatentCodec:
         """Latents -> images in [-1, 1] through the VAE."""
         return self.vae.decode(x / self.scale + self.shift).sample
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> model space: the mode of the VAE posterior, shifted and scaled (deterministic)."""
+        return (self.vae.encode(images).latent_dist.mode() - self.shift) * self.scale
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent cell along each side (8 for the Stable Diffusion VAEs)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def decode_for_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Decode with grad: the smaller decoder when given, else the VAE."""
         if self.decoder is None:
@@ -145,6 +154,17 @@ class Teacher:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Model space -> images in [-1, 1]: identity for pixel teachers, the VAE decode for latent ones."""
         return x if self.codec is None else self.codec.decode(x)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (N, C, H, W) -> model space: identity for pixel teachers, the VAE for latent ones."""
+        return images if self.codec is None else self.codec.encode(images)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(channels, side) of the images the teacher's samples decode to."""
+        if self.codec is None:
+            return self.sample_shape[0], self.sample_shape[-1]
+        return 3, self.sample_shape[-1] * self.codec.factor
 
     def decode_for_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Decode for the regression loss (with grad): the smaller decoder when given (DMD App. B.3), else `decode`."""

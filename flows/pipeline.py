@@ -1,4 +1,5 @@
-"""The Prefect flow `dmd`: teacher -> pairs -> distill -> export -> evaluate, each stage idempotent."""
+"""The Prefect flow `dmd`: teacher -> pairs -> real -> distill -> export -> evaluate, each stage idempotent
+(`real` does nothing without `data.real`)."""
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
@@ -19,10 +20,11 @@ from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.pairs import pairs_shard_task, plan_pairs, record_shards
+from tasks.real import real_task
 from tasks.stages import artifact_key
 from tasks.teacher import teacher_task
 
-Stage = Literal["teacher", "pairs", "distill", "export", "evaluate"]
+Stage = Literal["teacher", "pairs", "real", "distill", "export", "evaluate"]
 
 
 def resolve_config(preset, config, overrides, root: str, run_name: Optional[str]) -> tuple[PipelineConfig, str]:
@@ -99,6 +101,8 @@ def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] =
         runner = pairs_task_runner(cfg)
         out["pairs_shards_written"] = (pairs_stage(root, run_name, force) if runner is None else
                                        pairs_subflow.with_options(task_runner=runner)(root, run_name, force))
+    if "real" in selected:
+        out["real_shards_written"] = real_task(root, run_name, force)
     if "distill" in selected:
         out["distill_steps"] = distill_task(root, run_name, force)
     if "export" in selected:

@@ -10,6 +10,9 @@ CONFIG = "config.json"
 TEACHER = "teacher"
 PAIRS_DIR = "pairs"
 PAIRS_MANIFEST = "pairs/manifest.parquet"
+REAL_DIR = "real"
+REAL_MANIFEST = "real/manifest.parquet"
+REAL_REPORT = "real/report.json"
 CHECKPOINTS = "distill/checkpoints"
 METRICS = "distill/metrics.parquet"
 EXPORT = "export"
@@ -47,6 +50,10 @@ def done_marker(stage: str) -> str:
 
 def shard_key(shard_id: int) -> str:
     return f"pairs/shard-{shard_id:06d}.tar"
+
+
+def real_shard_key(shard_id: int) -> str:
+    return f"real/shard-{shard_id:06d}.tar"
 
 
 def checkpoint_prefix(step: int, folder: str = CHECKPOINTS) -> str:

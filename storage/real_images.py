@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -73,22 +74,26 @@ def detect_format(store: ArtifactStore) -> str:
 
 
 def iter_real_images(url: str, resolution: int, report: SkipReport, fmt: Optional[str] = None,
-                     max_bad_fraction: float = 0.01, **storage_options: Any) -> Iterator[RealImage]:
+                     max_bad_fraction: float = 0.01, skip: int = 0, **storage_options: Any) -> Iterator[RealImage]:
     """The real samples under `url` in a fixed order, cropped and resized to `resolution`²; bad images go to
-    `report`, and after the last sample the reader fails if more than `max_bad_fraction` were bad."""
+    `report`, and after the last sample the reader fails if more than `max_bad_fraction` were bad. The first
+    `skip` samples are passed over undecoded (a resumed reader whose `report` already counts them)."""
     store = ArtifactStore(url, **storage_options)
     fmt = fmt or detect_format(store)
     if fmt not in FORMATS:
         raise ValueError(f"data.real format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     samples = {"webdataset": _webdataset, "folder": _folder, "parquet": _parquet}[fmt](store)
-    for name, data, caption in samples:
+    for position, (name, data, caption) in enumerate(samples):
+        if position < skip:
+            continue
         report.seen += 1
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 image = center_crop_resize(im, resolution)
         except Exception as e:  # noqa: BLE001 - any decoder error makes this one sample bad, counted and named
-            report.bad.append((name, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
+            reason = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}".splitlines()[0])  # no addresses
+            report.bad.append((name, reason[:200]))
             continue
         yield RealImage(name, image, caption)
     if report.seen == 0:

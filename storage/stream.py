@@ -313,17 +313,20 @@ def _cond(sample: dict[str, Any]) -> int | str | None:
 
 
 def collate(samples: Sequence[dict[str, Any]], device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Stack decoded pair samples: z <- noise.npy, y <- image.npy (float32), index, cond (class or prompt)."""
+    """Stack decoded pair samples: z <- noise.npy, y <- image.npy (float32), index, cond (class or prompt).
+    Real-image samples (the `real` stage's shards) have no noise.npy in any sample: then there is no z."""
+    fields = ("noise.npy", "image.npy") if any("noise.npy" in s for s in samples) else ("image.npy",)
     for s in samples:
-        for field in ("noise.npy", "image.npy"):
+        for field in fields:
             if field not in s:
                 raise ShardReadError(f"shard {s.get('__url__')!r} sample {s['__key__']}: no field {field!r} "
                                      f"(fields: {sorted(k for k in s if not k.startswith('__'))})")
     out: dict[str, Any] = {
-        "z": torch.from_numpy(np.stack([s["noise.npy"] for s in samples])).float().to(device),
         "y": torch.from_numpy(np.stack([s["image.npy"] for s in samples])).float().to(device),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long, device=device),
     }
+    if "noise.npy" in fields:
+        out["z"] = torch.from_numpy(np.stack([s["noise.npy"] for s in samples])).float().to(device)
     scales = [s["json"].get("guidance") if isinstance(s.get("json"), dict) else None for s in samples]
     if all(w is not None for w in scales):  # pairs made at several CFG scales record theirs
         out["guidance"] = torch.tensor(scales, dtype=torch.float32, device=device)

@@ -17,7 +17,7 @@ from dmd_core.config import (PROJECT_DIR, ConfigError, DataConfig, DistillConfig
 from dmd_core.protocols import get_protocol
 
 CONFIG_DIR = PROJECT_DIR / "configs"
-STAGES = ("teacher", "pairs", "distill", "export", "evaluate")
+STAGES = ("teacher", "pairs", "real", "distill", "export", "evaluate")
 DEFAULT_PRESET = "digits"
 
 
@@ -103,11 +103,13 @@ class PipelineConfig(_Model):
                              "(the teacher's own generator-style baseline uses that count)")
         return self
 
-    def section_hash(self, *sections: str) -> str:
+    def section_hash(self, *sections: str, ignore: Optional[dict[str, set[str]]] = None) -> str:
         """Short stable hash of the named sections (used to key cached stage outputs); fields that only say how
-        the work is spread over processes (EXECUTION_FIELDS) are left out: they do not change the outputs."""
-        return stable_hash({s: getattr(self, s).model_dump(mode="json", exclude=EXECUTION_FIELDS.get(s))
-                            for s in sections})
+        the work is spread over processes (EXECUTION_FIELDS) are left out: they do not change the outputs; so are
+        the fields `ignore` names per section (inputs of other stages)."""
+        ignore = ignore or {}
+        return stable_hash({s: getattr(self, s).model_dump(
+            mode="json", exclude=(EXECUTION_FIELDS.get(s) or set()) | ignore.get(s, set()) or None) for s in sections})
 
 
 # How a stage's work is spread (threads, Dask, torchrun ranks) or sped up, not what it computes.

@@ -16,7 +16,7 @@ from dmd_core.streams import Stream, TensorStream
 from dmd_core.teachers import Teacher, load_teacher
 from storage import ArtifactStore, ShardStream, read_manifest
 from storage.captions import read_captions
-from storage.layout import CONFIG, PAIRS_MANIFEST, TEACHER, run_store
+from storage.layout import CONFIG, PAIRS_MANIFEST, REAL_MANIFEST, TEACHER, run_store
 from storage.models import cached_folder
 from storage.stream import read_shard
 from tasks.stages import TEACHER_STAGE
@@ -107,14 +107,26 @@ def conditions(teacher: Teacher, cfg: PipelineConfig) -> Optional[Conditions]:
 def pair_stream(store: ArtifactStore, cfg: PipelineConfig, batch_size: int, seed: int) -> Stream:
     """An exactly resumable stream over the run's pairs: held in memory when the shards total at most
     `distill.pairs_in_memory_mb` (read once, each shard's sha256 checked), else read lazily from the shards."""
-    records = read_manifest(store, PAIRS_MANIFEST)
+    return _shard_stream(store, cfg, PAIRS_MANIFEST, "pairs", batch_size, seed)
+
+
+def real_stream(store: ArtifactStore, cfg: PipelineConfig, batch_size: int, seed: int) -> Stream:
+    """`pair_stream` over the `real` stage's shards: y and cond (class or prompt), no z."""
+    return _shard_stream(store, cfg, REAL_MANIFEST, "real", batch_size, seed)
+
+
+def _shard_stream(store: ArtifactStore, cfg: PipelineConfig, manifest: str, stage: str, batch_size: int,
+                  seed: int) -> Stream:
+    records = read_manifest(store, manifest)
     if not records:
-        raise FileNotFoundError(f"{store.url(PAIRS_MANIFEST)} is missing or empty: run the pairs stage first")
+        raise FileNotFoundError(f"{store.url(manifest)} is missing or empty: run the {stage} stage first")
     if sum(r.n_bytes for r in records) > cfg.distill.pairs_in_memory_mb * 2**20:
         return ShardStream(store, records, batch_size, seed=seed)
     samples = sorted((s for r in records for s in read_shard(store, r)), key=lambda s: s["index"])
-    tensors = {"z": torch.from_numpy(np.stack([s["noise.npy"] for s in samples])).float(),
-               "y": torch.from_numpy(np.stack([s["image.npy"] for s in samples])).float()}
+    tensors = {}
+    if "noise.npy" in samples[0]:
+        tensors["z"] = torch.from_numpy(np.stack([s["noise.npy"] for s in samples])).float()
+    tensors["y"] = torch.from_numpy(np.stack([s["image.npy"] for s in samples])).float()
     meta = samples[0].get("json") or {}
     if meta.get("guidance") is not None:  # pairs made at several CFG scales record theirs
         tensors["guidance"] = torch.tensor([s["json"]["guidance"] for s in samples], dtype=torch.float32)

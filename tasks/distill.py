@@ -23,10 +23,10 @@ from storage.checkpoints import (checkpoint_folder, checkpoint_keys, list_checkp
                                  write_checkpoint)
 from storage.layout import METRICS, checkpoint_prefix, compile_cache_key, sample_grid_key
 from storage.plots import labelled_grid_png
-from tasks.context import conditions, device_for, open_run, pair_stream, prompts, run_teacher
+from tasks.context import conditions, device_for, open_run, pair_stream, prompts, real_stream, run_teacher
 from tasks.launch import launch_distill, wants_launch, writer_store
 from tasks.gpu_slots import gpu_slots
-from tasks.stages import DISTILL_STAGE, artifact_key, config_resume_hash, resume_key
+from tasks.stages import DISTILL_STAGE, artifact_key, config_resume_hash, resume_key, uses_real_stage
 
 METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "loss_gan_D",
                   "grad_norm_G", "grad_norm_fake", "nonfinite_skipped"]
@@ -41,9 +41,11 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
     pairs = real = None
     if d.regression != "none":
         pairs = pair_stream(store, cfg, d.reg_batch_size or d.batch_size, d.seed)
-    if d.gan.enabled:  # DMD2's GAN sees real images: the named dataset, else the teacher's pair outputs
+    if d.gan.enabled:  # DMD2's GAN sees real images: data.real, the named dataset, else the teacher's pair outputs
         dataset = real_dataset(cfg.data.name)
-        if dataset is not None:
+        if uses_real_stage(cfg):
+            real = real_stream(store, cfg, d.batch_size, d.seed + 1)
+        elif dataset is not None:
             images, labels = dataset
             real = TensorStream({"y": images, "cond": labels} if teacher.num_classes else {"y": images},
                                 d.batch_size, d.seed + 1)

@@ -8,7 +8,7 @@ from dmd_core.config import stable_hash
 from tasks.config import PipelineConfig
 from dmd_core.datasets import DATASETS
 from storage import ArtifactStore, read_manifest
-from storage.layout import EVAL_DIR, EXPORT, PAIRS_DIR, PAIRS_MANIFEST, TEACHER, done_marker
+from storage.layout import EVAL_DIR, EXPORT, PAIRS_DIR, PAIRS_MANIFEST, REAL_DIR, REAL_MANIFEST, TEACHER, done_marker
 from storage.stream import manifest_fingerprint
 
 # Changing only these lets a run continue from its checkpoints (e.g. raise distill.steps to train longer); the
@@ -25,6 +25,7 @@ class Stage:
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    ignore: tuple[tuple[str, str], ...] = ()  # (section, field) of the inputs that other stages read, not this one
 
     @property
     def marker(self) -> str:
@@ -32,7 +33,10 @@ class Stage:
 
     def key(self, cfg: PipelineConfig) -> str:
         """Hash of every input: the stage is done only while its marker carries this key."""
-        return cfg.section_hash(*self.inputs)
+        ignore: dict[str, set[str]] = {}
+        for section, name in self.ignore:
+            ignore.setdefault(section, set()).add(name)
+        return cfg.section_hash(*self.inputs, ignore=ignore)
 
     def is_done(self, store: ArtifactStore, cfg: PipelineConfig) -> bool:
         return store.exists(self.marker) and store.read_json(self.marker).get("hash") == self.key(cfg)
@@ -45,12 +49,14 @@ class Stage:
         store.write_json(self.marker, {"hash": self.key(cfg), **extra})
 
 
-TEACHER_STAGE = Stage("teacher", ("data", "teacher"), (TEACHER,))
-PAIRS_STAGE = Stage("pairs", ("data", "teacher", "pairs"), (PAIRS_DIR,))
+TEACHER_STAGE = Stage("teacher", ("data", "teacher"), (TEACHER,), ignore=(("data", "real"),))
+PAIRS_STAGE = Stage("pairs", ("data", "teacher", "pairs"), (PAIRS_DIR,), ignore=(("data", "real"),))
+REAL_STAGE = Stage("real", ("data", "teacher"), (REAL_DIR,))
 DISTILL_STAGE = Stage("distill", ("data", "teacher", "pairs", "distill"), ("distill",))
 EXPORT_STAGE = Stage("export", ("data", "teacher", "pairs", "distill", "export"), (EXPORT,))
 EVALUATE_STAGE = Stage("evaluate", ("data", "teacher", "pairs", "distill", "evaluate"), (EVAL_DIR,))
-STAGE_SPECS = {s.name: s for s in (TEACHER_STAGE, PAIRS_STAGE, DISTILL_STAGE, EXPORT_STAGE, EVALUATE_STAGE)}
+STAGE_SPECS = {s.name: s for s in (TEACHER_STAGE, PAIRS_STAGE, REAL_STAGE, DISTILL_STAGE, EXPORT_STAGE,
+                                   EVALUATE_STAGE)}
 
 
 def resume_key(store: ArtifactStore, cfg: PipelineConfig) -> str:
@@ -62,17 +68,28 @@ def resume_key(store: ArtifactStore, cfg: PipelineConfig) -> str:
 
 def config_resume_hash(cfg: PipelineConfig) -> str:
     """The config part of `resume_key`."""
-    return stable_hash({"upstream": PAIRS_STAGE.key(cfg),
-                        "distill": cfg.distill.model_dump(mode="json", exclude=RESUMABLE_CHANGES)})
+    parts = {"upstream": PAIRS_STAGE.key(cfg),
+             "distill": cfg.distill.model_dump(mode="json", exclude=RESUMABLE_CHANGES)}
+    if uses_real_stage(cfg):  # the GAN's real images (absent otherwise: hashes as before)
+        parts["real"] = REAL_STAGE.key(cfg)
+    return stable_hash(parts)
+
+
+def uses_real_stage(cfg: PipelineConfig) -> bool:
+    """Whether distill's GAN reads the `real` stage's shards (data.real given and the GAN on)."""
+    return cfg.data.real is not None and cfg.distill.gan.enabled
 
 
 def pairs_fingerprint(store: ArtifactStore, cfg: PipelineConfig) -> str:
     """16 hex digits of the pair manifest's fingerprint (shards, sha256, counts); "unused" when distill reads no
-    pairs (no regression loss, and the GAN's real images come from the named dataset)."""
-    d = cfg.distill
-    if d.regression == "none" and not (d.gan.enabled and DATASETS.get(cfg.data.name) is None):
-        return "unused"
-    return manifest_fingerprint(read_manifest(store, PAIRS_MANIFEST))[:16]
+    pairs (no regression loss, and the GAN's real images come from the named dataset or `data.real`); with
+    `data.real`, the real manifest's after a dash."""
+    d, real = cfg.distill, uses_real_stage(cfg)
+    uses_pairs = d.regression != "none" or (d.gan.enabled and DATASETS.get(cfg.data.name) is None and not real)
+    pairs = manifest_fingerprint(read_manifest(store, PAIRS_MANIFEST))[:16] if uses_pairs else "unused"
+    if real:  # and the real images' shards
+        return f"{pairs}-{manifest_fingerprint(read_manifest(store, REAL_MANIFEST))[:16]}"
+    return pairs
 
 
 def artifact_key(run_name: str, what: str) -> str:
