@@ -2,6 +2,7 @@
 captions, the corrupt image reported and skipped; distill's GAN then reads them; a rerun rewrites nothing."""
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -89,31 +90,59 @@ def test_real_stage_writes_latents_skips_the_corrupt_image_and_feeds_the_gan(pre
     assert real_stage.run_real(root, "r") == 0
     assert {r.shard: store.info(r.shard)["token"] for r in read_manifest(store, REAL_MANIFEST)} == tokens
 
-    # Interrupted after two shards, a resumed stage writes the same shards, once each, and the same report.
-
+    # SIGKILLed as it starts its third shard, a resumed stage writes shards 2 and 3 only, the same bytes as the
+    # uninterrupted run, and the same report.
     written = {r.shard: r.sha256 for r in records}
-    calls, write_shard = [], real_stage.write_shard
-
-    def crash_on_third(*a, **k):
-        calls.append(a[1])
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return write_shard(*a, **k)
-
-    real_stage.write_shard = crash_on_third
-    try:
-        real_stage.run_real(root, "r", force=True)
-    except RuntimeError:
-        pass
-    finally:
-        real_stage.write_shard = write_shard
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_THIRD_SHARD, root], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(read_manifest(store, REAL_MANIFEST)) == 2 and not store.exists("real/_complete.json")
-    calls.clear()
-    real_stage.write_shard = crash_on_third
-    try:
-        assert real_stage.run_real(root, "r") == 2  # shards 2 and 3 only
-    finally:
-        real_stage.write_shard = write_shard
-    assert calls == ["real/shard-000002.tar", "real/shard-000003.tar"]
-    assert {r.shard: r.sha256 for r in read_manifest(store, REAL_MANIFEST)} == written
+    kept = {r.shard: store.info(r.shard)["token"] for r in read_manifest(store, REAL_MANIFEST)}
+    assert real_stage.run_real(root, "r") == 2
+    records = read_manifest(store, REAL_MANIFEST)
+    assert {r.shard: r.sha256 for r in records} == written
+    assert {r.shard: store.info(r.shard)["token"] for r in records if r.shard in kept} == kept
     assert store.read_json(REAL_REPORT) == report
+
+
+# The real stage rerun from scratch in a fresh process, killed (SIGKILL: no handler, no finally) as it begins to
+# write its third shard.
+KILL_AT_THIRD_SHARD = """
+import os, signal, sys
+import tasks.real as real_stage
+write_shard, calls = real_stage.write_shard, []
+def write_or_die(*args, **kwargs):
+    calls.append(args[1])
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_shard(*args, **kwargs)
+real_stage.write_shard = write_or_die
+real_stage.run_real(sys.argv[1], "r", force=True)
+"""
+
+
+def test_real_stage_on_s3(prefect_api, s3_endpoint, tmp_path, monkeypatch):
+    """Real images read from a bucket, shards written to a run root in it (moto's S3 server)."""
+    import uuid
+
+    import fsspec
+    import fsspec.config
+
+    from flows.pipeline import dmd
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {})
+    write_tars(tmp_path / "laion")
+    data = f"s3://dmd-test/{uuid.uuid4().hex}/laion"
+    fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint)
+    for tar in sorted((tmp_path / "laion").iterdir()):
+        fs.put_file(str(tar), f"{data}/{tar.name}")
+    root = f"s3://dmd-test/{uuid.uuid4().hex}"
+    dmd(preset="sd-tiny", root=root, run_name="r", stages=["teacher", "real", "distill"],
+        overrides=[f"storage.endpoint_url={s3_endpoint}", f"data.real.url={data}", f"data.real.shard_size={SHARD}",
+                   "distill.gan.enabled=true", "distill.regression=none", "distill.steps=2"])
+    store = run_store(root, "r", endpoint_url=s3_endpoint)
+    records = read_manifest(store, REAL_MANIFEST)
+    verify_manifest(store, records)
+    assert sum(r.n_samples for r in records) == N_GOOD
+    assert store.read_json(REAL_REPORT)["bad_samples"][0]["name"] == "00000.tar:00000007"
+    assert all(np.isfinite(r["loss_gan_D"]) for r in store.read_table(METRICS).to_pylist())
