@@ -53,7 +53,7 @@ def run(
     config: Optional[Path] = typer.Option(None, help="YAML config file (instead of a preset)"),
     root: str = typer.Option("./artifacts", help="artifact root URL: a path, file://, memory://, s3://, gs://"),
     run_name: Optional[str] = typer.Option(None, help="run folder under the root; default the config's name"),
-    stages: Optional[str] = typer.Option(None, help=f"comma-separated subset of {','.join(STAGES)}; default all"),
+    stages: Optional[str] = typer.Option(None, help=f"comma-separated subset of {','.join(STAGES)}; default all (real only with data.real)"),
     set_: List[str] = typer.Option([], "--set", help="override a config value, e.g. --set distill.lr=1e-5"),
     force: bool = typer.Option(False, help="recompute stages even if complete"),
     all_checkpoints: bool = typer.Option(False, help="evaluate every checkpoint not yet in the results table"),

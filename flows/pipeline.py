@@ -88,7 +88,8 @@ def dmd(preset: Optional[str] = None, config: Union[dict[str, Any], str, None] =
         overrides: Optional[list[str]] = None, evaluate_all_checkpoints: bool = False) -> dict:
     """Distill a diffusion teacher into a one-step generator; `stages` selects a subset (default all)."""
     cfg, run_name = resolve_config(preset, config, overrides, root, run_name)
-    selected = [s for s in STAGES if s in (stages or STAGES)]
+    default = [s for s in STAGES if s != "real" or cfg.data.real is not None]
+    selected = [s for s in STAGES if s in (stages or default)]
     preflight(cfg, root, run_name, selected if stages else None, force)
     logger = get_run_logger()
     recover_run(root, run_name, logger)

@@ -25,7 +25,7 @@ def test_help_lists_commands_stages_and_options():
     assert run.returncode == 0
     for option in ("--preset", "--config", "--root", "--stages", "--set", "--dry-run", "--force"):
         assert option in run.stdout
-    assert "teacher,pairs,distill,export,evaluate" in run.stdout.replace("\n", "").replace(" ", "")
+    assert "teacher,pairs,real,distill,export,evaluate" in run.stdout.replace("\n", "").replace(" ", "")
 
 
 def test_dry_run_prints_the_resolved_default_config():

@@ -90,18 +90,22 @@ def test_real_stage_writes_latents_skips_the_corrupt_image_and_feeds_the_gan(pre
     assert real_stage.run_real(root, "r") == 0
     assert {r.shard: store.info(r.shard)["token"] for r in read_manifest(store, REAL_MANIFEST)} == tokens
 
-    # SIGKILLed as it starts its third shard, a resumed stage writes shards 2 and 3 only, the same bytes as the
-    # uninterrupted run, and the same report.
-    written = {r.shard: r.sha256 for r in records}
+    # SIGKILLed as it starts its third shard, a resumed stage writes shards 2 and 3 only, the same samples as the
+    # uninterrupted run (latents to float tolerance: thread counts differ between processes), and the same report.
     killed = subprocess.run([sys.executable, "-c", KILL_AT_THIRD_SHARD, root], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(read_manifest(store, REAL_MANIFEST)) == 2 and not store.exists("real/_complete.json")
     kept = {r.shard: store.info(r.shard)["token"] for r in read_manifest(store, REAL_MANIFEST)}
     assert real_stage.run_real(root, "r") == 2
-    records = read_manifest(store, REAL_MANIFEST)
-    assert {r.shard: r.sha256 for r in records} == written
-    assert {r.shard: store.info(r.shard)["token"] for r in records if r.shard in kept} == kept
+    resumed = read_manifest(store, REAL_MANIFEST)
+    verify_manifest(store, resumed)
+    assert [r.shard for r in resumed] == [r.shard for r in records]
+    assert {r.shard: store.info(r.shard)["token"] for r in resumed if r.shard in kept} == kept
+    again = [s for r in resumed for s in read_shard(store, r)]
+    assert [(s["__key__"], s["json"]) for s in again] == [(s["__key__"], s["json"]) for s in samples]
+    for a, b in zip(again, samples):
+        np.testing.assert_allclose(a["image.npy"], b["image.npy"], atol=1e-5)
     assert store.read_json(REAL_REPORT) == report
 
 
