@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from dmd_core.config import stable_hash
 
 from tasks.config import PipelineConfig
 from dmd_core.datasets import DATASETS
 from storage import ArtifactStore, read_manifest
+from storage.checkpoints import checkpoint_keys, list_checkpoints
 from storage.layout import EVAL_DIR, EXPORT, PAIRS_DIR, PAIRS_MANIFEST, TEACHER, done_marker
 from storage.stream import manifest_fingerprint
 
@@ -53,26 +55,66 @@ EVALUATE_STAGE = Stage("evaluate", ("data", "teacher", "pairs", "distill", "eval
 STAGE_SPECS = {s.name: s for s in (TEACHER_STAGE, PAIRS_STAGE, DISTILL_STAGE, EXPORT_STAGE, EVALUATE_STAGE)}
 
 
-def resume_key(store: ArtifactStore, cfg: PipelineConfig) -> str:
+def resume_key(store: ArtifactStore, cfg: PipelineConfig, step: Optional[int] = None) -> str:
     """Key stored with each checkpoint, `<config>-<pairs>`: the hash of the inputs that must match to resume from
     it, and the fingerprint of the pair set it trained on (GPU pairs are not bit-stable: pairs regenerated under
-    the same config are another set)."""
-    return f"{config_resume_hash(cfg)}-{pairs_fingerprint(store, cfg)}"
+    the same config are another set). `step` is the checkpoint's: with distill.phases the key names only the
+    phases begun before it (None: the run's last checkpoint, every phase)."""
+    return resume_keys(store, cfg)(step)
 
 
-def config_resume_hash(cfg: PipelineConfig) -> str:
-    """The config part of `resume_key`."""
-    return stable_hash({"upstream": PAIRS_STAGE.key(cfg),
-                        "distill": cfg.distill.model_dump(mode="json", exclude=RESUMABLE_CHANGES)})
+def resume_keys(store: ArtifactStore, cfg: PipelineConfig) -> Callable[[Optional[int]], str]:
+    """step -> `resume_key(store, cfg, step)`, the pair manifest read once."""
+    fingerprint: dict[str, str] = {}
+
+    def key(step: Optional[int] = None) -> str:
+        if not pairs_used(cfg, step):
+            return f"{config_resume_hash(cfg, step)}-unused"
+        if not fingerprint:
+            fingerprint["pairs"] = manifest_fingerprint(read_manifest(store, PAIRS_MANIFEST))[:16]
+        return f"{config_resume_hash(cfg, step)}-{fingerprint['pairs']}"
+
+    return key
+
+
+def config_resume_hash(cfg: PipelineConfig, step: Optional[int] = None) -> str:
+    """The config part of `resume_key`: the distill section but for RESUMABLE_CHANGES, and of distill.phases only
+    those begun before `step`, each as its first step and the settings it changes (`phases_begun`). So changing a
+    phase leaves the checkpoints made before it began usable, and those after it not; lengthening the running
+    phase (with distill.steps) continues it. Without phases it is the hash it always was."""
+    d = cfg.distill
+    data = {"upstream": PAIRS_STAGE.key(cfg),
+            "distill": d.model_dump(mode="json", exclude=RESUMABLE_CHANGES | {"phases"})}
+    if d.phases:
+        data["phases"] = d.phases_begun(step)
+    return stable_hash(data)
+
+
+def pairs_used(cfg: PipelineConfig, step: Optional[int] = None) -> bool:
+    """Whether distill reads the pairs before `step` (None: at all): for the regression loss, or as the GAN's real
+    images when the data has no named dataset (in a phase begun before `step`)."""
+    d = cfg.distill
+    step = step if d.phases else None
+    gan = any(d.phase_config(k).gan.enabled for k, start in enumerate(d.phase_starts()) if step is None or start < step)
+    return d.regression != "none" or (gan and DATASETS.get(cfg.data.name) is None)
 
 
 def pairs_fingerprint(store: ArtifactStore, cfg: PipelineConfig) -> str:
     """16 hex digits of the pair manifest's fingerprint (shards, sha256, counts); "unused" when distill reads no
     pairs (no regression loss, and the GAN's real images come from the named dataset)."""
-    d = cfg.distill
-    if d.regression == "none" and not (d.gan.enabled and DATASETS.get(cfg.data.name) is None):
+    if not pairs_used(cfg):
         return "unused"
     return manifest_fingerprint(read_manifest(store, PAIRS_MANIFEST))[:16]
+
+
+def resumable_checkpoints(store: ArtifactStore, cfg: PipelineConfig) -> list[tuple[int, str]]:
+    """(step, key) of the complete checkpoints this config may resume from, ascending: each written under the
+    resume key of its own step (without phases: the one key's)."""
+    if not cfg.distill.phases:
+        key = resume_key(store, cfg)
+        return [(s, key) for s in list_checkpoints(store, key)]
+    key_at = resume_keys(store, cfg)
+    return sorted((s, k) for k, steps in checkpoint_keys(store).items() for s in steps if k == key_at(s))
 
 
 def artifact_key(run_name: str, what: str) -> str:
