@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -162,6 +163,61 @@ class GANConfig(_Model):
     weight_discriminator: float = Field(1e-2, ge=0)
 
 
+class _Overrides(_Model):
+    """Settings a phase may change: an unknown key is named with the ones it may set."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        unknown = sorted(set(data) - set(cls.model_fields)) if isinstance(data, dict) else []
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r}: a phase may set {', '.join(cls.model_fields)}")
+        return data
+
+
+class PhaseGANConfig(_Overrides):
+    """The GAN settings a phase may change; those it leaves unset keep distill.gan's."""
+
+    enabled: Optional[bool] = None
+    weight_generator: Optional[float] = Field(None, ge=0)
+    weight_discriminator: Optional[float] = Field(None, ge=0)
+
+
+class PhaseConfig(_Overrides):
+    """One phase of a run: its length and the settings it changes (DMD2 §5: DM + TTUR first, then the GAN at a
+    lower lr from those weights); unset settings keep the distill section's values."""
+
+    steps: int = Field(gt=0, description="iterations of this phase; the phases' steps sum to distill.steps")
+    lr: Optional[float] = Field(None, gt=0)
+    lr_fake: Optional[float] = Field(None, gt=0, description="unset: distill.lr_fake, or when that is unset the "
+                                                             "phase's lr")
+    gan: Optional[PhaseGANConfig] = None
+    lambda_reg: Optional[float] = Field(None, ge=0)
+    dm_weight: Optional[float] = Field(None, ge=0)
+    fake_updates_per_generator: Optional[int] = Field(None, ge=1, description="TTUR ratio, counted from the "
+                                                                              "phase's first step")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        """Only the settings the phase changes."""
+        data = handler(self)
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if v is not None}
+            if isinstance(data.get("gan"), dict):
+                data["gan"] = {k: v for k, v in data["gan"].items() if v is not None}
+        return data
+
+    def overrides(self, base: "DistillConfig") -> dict:
+        """The fields of `base` this phase replaces, as `model_copy(update=...)` takes them."""
+        out = {k: getattr(self, k) for k in PHASE_FIELDS if getattr(self, k) is not None}
+        if self.gan is not None:
+            out["gan"] = base.gan.model_copy(update=self.gan.model_dump(exclude_none=True))
+        return out
+
+
+PHASE_FIELDS = ("lr", "lr_fake", "lambda_reg", "dm_weight", "fake_updates_per_generator")  # and gan
+
+
 class DistillConfig(_Model):
     """DMD / DMD2 training (DMD App. B: AdamW lr, wd 0.01, betas 0.9/0.999, clip 10, lambda_reg 0.25)."""
 
@@ -239,6 +295,10 @@ class DistillConfig(_Model):
                              "at every w), or the pairs' own (pairs.guidance, or each pair's: pairs.guidance_scales)")
     guidance_lr_scale: float = Field(1.0, gt=0, description="learning-rate multiplier of the guidance embeddings' "
                                                             "projections (generator and fake score)")
+    phases: Optional[list[PhaseConfig]] = Field(
+        None, min_length=1, description="phases within one run, in order, each {steps, and the settings it changes: "
+                                        "lr, lr_fake, gan, lambda_reg, dm_weight, fake_updates_per_generator}; their "
+                                        "steps sum to `steps`; None: one phase of the settings above")
     on_new_pairs: Literal["restart", "continue"] = Field(
         "restart", description="when the pair set differs from the one the checkpoints trained on (regenerated "
                                "pairs): restart from step 0 (those checkpoints stay in place), or continue from "
@@ -262,8 +322,9 @@ class DistillConfig(_Model):
         if isinstance(data, dict):  # at their defaults, guided runs made before these fields hash as before
             if self.guidance_lr_scale == 1.0:
                 data.pop("guidance_lr_scale", None)
-        for key, default in (("on_new_pairs", "restart"), ("dm_time_shift", 1.0), ("lora_rank", 0), ("lora_alpha", None),
-                             ("lora_targets", None)):  # at their defaults these hash as before they existed
+        # at their defaults these hash as before they existed
+        for key, default in (("phases", None), ("on_new_pairs", "restart"), ("dm_time_shift", 1.0), ("lora_rank", 0),
+                             ("lora_alpha", None), ("lora_targets", None)):
             if isinstance(data, dict) and getattr(self, key) == default:
                 data.pop(key, None)
         return data
@@ -292,9 +353,53 @@ class DistillConfig(_Model):
         if self.parallel == "fsdp2" and self.lora_rank:
             raise ValueError("parallel=fsdp2 shards full-weight students; LoRA students (lora_rank > 0) share one "
                              "base: use parallel=ddp")
-        if self.parallel == "fsdp2" and self.gan.enabled:
+        if self.parallel == "fsdp2" and self.gan_used:
             raise ValueError("parallel=fsdp2 with gan.enabled is not supported yet: use parallel=ddp")
         return self
+
+    @field_validator("phases")
+    @classmethod
+    def _phases_cover_steps(cls, v: Optional[list[PhaseConfig]], info: ValidationInfo) -> Optional[list[PhaseConfig]]:
+        steps = info.data.get("steps")
+        if v and steps is not None and sum(p.steps for p in v) != steps:
+            raise ValueError(f"the phases' steps sum to {sum(p.steps for p in v)} but distill.steps is {steps}: "
+                             "make them equal (the last phase ends the run)")
+        return v
+
+    @property
+    def gan_used(self) -> bool:
+        """Whether any phase trains the GAN (the head and the real-image stream then exist from step 0)."""
+        return any(self.phase_config(k).gan.enabled for k in range(len(self.phases or [None])))
+
+    def phase_starts(self) -> list[int]:
+        """The first step of each phase ([0] without phases)."""
+        lengths = [p.steps for p in self.phases or []]
+        return [sum(lengths[:k]) for k in range(len(lengths))] or [0]
+
+    def phase_index(self, step: int) -> int:
+        """The phase that runs iteration `step` (the last one past the end)."""
+        return max(k for k, start in enumerate(self.phase_starts()) if start <= step)
+
+    def phase_config(self, k: int) -> "DistillConfig":
+        """This config with phase k's settings in place (and no phases); itself without phases."""
+        if not self.phases:
+            return self
+        return self.model_copy(update={**self.phases[k].overrides(self), "phases": None})
+
+    def generator_updates(self, step: int) -> int:
+        """Generator updates in iterations [0, step): TTUR updates G at each phase's steps 0, r, 2r, ... (DMD2 §4.2)"""
+        total = 0
+        for k, start in enumerate(self.phase_starts()):
+            length = self.phases[k].steps if self.phases else step
+            r = self.phase_config(k).fake_updates_per_generator
+            total += -(-min(max(step - start, 0), length) // r)
+        return total
+
+    def phases_begun(self, step: Optional[int] = None) -> list[dict]:
+        """The phases that ran at least one iteration before `step` (None: all), each as its first step and the
+        settings it changes (its length left out: lengthening a phase leaves its checkpoints valid)."""
+        return [{"start": start, **p.model_dump(mode="json", exclude={"steps"})}
+                for p, start in zip(self.phases or [], self.phase_starts()) if step is None or start < step]
 
     @model_validator(mode="after")
     def _split_by_rank(self) -> "DistillConfig":

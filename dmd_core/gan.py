@@ -30,10 +30,12 @@ class BottleneckFeatures:
         module, self.channels = denoiser.backbone.bottleneck(denoiser.net)
         self.features = denoiser.backbone.features
         self.value: torch.Tensor | None = None
+        self.enabled = True  # off in a phase without the GAN (distill.phases): nothing captured
         module.register_forward_hook(self._hook)
 
     def _hook(self, module, args, output) -> None:
-        self.value = self.features(output)
+        if self.enabled:
+            self.value = self.features(output)
 
     def take(self) -> torch.Tensor:
         """Return and clear the last captured features."""

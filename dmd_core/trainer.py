@@ -61,6 +61,7 @@ class DMDTrainer:
                  fake_init: Optional[nn.Module] = None, device: torch.device | str = "cpu",
                  pairs_guidance: float = 1.0) -> None:
         self.cfg, self.device, real_w = cfg, torch.device(device), cfg.guidance
+        self.base_cfg = cfg  # with distill.phases, `cfg` becomes the running phase's settings (`_enter_phase`)
         self.encode: Callable = _identity_encode
         self.decode: Callable = _identity_encode
         self.decode_for_loss: Callable = _identity_encode
@@ -123,7 +124,7 @@ class DMDTrainer:
             self.compile(resolved)
         fake_params = [p for p in self.mu_fake.parameters() if p.requires_grad]
         self.gan_head, self.features = None, None
-        if cfg.gan.enabled:
+        if cfg.gan_used:  # from step 0 when any phase trains it: one state layout, RNG stream and checkpoint
             self.features = BottleneckFeatures(self.mu_fake)
             self.gan_head = GANHead(self.features.channels).to(self.device)
             fake_params += list(self.gan_head.parameters())
@@ -141,6 +142,20 @@ class DMDTrainer:
         self.step = 0
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
+        self.phase, self.phase_start = -1, 0
+        self._enter_phase()
+
+    def _enter_phase(self) -> None:
+        """Put in place the settings of the phase that runs iteration `self.step` (distill.phases; DMD2 §5 trains
+        DM + TTUR first, then the GAN at a lower lr): learning rates, GAN on/off and weights, TTUR ratio, lambda_reg,
+        dm_weight. With the GAN off the head is neither run nor updated (its parameters get no gradient)."""
+        k = self.base_cfg.phase_index(self.step)
+        if k == self.phase:
+            return
+        self.phase, self.phase_start = k, self.base_cfg.phase_starts()[k]
+        self.cfg = self.base_cfg.phase_config(k)
+        if self.features is not None:
+            self.features.enabled = self.cfg.gan.enabled
 
     def compile(self, mode: str) -> None:
         """torch.compile G, the fake score (in place: same objects, same state_dict keys, so after the EMA copy
@@ -182,7 +197,7 @@ class DMDTrainer:
             raise ValueError("distill.regression needs a pair stream; set distill.regression=none for DMD2 without it")
         if cfg.regression == "lpips" and lpips_model is None:
             raise ValueError("distill.regression=lpips needs an LPIPS model")
-        if cfg.gan.enabled and real is None:
+        if cfg.gan_used and real is None:
             raise ValueError("distill.gan.enabled needs a stream of real images")
         reg_batch = getattr(pairs, "batch_size", None)
         if cfg.regression != "none" and cfg.reg_batch_size and reg_batch and reg_batch != cfg.reg_batch_size:
@@ -366,13 +381,14 @@ class DMDTrainer:
 
     def train_step(self) -> dict:
         """One iteration (DMD Alg. 1; DMD2 TTUR: G every `fake_updates_per_generator` iterations)."""
+        self._enter_phase()
         metrics: dict = {"step": self.step}
         if self.compile_mode == "reduce-overhead":
             accel.mark_step()
         B = self.cfg.batch_size
         z, cond = self._randn(B), self._cond(B)
         w = self._guidance(B)
-        if self.step % self.cfg.fake_updates_per_generator == 0:
+        if (self.step - self.phase_start) % self.cfg.fake_updates_per_generator == 0:
             out = self._generator_update(z, cond, metrics, w)
         else:
             with torch.no_grad(), self._autocast():
@@ -403,8 +419,9 @@ class DMDTrainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """theta_ema <- d theta_ema + (1 - d) theta, with the warm-up d = min(decay, (1 + n) / (10 + n))."""
-        n = self.step // self.cfg.fake_updates_per_generator
+        """theta_ema <- d theta_ema + (1 - d) theta, with the warm-up d = min(decay, (1 + n) / (10 + n)), n the
+        generator updates so far."""
+        n = self.base_cfg.generator_updates(self.step)
         d = min(self.cfg.ema_decay, (1 + n) / (10 + n))
         torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.G.denoiser.parameters()], 1.0 - d)
 
@@ -420,3 +437,4 @@ class DMDTrainer:
     def load_state_files(self, files: dict[str, bytes]) -> None:
         """Restore from `state_files()` output; continues bit-exactly on the same device."""
         load_checkpoint_files(self, files)
+        self._enter_phase()

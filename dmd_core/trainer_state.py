@@ -25,9 +25,12 @@ def checkpoint_files(trainer) -> dict[str, bytes]:
     rng = {"trainer": trainer.rng.get_state(), "torch_cpu": torch.get_rng_state()}
     if trainer.device.type == "cuda":
         rng["torch_cuda"] = torch.cuda.get_rng_state(trainer.device)
+    cfg = trainer.base_cfg
+    k = cfg.phase_index(trainer.step)  # distill.phases: the phase iteration `step` runs in (0 without phases)
     state = {"step": trainer.step, "nonfinite_skipped": trainer.nonfinite_skipped,
              "consecutive_nonfinite": trainer.consecutive_nonfinite,
-             "ttur_phase": trainer.step % trainer.cfg.fake_updates_per_generator,
+             "ttur_phase": (trainer.step - cfg.phase_starts()[k]) % cfg.phase_config(k).fake_updates_per_generator,
+             "phase": k,
              "pairs": trainer.pairs.state_dict() if trainer.pairs else None,
              "real": trainer.real.state_dict() if trainer.real else None}
     trainer.collective.save_rng(rng, state)  # every process's torch generators (a collective under DDP)

@@ -119,15 +119,14 @@ def check_teacher_shape(cfg: PipelineConfig, folder: Path) -> None:
 
 def check_resume(cfg: PipelineConfig, root: str, run_name: str, stages: Optional[list[str]], force: bool) -> None:
     """Training to fewer steps than the run's latest checkpoint is refused before anything is rewritten."""
-    from storage.checkpoints import list_checkpoints
-    from tasks.stages import resume_key
+    from tasks.stages import resumable_checkpoints
 
     if force or (stages and "distill" not in stages):
         return
     store = run_store(root, run_name)
     if not store.exists(CONFIG):
         return
-    steps = list_checkpoints(store, resume_key(store, cfg))
+    steps = [step for step, _ in resumable_checkpoints(store, cfg)]
     if steps and steps[-1] > cfg.distill.steps:
         raise PreflightError(f"distill.steps={cfg.distill.steps} is below the run's latest checkpoint (step "
                              f"{steps[-1]}); raise distill.steps or pass --force to retrain from the start")

@@ -121,7 +121,7 @@ EXECUTION_FIELDS = {"pairs": {"runner", "runner_address", "runner_workers"},
 
 def _first_error(err: ValidationError) -> str:
     e = err.errors()[0]
-    field = ".".join(str(p) for p in e["loc"]) or "config"
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "config"
     got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
     return f"invalid config: {field}: {e['msg']}{got}"
 
@@ -137,17 +137,28 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `--set a.b=value` overrides to a nested dict (unknown keys are caught by validation)."""
+    """Apply `--set a.b=value` overrides to a nested dict (unknown keys are caught by validation); a number picks
+    an item of a list, e.g. `distill.phases.1.lr=5e-7`."""
     for item in overrides:
         path, value = parse_override(item)
         node = data
         for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            child = _item(node, part, item) if isinstance(node, list) else node.setdefault(part, {})
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"invalid override {item!r}: {part} is not a section")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            _item(node, path[-1], item)
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _item(items: list, part: str, override: str) -> Any:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"invalid override {override!r}: {part} is not an index of a list of {len(items)}")
+    return items[int(part)]
 
 
 def preset_names() -> list[str]:

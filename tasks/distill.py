@@ -19,14 +19,14 @@ from dmd_core.perceptual import build_lpips
 from dmd_core.streams import TensorStream
 from dmd_core.trainer import DMDTrainer, NonFiniteError
 from storage import ArtifactStore, ChecksumError
-from storage.checkpoints import (checkpoint_folder, checkpoint_keys, list_checkpoints, read_checkpoint,
-                                 write_checkpoint)
+from storage.checkpoints import checkpoint_folder, checkpoint_keys, list_checkpoints, read_checkpoint, write_checkpoint
 from storage.layout import METRICS, checkpoint_prefix, compile_cache_key, sample_grid_key
 from storage.plots import labelled_grid_png
 from tasks.context import conditions, device_for, open_run, pair_stream, prompts, real_stream, run_teacher
 from tasks.launch import launch_distill, wants_launch, writer_store
 from tasks.gpu_slots import gpu_slots
-from tasks.stages import DISTILL_STAGE, artifact_key, config_resume_hash, resume_key, uses_real_stage
+from tasks.stages import (DISTILL_STAGE, artifact_key, config_resume_hash, resumable_checkpoints, resume_key,
+                          resume_keys, uses_real_stage)
 
 METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "loss_gan_D",
                   "grad_norm_G", "grad_norm_fake", "nonfinite_skipped"]
@@ -41,7 +41,7 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
     pairs = real = None
     if d.regression != "none":
         pairs = pair_stream(store, cfg, d.reg_batch_size or d.batch_size, d.seed)
-    if d.gan.enabled:  # DMD2's GAN sees real images: data.real, the named dataset, else the teacher's pair outputs
+    if d.gan_used:  # DMD2's GAN sees real images: data.real, the named dataset, else the teacher's pair outputs
         dataset = real_dataset(cfg.data.name)
         if uses_real_stage(cfg):
             real = real_stream(store, cfg, d.batch_size, d.seed + 1)
@@ -64,28 +64,32 @@ def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer
 
 def resume(store: ArtifactStore, trainer: DMDTrainer, cfg) -> int:
     """Load the latest valid checkpoint written with this config and these pairs; returns its step (0 if none).
-    When there is none but the same config trained on another pair set (regenerated pairs), say so in one line
-    and start afresh, or with distill.on_new_pairs=continue take that set's latest weights (streams restarted)."""
-    key = resume_key(store, cfg)
-    steps = list_checkpoints(store, key)
-    if steps or not (old := checkpoints_of_other_pairs(store, cfg, key)):
-        return load_latest(store, trainer, key, steps)
+    With distill.phases each checkpoint is matched under the key of its own step (`resume_key`): a changed phase
+    leaves those made before it began usable. When there is none but the same config trained on another pair set
+    (regenerated pairs), say so in one line and start afresh, or with distill.on_new_pairs=continue take that
+    set's latest weights (streams restarted)."""
+    key_at = resume_keys(store, cfg)
+    found = resumable_checkpoints(store, cfg)
+    if found or not (old := checkpoints_of_other_pairs(store, cfg)):
+        return load_latest(store, trainer, found)
     old_key, old_steps = old
-    if old_key == config_resume_hash(cfg) and trained_on_these_pairs(store, old_key, old_steps[-1], key):
+    old_checkpoints = [(s, old_key) for s in old_steps]
+    last = old_steps[-1]
+    if old_key == config_resume_hash(cfg, last) and trained_on_these_pairs(store, old_key, last, key_at(last)):
         # written before the resume key named the pair set, on these very pairs: resume, under the new key
-        start = load_latest(store, trainer, old_key, old_steps)
+        start = load_latest(store, trainer, old_checkpoints)
         if start:
-            write_checkpoint(store, start, trainer.state_files(), key)
+            write_checkpoint(store, start, trainer.state_files(), key_at(start))
         return start
-    where = store.url(checkpoint_prefix(old_steps[-1], checkpoint_folder(store, old_key)))
+    where = store.url(checkpoint_prefix(last, checkpoint_folder(store, old_key)))
     if cfg.distill.on_new_pairs == "restart":
-        print(f"distill: the pairs changed since the checkpoints up to step {old_steps[-1]} ({where}); starting "
+        print(f"distill: the pairs changed since the checkpoints up to step {last} ({where}); starting "
               "from step 0, those stay in place (distill.on_new_pairs=continue resumes from their weights)")
         return 0
-    start = load_latest(store, trainer, old_key, old_steps, fresh_streams=True)
+    start = load_latest(store, trainer, old_checkpoints, fresh_streams=True)
     if start:  # the weights carried over, as this pair set's first checkpoint
-        write_checkpoint(store, start, trainer.state_files(), key)
-        print(f"distill: the pairs changed since the checkpoints up to step {old_steps[-1]} ({where}); continuing "
+        write_checkpoint(store, start, trainer.state_files(), key_at(start))
+        print(f"distill: the pairs changed since the checkpoints up to step {last} ({where}); continuing "
               f"from step {start}'s weights with the pair stream from its start (distill.on_new_pairs=continue)")
     return start
 
@@ -100,32 +104,34 @@ def trained_on_these_pairs(store: ArtifactStore, old_key: str, step: int, key: s
         return False
     pairs = state.get("pairs")
     recorded = pairs.get("manifest") if isinstance(pairs, dict) else None
-    return recorded is None or key.endswith("-" + recorded[:16])
+    return recorded is None or key.split("-")[1] == recorded[:16]
 
 
-def checkpoints_of_other_pairs(store: ArtifactStore, cfg, key: str) -> Optional[tuple[str, list[int]]]:
+def checkpoints_of_other_pairs(store: ArtifactStore, cfg) -> Optional[tuple[str, list[int]]]:
     """(key, steps) of the checkpoints of this config made on another pair set, the latest step's; None if none."""
-    config = config_resume_hash(cfg)
-    others = [(k, s) for k, s in checkpoint_keys(store).items() if k != key and k.split("-")[0] == config]
+    key_at = resume_keys(store, cfg)
+    others = [(k, s) for k, s in checkpoint_keys(store).items()
+              if k != key_at(s[-1]) and k.split("-")[0] == config_resume_hash(cfg, s[-1])]
     return max(others, key=lambda ks: ks[1][-1], default=None)
 
 
-def load_latest(store: ArtifactStore, trainer: DMDTrainer, key: str, steps: list[int],
+def load_latest(store: ArtifactStore, trainer: DMDTrainer, checkpoints: list[tuple[int, str]],
                 fresh_streams: bool = False) -> int:
-    """Load the latest of `steps` (checkpoints of `key`); a damaged one (a file whose sha256 differs from its
-    marker's) is named and skipped for the one before it. Returns the step loaded, 0 if none."""
-    for i in reversed(range(len(steps))):
+    """Load the latest of `checkpoints` ((step, key), ascending); a damaged one (a file whose sha256 differs from
+    its marker's) is named and skipped for the one before it. Returns the step loaded, 0 if none."""
+    for i in reversed(range(len(checkpoints))):
+        step, key = checkpoints[i]
         try:
-            files = read_checkpoint(store, steps[i], key)
+            files = read_checkpoint(store, step, key)
         except ChecksumError as err:
-            previous = f"step {steps[i - 1]}" if i else "the start"
-            print(f"checkpoint step {steps[i]} is damaged ({err}); falling back to {previous}")
+            previous = f"step {checkpoints[i - 1][0]}" if i else "the start"
+            print(f"checkpoint step {step} is damaged ({err}); falling back to {previous}")
             continue
         if fresh_streams:
             state = json.loads(files["trainer_state.json"])
             files["trainer_state.json"] = json.dumps({**state, "pairs": None, "real": None}).encode()
         trainer.load_state_files(files)
-        return steps[i]
+        return step
     return 0
 
 
@@ -160,10 +166,10 @@ def train_step_or_stop(store: ArtifactStore, trainer: DMDTrainer, cfg) -> dict:
     try:
         return trainer.train_step()
     except NonFiniteError as err:
-        key = resume_key(store, cfg)
-        steps = list_checkpoints(store, key)
-        last = (f"step {steps[-1]} ({store.url(checkpoint_prefix(steps[-1], checkpoint_folder(store, key)))})"
-                if steps else "none yet")
+        found, last = resumable_checkpoints(store, cfg), "none yet"
+        if found:
+            step, key = found[-1]
+            last = f"step {step} ({store.url(checkpoint_prefix(step, checkpoint_folder(store, key)))})"
         raise NonFiniteError(f"distill stopped: {err} (distill.max_consecutive_nonfinite="
                              f"{cfg.distill.max_consecutive_nonfinite}); last good checkpoint: {last}") from None
 
@@ -202,6 +208,7 @@ def run_distill(root: str, run_name: str, force: bool = False,
     """Train to distill.steps, checkpointing every K steps; resumes from the latest checkpoint."""
     store, cfg = open_run(root, run_name)
     key, d = resume_key(store, cfg), cfg.distill
+    key_at = resume_keys(store, cfg)  # with distill.phases, each checkpoint's key names the phases begun before it
     if not force and DISTILL_STAGE.is_done(store, cfg) and d.steps in list_checkpoints(store, key):
         return d.steps
     if wants_launch(d):  # torchrun starts distill.world_size ranks, each running this function
@@ -246,7 +253,8 @@ def run_distill(root: str, run_name: str, force: bool = False,
         if trainer.step % d.checkpoint_every == 0 or trainer.step == d.steps:
             # metrics first: a kill between the two leaves rows that a resume from the previous checkpoint drops
             store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
-            write_checkpoint(store, trainer.step, trainer.state_files(), key)  # every rank: RNG states are gathered
+            # every rank: RNG states are gathered
+            write_checkpoint(store, trainer.step, trainer.state_files(), key_at(trainer.step))
             cache.save(trainer, last=trainer.step == d.steps)
         if (writer or shards) and (trainer.step % d.sample_every == 0 or trainer.step == d.steps):
             grid = sample_grid(trainer, grid_cond, cols=grid_cols)  # a sharded EMA runs on every rank

@@ -42,7 +42,7 @@ def _rows(run: str, config_hash: str, step: int, model: str, steps: int, w: floa
 
 def sweep_students(store, cfg, teacher, step: int) -> Callable[[float], torch.nn.Module]:
     """w -> the checkpoint's generator at w (the weights are loaded once)."""
-    weights = checkpoint_weights(store, step, resume_key(store, cfg), cfg.export.use_ema)
+    weights = checkpoint_weights(store, step, resume_key(store, cfg, step), cfg.export.use_ema)
     D = student_denoiser(teacher, weights, cfg.distill)
     G = Generator(D, teacher.process, cfg.distill.generator_timesteps)
     return lambda w: student_at(G, cfg.distill, w)

@@ -80,7 +80,7 @@ def result_hashes(store: ArtifactStore, cfg) -> dict[str, str]:
 def student(store: ArtifactStore, cfg, teacher, step: int) -> Generator:
     """The checkpoint's generator (EMA or raw, as the export uses) on a copy of the teacher's denoiser; a guided
     student at its shown scale (a GuidedGenerator over the Generator)."""
-    weights = checkpoint_weights(store, step, resume_key(store, cfg), cfg.export.use_ema)
+    weights = checkpoint_weights(store, step, resume_key(store, cfg, step), cfg.export.use_ema)
     D = student_denoiser(teacher, weights, cfg.distill)
     return student_at(Generator(D, teacher.process, cfg.distill.generator_timesteps), cfg.distill)
 

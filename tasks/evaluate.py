@@ -15,7 +15,6 @@ from dmd_core.distributed import current
 from dmd_core.protocols import METRICS, Protocol, get_protocol, metric_spec
 from tasks.report import LOSS, TREND, markdown_with_images, report
 from storage import ArtifactStore
-from storage.checkpoints import list_checkpoints
 from storage.images import grid_png
 from storage.layout import EVAL_COMPARE, EVAL_GRID, RESULTS, SUMMARY
 from storage.plots import labelled_grid_png
@@ -25,7 +24,7 @@ from tasks.eval_protocols import (COLUMNS, KEY_COLUMNS, classifier_protocol, fas
                                   result_hashes)
 from tasks.gpu_slots import gpu_slots
 from tasks.launch import is_rank, launch_evaluate, writer_store
-from tasks.stages import artifact_key, resume_key
+from tasks.stages import artifact_key, resumable_checkpoints
 
 
 def protocol_of(cfg) -> Protocol | None:
@@ -56,7 +55,7 @@ def run_evaluate(root: str, run_name: str, all_checkpoints: bool = False) -> dic
     # the fast path makes the teacher's decoder fast in place: then this stage loads its own copy
     own = not protocol.classifier and fast_path(cfg, device, cfg.evaluate.n_samples or protocol.n)
     teacher = run_teacher(store, cfg, device, own=own)
-    steps = list_checkpoints(store, resume_key(store, cfg))
+    steps = [step for step, _ in resumable_checkpoints(store, cfg)]
     steps = steps if all_checkpoints else steps[-1:]
     if protocol.classifier:
         dataset = real_dataset(cfg.data.name)

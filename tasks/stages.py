@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from dmd_core.config import stable_hash
 
 from tasks.config import PipelineConfig
 from dmd_core.datasets import DATASETS
 from storage import ArtifactStore, read_manifest
+from storage.checkpoints import checkpoint_keys, list_checkpoints
 from storage.layout import EVAL_DIR, EXPORT, PAIRS_DIR, PAIRS_MANIFEST, REAL_DIR, REAL_MANIFEST, TEACHER, done_marker
 from storage.stream import manifest_fingerprint
 
@@ -59,37 +61,74 @@ STAGE_SPECS = {s.name: s for s in (TEACHER_STAGE, PAIRS_STAGE, REAL_STAGE, DISTI
                                    EVALUATE_STAGE)}
 
 
-def resume_key(store: ArtifactStore, cfg: PipelineConfig) -> str:
+def resume_key(store: ArtifactStore, cfg: PipelineConfig, step: Optional[int] = None) -> str:
     """Key stored with each checkpoint, `<config>-<pairs>`: the hash of the inputs that must match to resume from
     it, and the fingerprint of the pair set it trained on (GPU pairs are not bit-stable: pairs regenerated under
-    the same config are another set)."""
-    return f"{config_resume_hash(cfg)}-{pairs_fingerprint(store, cfg)}"
+    the same config are another set). `step` is the checkpoint's: with distill.phases the key names only the
+    phases begun before it (None: the run's last checkpoint, every phase)."""
+    return resume_keys(store, cfg)(step)
 
 
-def config_resume_hash(cfg: PipelineConfig) -> str:
-    """The config part of `resume_key`."""
-    parts = {"upstream": PAIRS_STAGE.key(cfg),
-             "distill": cfg.distill.model_dump(mode="json", exclude=RESUMABLE_CHANGES)}
-    if uses_real_stage(cfg):  # the GAN's real images (absent otherwise: hashes as before)
-        parts["real"] = REAL_STAGE.key(cfg)
-    return stable_hash(parts)
+def resume_keys(store: ArtifactStore, cfg: PipelineConfig) -> Callable[[Optional[int]], str]:
+    """step -> `resume_key(store, cfg, step)`, each manifest read once."""
+    fingerprints: dict[str, str] = {}
+
+    def fingerprint(manifest: str) -> str:
+        if manifest not in fingerprints:
+            fingerprints[manifest] = manifest_fingerprint(read_manifest(store, manifest))[:16]
+        return fingerprints[manifest]
+
+    def key(step: Optional[int] = None) -> str:
+        pairs = fingerprint(PAIRS_MANIFEST) if pairs_used(cfg, step) else "unused"
+        real = f"-{fingerprint(REAL_MANIFEST)}" if uses_real_stage(cfg, step) else ""
+        return f"{config_resume_hash(cfg, step)}-{pairs}{real}"
+
+    return key
 
 
-def uses_real_stage(cfg: PipelineConfig) -> bool:
-    """Whether distill's GAN reads the `real` stage's shards (data.real given and the GAN on)."""
-    return cfg.data.real is not None and cfg.distill.gan.enabled
+def config_resume_hash(cfg: PipelineConfig, step: Optional[int] = None) -> str:
+    """The config part of `resume_key`: the distill section but for RESUMABLE_CHANGES, and of distill.phases only
+    those begun before `step`, each as its first step and the settings it changes (`phases_begun`). So changing a
+    phase leaves the checkpoints made before it began usable, and those after it not; lengthening the running
+    phase (with distill.steps) continues it. Without phases it is the hash it always was; the real stage's key
+    joins it only where the GAN reads data.real."""
+    d = cfg.distill
+    data = {"upstream": PAIRS_STAGE.key(cfg),
+            "distill": d.model_dump(mode="json", exclude=RESUMABLE_CHANGES | {"phases"})}
+    if d.phases:
+        data["phases"] = d.phases_begun(step)
+    if uses_real_stage(cfg, step):
+        data["real"] = REAL_STAGE.key(cfg)
+    return stable_hash(data)
 
 
-def pairs_fingerprint(store: ArtifactStore, cfg: PipelineConfig) -> str:
-    """16 hex digits of the pair manifest's fingerprint (shards, sha256, counts); "unused" when distill reads no
-    pairs (no regression loss, and the GAN's real images come from the named dataset or `data.real`); with
-    `data.real`, the real manifest's after a dash."""
-    d, real = cfg.distill, uses_real_stage(cfg)
-    uses_pairs = d.regression != "none" or (d.gan.enabled and DATASETS.get(cfg.data.name) is None and not real)
-    pairs = manifest_fingerprint(read_manifest(store, PAIRS_MANIFEST))[:16] if uses_pairs else "unused"
-    if real:  # and the real images' shards
-        return f"{pairs}-{manifest_fingerprint(read_manifest(store, REAL_MANIFEST))[:16]}"
-    return pairs
+def gan_used(cfg: PipelineConfig, step: Optional[int] = None) -> bool:
+    """Whether distill trains the GAN in a phase begun before `step` (None: at all)."""
+    d = cfg.distill
+    step = step if d.phases else None
+    return any(d.phase_config(k).gan.enabled for k, start in enumerate(d.phase_starts()) if step is None or start < step)
+
+
+def uses_real_stage(cfg: PipelineConfig, step: Optional[int] = None) -> bool:
+    """Whether distill's GAN reads the `real` stage's shards (data.real given and the GAN on) before `step`."""
+    return cfg.data.real is not None and gan_used(cfg, step)
+
+
+def pairs_used(cfg: PipelineConfig, step: Optional[int] = None) -> bool:
+    """Whether distill reads the pairs before `step` (None: at all): for the regression loss, or as the GAN's real
+    images when there is neither data.real nor a named dataset."""
+    no_real = cfg.data.real is None and DATASETS.get(cfg.data.name) is None
+    return cfg.distill.regression != "none" or (gan_used(cfg, step) and no_real)
+
+
+def resumable_checkpoints(store: ArtifactStore, cfg: PipelineConfig) -> list[tuple[int, str]]:
+    """(step, key) of the complete checkpoints this config may resume from, ascending: each written under the
+    resume key of its own step (without phases: the one key's)."""
+    if not cfg.distill.phases:
+        key = resume_key(store, cfg)
+        return [(s, key) for s in list_checkpoints(store, key)]
+    key_at = resume_keys(store, cfg)
+    return sorted((s, k) for k, steps in checkpoint_keys(store).items() for s in steps if k == key_at(s))
 
 
 def artifact_key(run_name: str, what: str) -> str:
