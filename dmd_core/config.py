@@ -161,6 +161,21 @@ class GANConfig(_Model):
     enabled: bool = False
     weight_generator: float = Field(3e-3, ge=0)
     weight_discriminator: float = Field(1e-2, ge=0)
+    r1_weight: float = Field(0.0, ge=0, description="gamma of the R1 penalty gamma/2 E||grad_x D(x)||^2 on real "
+                             "latents (Mescheder et al. 2018, Eq. 9); 0 = off (DMD2 uses none)")
+    r1: Literal["exact", "approximate"] = Field("approximate", description="exact: the input gradient (a double "
+                                                "backward); approximate: ||D(x) - D(x + sigma eps)||^2 / sigma^2 "
+                                                "(APT, Lin et al. 2025, Eq. 5), forwards only")
+    r1_sigma: float = Field(0.01, gt=0, description="the approximate penalty's perturbation scale")
+
+    @model_serializer(mode="wrap")
+    def _omit_r1_off(self, handler):
+        """Without R1 the section dumps (and hashes) exactly as before these fields existed."""
+        data = handler(self)
+        if self.r1_weight == 0 and isinstance(data, dict):
+            for key in ("r1_weight", "r1", "r1_sigma"):
+                data.pop(key, None)
+        return data
 
 
 class _Overrides(_Model):
@@ -181,6 +196,7 @@ class PhaseGANConfig(_Overrides):
     enabled: Optional[bool] = None
     weight_generator: Optional[float] = Field(None, ge=0)
     weight_discriminator: Optional[float] = Field(None, ge=0)
+    r1_weight: Optional[float] = Field(None, ge=0)
 
 
 class PhaseConfig(_Overrides):

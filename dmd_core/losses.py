@@ -87,6 +87,20 @@ def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logits_fake).reshape(logits_fake.shape[0], -1).mean(1)
 
 
+def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
+    """R1 = ||grad_x D(x)||^2 per real sample (Mescheder et al. 2018, Eq. 9, before its gamma/2); `x_real` must
+    require grad and `logits_real` depend on it. The graph is kept, so the penalty trains D."""
+    (grad,) = torch.autograd.grad(logits_real.sum(), x_real, create_graph=True)
+    return grad.reshape(grad.shape[0], -1).square().sum(1)
+
+
+def approximate_r1_penalty(logits_real: torch.Tensor, logits_perturbed: torch.Tensor, sigma: float) -> torch.Tensor:
+    """||D(x) - D(x + sigma eps)||^2 / sigma^2 per sample: APT's approximated R1 (Lin et al. 2025), divided by
+    sigma^2 so that its expectation over eps ~ N(0, I) tends to R1's ||grad_x D(x)||^2 as sigma -> 0."""
+    diff = (logits_real - logits_perturbed).reshape(logits_real.shape[0], -1)
+    return diff.square().sum(1) / sigma ** 2
+
+
 def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Discriminator loss softplus(-D(x_real)) + softplus(D(x_fake)) per sample (DMD2 Eq. 3)."""
     real = F.softplus(-logits_real).reshape(logits_real.shape[0], -1).mean(1)

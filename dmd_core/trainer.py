@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import accel
 from .adapters import Students, lora_students, student_lora_targets
@@ -17,8 +18,8 @@ from .gan import BottleneckFeatures, GANHead
 from .generator import Generator
 from .draws import Collective, Draws
 from .guidance import guided_denoiser, student_cond
-from .losses import (denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss, lpips_regression,
-                     mse_regression, pseudo_huber_regression)
+from .losses import (approximate_r1_penalty, denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss,
+                     lpips_regression, mse_regression, pseudo_huber_regression, r1_penalty)
 from .processes import NoiseProcess, shift_sigmas
 from .streams import Stream
 from .trainer_state import checkpoint_files, load_checkpoint_files
@@ -271,12 +272,46 @@ class DMDTrainer:
             return pseudo_huber_regression(x, y)
         return mse_regression(x, y)
 
-    def _gan_logits(self, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Noise x0 at a random level, run the fake score network, classify its bottleneck features."""
+    def _gan_logits(self, x0: torch.Tensor, cond: Cond,
+                    draw: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Noise x0 at a random level (or at `draw`'s level and noise), run the fake score network, classify its
+        bottleneck features."""
         n = x0.shape[0]
-        s = self._levels(n, 0.0, 1.0)
-        self.mu_fake(self.process.add_noise(x0, self._randn(n), s), s, cond)
+        s, noise = draw if draw is not None else self._gan_draw(n)
+        self.mu_fake(self.process.add_noise(x0, noise, s), s, cond)
         return self.gan_head(self.features.take())
+
+    def _gan_draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The level and noise one GAN input is seen at."""
+        s = self._levels(n, 0.0, 1.0)
+        return s, self._randn(n)
+
+    def _discriminator_loss(self, x: torch.Tensor, cond: Cond, metrics: dict) -> torch.Tensor:
+        """DMD2 Eq. 3 on a real batch and the generator's samples, plus gamma/2 R1 on the real batch when
+        distill.gan.r1_weight > 0 (exact, or approximated by a perturbed second forward)."""
+        gan = self.cfg.gan
+        real = self.real.next_batch(self.device)
+        y, real_cond = real["y"], self._batch_cond(real)
+        if gan.r1_weight == 0:
+            loss = gan_discriminator_loss(self._gan_logits(y, real_cond), self._gan_logits(x, cond)).mean()
+            metrics["loss_gan_D"] = loss.detach()
+            return loss
+        draw = self._gan_draw(y.shape[0])
+        if gan.r1 == "exact":  # a double backward: attention through the math kernel, the one that has it
+            y = y.detach().float().requires_grad_(True)
+            with sdpa_kernel([SDPBackend.MATH]):
+                logits_real = self._gan_logits(y, real_cond, draw)
+        else:
+            logits_real = self._gan_logits(y, real_cond, draw)
+        loss = gan_discriminator_loss(logits_real, self._gan_logits(x, cond)).mean()
+        metrics["loss_gan_D"] = loss.detach()
+        if gan.r1 == "exact":
+            penalty = r1_penalty(logits_real, y).mean()
+        else:
+            perturbed = self._gan_logits(y + gan.r1_sigma * self._randn(y.shape[0]), real_cond, draw)
+            penalty = approximate_r1_penalty(logits_real, perturbed, gan.r1_sigma).mean()
+        metrics["loss_r1"] = penalty.detach()
+        return loss + gan.r1_weight / 2 * penalty
 
     # ---- one iteration ----------------------------------------------------------------------
     def _clip_and_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -> Optional[float]:
@@ -368,11 +403,7 @@ class DMDTrainer:
             loss_fake = denoising_loss(pred, x, weight).mean()
             loss = loss_fake
             if cfg.gan.enabled:
-                real = self.real.next_batch(self.device)
-                loss_d = gan_discriminator_loss(self._gan_logits(real["y"], self._batch_cond(real)),
-                                                self._gan_logits(x, cond)).mean()
-                loss = loss + cfg.gan.weight_discriminator * loss_d
-                metrics["loss_gan_D"] = loss_d.detach()
+                loss = loss + cfg.gan.weight_discriminator * self._discriminator_loss(x, cond, metrics)
         metrics["loss_fake"] = loss_fake.detach()
         norm = self._clip_and_step(loss, self.opt_fake, cfg.lr_fake or cfg.lr)
         if norm is not None:

@@ -30,6 +30,7 @@ from tasks.stages import (DISTILL_STAGE, artifact_key, config_resume_hash, resum
 
 METRIC_COLUMNS = ["loss_G", "loss_dm", "loss_reg", "loss_gan_G", "loss_fake", "loss_gan_D",
                   "grad_norm_G", "grad_norm_fake", "nonfinite_skipped"]
+R1_COLUMN = "loss_r1"  # only in runs with distill.gan.r1_weight > 0
 
 
 def build_trainer(store: ArtifactStore, cfg, device: torch.device) -> DMDTrainer:
@@ -235,6 +236,8 @@ def run_distill(root: str, run_name: str, force: bool = False,
     grid_cond, grid_cols = grid_conditions(cfg, teacher), 2 if teacher.codec is not None else 8
     cache = CompileCache(store, cfg, trainer, writer=rank == 0)
     auto = accel.CompileWhenItPays(d.steps - start, cache.loaded) if trainer.auto_compile_mode else None
+    columns = METRIC_COLUMNS + [R1_COLUMN] * any(d.phase_config(k).gan.r1_weight > 0
+                                                 for k in range(len(d.phases or [d])))
     t0 = time.time()
     writer, shards = rank == 0, d.world_size > 1 and d.parallel == "fsdp2"
     for _ in tqdm(range(start, d.steps), desc="distill", initial=start, total=d.steps, disable=not writer):
@@ -248,11 +251,11 @@ def run_distill(root: str, run_name: str, force: bool = False,
                     print(auto.explain())
                 auto = None
         if m["step"] % d.log_every == 0 or trainer.step == d.steps:
-            rows.append({**{k: float(m.get(k, float("nan"))) for k in METRIC_COLUMNS}, "step": m["step"],
+            rows.append({**{k: float(m.get(k, float("nan"))) for k in columns}, "step": m["step"],
                          "seconds": time.time() - t0})
         if trainer.step % d.checkpoint_every == 0 or trainer.step == d.steps:
             # metrics first: a kill between the two leaves rows that a resume from the previous checkpoint drops
-            store.write_table(METRICS, {c: [r[c] for r in rows] for c in ["step", "seconds", *METRIC_COLUMNS]})
+            store.write_table(METRICS, {c: [r.get(c, float("nan")) for r in rows] for c in ["step", "seconds", *columns]})
             # every rank: RNG states are gathered
             write_checkpoint(store, trainer.step, trainer.state_files(), key_at(trainer.step))
             cache.save(trainer, last=trainer.step == d.steps)
