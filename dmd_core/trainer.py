@@ -292,12 +292,8 @@ class DMDTrainer:
         gan = self.cfg.gan
         real = self.real.next_batch(self.device)
         y, real_cond = real["y"], self._batch_cond(real)
-        if gan.r1_weight == 0:
-            loss = gan_discriminator_loss(self._gan_logits(y, real_cond), self._gan_logits(x, cond)).mean()
-            metrics["loss_gan_D"] = loss.detach()
-            return loss
-        draw = self._gan_draw(y.shape[0])
-        if gan.r1 == "exact":  # a double backward: attention through the math kernel, the one that has it
+        draw, exact = self._gan_draw(y.shape[0]), gan.r1_weight > 0 and gan.r1 == "exact"
+        if exact:  # a double backward: attention through the math kernel, the one that has it
             y = y.detach().float().requires_grad_(True)
             with sdpa_kernel([SDPBackend.MATH]):
                 logits_real = self._gan_logits(y, real_cond, draw)
@@ -305,7 +301,9 @@ class DMDTrainer:
             logits_real = self._gan_logits(y, real_cond, draw)
         loss = gan_discriminator_loss(logits_real, self._gan_logits(x, cond)).mean()
         metrics["loss_gan_D"] = loss.detach()
-        if gan.r1 == "exact":
+        if gan.r1_weight == 0:
+            return loss
+        if exact:
             penalty = r1_penalty(logits_real, y).mean()
         else:
             perturbed = self._gan_logits(y + gan.r1_sigma * self._randn(y.shape[0]), real_cond, draw)
