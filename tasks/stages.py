@@ -62,9 +62,9 @@ STAGE_SPECS = {s.name: s for s in (TEACHER_STAGE, PAIRS_STAGE, REAL_STAGE, DISTI
 
 
 def resume_key(store: ArtifactStore, cfg: PipelineConfig, step: Optional[int] = None) -> str:
-    """Key stored with each checkpoint, `<config>-<pairs>`: the hash of the inputs that must match to resume from
-    it, and the fingerprint of the pair set it trained on (GPU pairs are not bit-stable: pairs regenerated under
-    the same config are another set). `step` is the checkpoint's: with distill.phases the key names only the
+    """Key stored with each checkpoint, `<config>-<pairs>[-<real>]`: the hash of the inputs that must match to resume
+    from it, the fingerprint of the pair set it trained on (GPU pairs are not bit-stable: pairs regenerated under
+    the same config are another set), and where the GAN reads data.real the real shards'. `step` is the checkpoint's: with distill.phases the key names only the
     phases begun before it (None: the run's last checkpoint, every phase)."""
     return resume_keys(store, cfg)(step)
 
