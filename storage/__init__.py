@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "storage.manifest": ("ChecksumError", "ShardRecord", "make_record", "read_manifest", "read_manifest_metadata",
-                         "shard_record", "verify_manifest", "verify_shard", "write_manifest"),
+                         "shard_damage", "shard_record", "verify_manifest", "verify_shard", "write_manifest"),
     "storage.shards": ("decode_sample", "encode_sample", "iter_shards", "register_fsspec_gopen", "sample_key",
                        "shard_dataset", "write_shard"),
     "storage.store": ("ArtifactStore", "check_key", "open_url"),

@@ -137,6 +137,15 @@ def verify_shard(store: ArtifactStore, record: ShardRecord) -> None:
         )
 
 
+def shard_damage(store: ArtifactStore, record: ShardRecord) -> str | None:
+    """Why a manifest row's shard can't be trusted (missing, or another sha256), or None when it is intact."""
+    try:
+        verify_shard(store, record)
+    except (ChecksumError, FileNotFoundError) as err:
+        return str(err)
+    return None
+
+
 def verify_manifest(store: ArtifactStore, records: Iterable[ShardRecord]) -> None:
     """Verify every shard; raise one ChecksumError naming all mismatching shards."""
     errors: list[str] = []

@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE
 from dmd_core import accel
 from dmd_core.conditions import batch_conditions
 from dmd_core.denoisers import cond_map
-from storage import ChecksumError, ShardRecord, read_manifest, verify_shard, write_manifest, write_shard
+from storage import ShardRecord, read_manifest, shard_damage, write_manifest, write_shard
 from storage.layout import PAIRS_MANIFEST, shard_key
 from tasks.context import conditions, device_for, open_run, run_teacher, sample_noise
 from tasks.gpu_slots import gpu_slots
@@ -31,17 +31,16 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
         return list(range(n_shards)), []
     if PAIRS_STAGE.is_done(store, cfg):
         records = read_manifest(store, PAIRS_MANIFEST)
-        if sum(r.n_samples for r in records) == cfg.pairs.n and all(_intact(store, r) for r in records):
+        if sum(r.n_samples for r in records) == cfg.pairs.n and all(shard_damage(store, r) is None for r in records):
             return [], records
         PAIRS_STAGE.unmark(store)
     kept = []
     for rec in read_manifest(store, PAIRS_MANIFEST):
         if rec.producer_hash != PAIRS_STAGE.key(cfg):
             continue
-        try:
-            verify_shard(store, rec)
-        except (ChecksumError, FileNotFoundError) as err:
-            print(f"pairs: {store.url(rec.shard)} is damaged or missing ({err}); regenerating it")
+        damage = shard_damage(store, rec)
+        if damage is not None:
+            print(f"pairs: {store.url(rec.shard)} is damaged or missing ({damage}); regenerating it")
             continue
         kept.append(rec)
     done = {int(r.shard.rsplit("-", 1)[1].split(".")[0]) for r in kept}
@@ -51,15 +50,6 @@ def plan_pairs(root: str, run_name: str, force: bool = False) -> tuple[list[int]
 def solver_precision(cfg, device: torch.device) -> str:
     """`pairs.precision` with auto resolved: bf16 autocast on CUDA, fp32 on the CPU."""
     return accel.resolve_precision(cfg.pairs.precision, device)
-
-
-def _intact(store, record: ShardRecord) -> bool:
-    """The shard exists with the sha256 its manifest row records."""
-    try:
-        verify_shard(store, record)
-        return True
-    except (ChecksumError, FileNotFoundError):
-        return False
 
 
 def run_pairs_shard(root: str, run_name: str, shard_id: int) -> ShardRecord:

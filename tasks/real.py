@@ -19,7 +19,7 @@ from PIL import Image
 from prefect import task
 from prefect.cache_policies import NONE
 
-from storage import ChecksumError, ShardRecord, read_manifest, verify_shard, write_manifest, write_shard
+from storage import ShardRecord, read_manifest, shard_damage, write_manifest, write_shard
 from storage.layout import REAL_MANIFEST, REAL_REPORT, real_shard_key
 from storage.manifest import read_manifest_metadata
 from storage.real_images import RealImage, SkipReport, iter_real_images
@@ -36,10 +36,9 @@ def kept_shards(store, cfg) -> list[ShardRecord]:
     for i, rec in enumerate(sorted(read_manifest(store, REAL_MANIFEST), key=lambda r: r.first_index)):
         if rec.producer_hash != key or rec.shard != real_shard_key(i):
             break
-        try:
-            verify_shard(store, rec)
-        except (ChecksumError, FileNotFoundError) as err:
-            print(f"real: {store.url(rec.shard)} is damaged or missing ({err}); rewriting from there")
+        damage = shard_damage(store, rec)
+        if damage is not None:
+            print(f"real: {store.url(rec.shard)} is damaged or missing ({damage}); rewriting from there")
             break
         kept.append(rec)
     return kept
