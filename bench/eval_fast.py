@@ -335,18 +335,24 @@ def main() -> None:
                         "cpu, the default, device, or resident: device resizes, images scored on the GPU)")
     p.add_argument("--skip", default="", help="sections to leave out: cpu_stages, extractor_precisions, breakdown")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the fast path")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
+    p.add_argument("--compile-extractors", action="store_true",
+                   help="compile Inception and CLIP's towers (torch.compile default mode, fixed shapes)")
     p.add_argument("--budget-s", type=float, default=540, help="skip later sections past this many seconds")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "eval_fast.json"))
     args = p.parse_args()
     start = time.time()
     device = torch.device("cpu" if args.tiny else "cuda")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     n_base, n_fast, batch, res = (8, 16, 4, 32) if args.tiny else (args.n_base, args.n_fast, args.batch, 256)
     mode = "none" if args.tiny else args.mode
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "tiny": args.tiny, "batch": batch, "resolution": res,
               "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
               "flags": {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
-                        "cudnn_tf32": torch.backends.cudnn.allow_tf32}, "compile_mode": mode}
+                        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+                        "cudnn_benchmark": args.cudnn_benchmark}, "compile_mode": mode,
+              "compile_extractors": args.compile_extractors}
 
     def save(section: str) -> None:
         result["elapsed_s"] = round(time.time() - start, 1)
@@ -371,11 +377,17 @@ def main() -> None:
     result["today"] = {**public(base), "path": "eager fp32 weights, bf16 autocast generation, fp32 extractors, "
                                                "one thread"}
     save("today")
+    if args.compile_extractors:  # after today's path, which stays eager; compiled at their first fast-path batch
+        ctx["inception"].net.compile(dynamic=False)
+        ctx["clip"][0].visual.compile(dynamic=False)
+        ctx["clip"][0].transformer.compile(dynamic=False)
 
     # the fast path: compile and record on two batches, then timed runs
     t0 = time.perf_counter()
     fast = sampler(teacher, fast_generation(student, teacher, torch.bfloat16, mode=mode), device)
-    evaluate(ctx, fast, z[:2 * batch], prompts[:2 * batch], batch, res, device, fast=True)
+    _, first_precision, *first_resize = args.variants.split(",")[0].split(":")
+    evaluate(ctx, fast, z[:2 * batch], prompts[:2 * batch], batch, res, device, fast=True,
+             clip_precision=first_precision, resize_on=(first_resize or ["cpu"])[0])
     compile_s = result["fast_compile_and_first_two_batches_s"] = round(time.perf_counter() - t0, 1)
     save("fast_compile_and_first_two_batches_s")
     with image_pool() as threads, image_pool(processes=True) as processes:
