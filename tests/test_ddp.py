@@ -98,6 +98,7 @@ def assert_resumes_bit_exactly(root: str, run: str) -> None:
         assert resumed[name] == final[name], name
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process_and_resume_exactly(base_run):
     from tasks.distill import run_distill
 
@@ -143,6 +144,7 @@ def one_process_run(root: str) -> str:
     return "one"
 
 
+@pytest.mark.slow
 def test_fsdp2_two_ranks_equal_one_process_and_resume_exactly(base_run):
     """distill.parallel=fsdp2: every network sharded over 2 gloo ranks; the same training as one process (the DDP
     test's tolerances), checkpoints in one process's format, bit-exact resume at the same world size."""
@@ -167,6 +169,7 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_exactly(base_run):
     assert_resumes_bit_exactly(root, sharded)
 
 
+@pytest.mark.slow
 def test_lora_students_under_ddp_equal_one_process(base_run):
     """LoRA students (adapters of one shared base) under DDP on 2 gloo ranks: the adapters' gradients are the
     one-process gradient of the global batch, and the training is the same to the DDP tolerances."""
@@ -190,6 +193,7 @@ def test_lora_students_under_ddp_equal_one_process(base_run):
     assert B and gap(a, b) < 0.3 and gap(a, c) > 1.0
 
 
+@pytest.mark.slow
 def test_failed_ranks_raise_one_clear_error(base_run):
     from tasks.launch import DistributedRunError
     from tasks.distill import run_distill

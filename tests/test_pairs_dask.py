@@ -40,6 +40,7 @@ def teacher_and_pairs(prefect_api: str, root: str, run_name: str, *overrides: st
     return subprocess.Popen(cmd + [a for o in (*OVERRIDES, *overrides) for a in ("--set", o)], cwd=REPO, env=env)
 
 
+@pytest.mark.slow
 def test_dask_pairs_equal_threads_and_survive_a_lost_worker(prefect_api, tmp_path):
     from distributed import Client, LocalCluster
 
