@@ -3,6 +3,9 @@ start-up timeout and one retry, so a busy machine does not fail the run (Prefect
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 from typing import Optional
 
 TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -24,6 +27,17 @@ def startup_timeout() -> int:
     return int(value)
 
 
+def _exit(signum: int, frame) -> None:
+    sys.exit(128 + signum)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, a scheduler stopping the job) exit through SystemExit, so that atexit handlers run and
+    the temporary server stops with its run instead of outliving it. Leaves a handler someone else set alone."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit)
+
+
 def start_temporary_server() -> Optional[str]:
     """With no PREFECT_API_URL, start Prefect's temporary server (the one a flow run would start on its own) and
     return its API URL; None when an API URL is set. Raises ServerStartError after TRIES time-outs."""
@@ -33,6 +47,7 @@ def start_temporary_server() -> Optional[str]:
     if PREFECT_API_URL.value():
         return None
     timeout, error = startup_timeout(), None
+    exit_on_sigterm()  # Prefect stops its server at exit; a plain SIGTERM would skip that and orphan it
     for _ in range(TRIES):
         server = SubprocessASGIServer()  # Prefect's process-wide instance: the flow's client finds it running
         try:

@@ -119,3 +119,40 @@ def test_bare_dmd_run_on_a_busy_two_core_machine(tmp_path):
             p.wait()
     assert out.returncode == 0, out.stderr[-3000:]
     assert "stages teacher,pairs,distill,export,evaluate complete" in out.stdout
+
+
+SIGTERM_SCRIPT = """
+import atexit, signal, subprocess, sys, time
+from flows.server import exit_on_sigterm
+if sys.argv[1] == "own-handler":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+atexit.register(child.terminate)  # as Prefect registers its temporary server's stop
+exit_on_sigterm()
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("mode, code", [("default", 128 + 15), ("own-handler", 7)])
+def test_sigterm_runs_exit_handlers_so_the_temporary_server_stops(mode, code):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, mode], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    assert _alive(child)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == code  # a handler the process set itself is left in place
+    deadline = time.time() + 30
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the child the exit handler stops outlived its parent"
