@@ -111,12 +111,16 @@ def scorer(ctx: dict, precision: str, resize_on: str = "cpu") -> ClipScorer:
 
 
 def evaluate(ctx, sample, z, prompts, batch, res, device, *, clip_precision="fp32", pool=None, fast=False,
-             keep=False, resize_on="cpu") -> dict:
+             keep=False, resize_on="cpu", text=None) -> dict:
     """One model's images from noise to statistics and cosines, timed end to end (the GPU synchronised).
-    resize_on "resident": the device resizes, and the images stay on the GPU until scored (`on_device`)."""
+    resize_on "resident": the device resizes, and the images stay on the GPU until scored (`on_device`).
+    `text`: the captions' CLIP text features, computed once per protocol beforehand (`ClipScorer.with_text`)."""
     on_device = resize_on == "resident"
     resize_on = "device" if on_device else resize_on
-    scores = ImageScores(ctx["inception"], "clean", device, scorer(ctx, clip_precision, resize_on), pool=pool,
+    clip = scorer(ctx, clip_precision, resize_on)
+    if text is not None:
+        clip = clip.with_text(prompts, text)
+    scores = ImageScores(ctx["inception"], "clean", device, clip, pool=pool,
                          background=fast and not on_device, resize_on=resize_on)
     kept = []
     sync(device)
@@ -298,7 +302,21 @@ def breakdown(ctx, sample, z, prompts, batch, res, device, iters: int = 5) -> di
                 fn()
         return run
 
+    teacher, body = ctx["teacher"], ctx["fast_body"]
+    cond = teacher.encode(cb)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        x0 = body(zb.to(device), cond)
+
+    def autocast(fn):
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                fn()
+        return run
+
     parts = {"sample": lambda: sample(zb, cb),
+             "sample_caption_encoding": lambda: teacher.encode(cb),
+             "sample_generator": autocast(lambda: body(zb.to(device), cond)),
+             "sample_decode": autocast(lambda: teacher.decode(x0)),
              "protocol_resize": lambda: to_protocol_images(images01, res, resize_on="device", on_device=True),
              "inception_with_resize": lambda: device_features(arr, ctx["inception"], "clean"),
              "clip_tf32_whole": lambda: clip.on_device(arr, cb),
@@ -331,8 +349,9 @@ def main() -> None:
     p.add_argument("--n-fast", type=int, default=2048)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--variants", default="threads:tf32:device,threads:tf32:resident",
-                   help="fast runs, each POOL:CLIP_PRECISION[:RESIZE_ON] (pool: threads or processes; resize_on: "
-                        "cpu, the default, device, or resident: device resizes, images scored on the GPU)")
+                   help="fast runs, each POOL:CLIP_PRECISION[:RESIZE_ON[:text]] (pool: threads or processes; "
+                        "resize_on: cpu, the default, device, or resident: device resizes, images scored on the "
+                        "GPU; text: the captions' CLIP text features computed once beforehand, timed apart)")
     p.add_argument("--skip", default="", help="sections to leave out: cpu_stages, extractor_precisions, breakdown")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the fast path")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
@@ -384,7 +403,8 @@ def main() -> None:
 
     # the fast path: compile and record on two batches, then timed runs
     t0 = time.perf_counter()
-    fast = sampler(teacher, fast_generation(student, teacher, torch.bfloat16, mode=mode), device)
+    ctx["fast_body"] = fast_generation(student, teacher, torch.bfloat16, mode=mode)
+    fast = sampler(teacher, ctx["fast_body"], device)
     _, first_precision, *first_resize = args.variants.split(",")[0].split(":")
     evaluate(ctx, fast, z[:2 * batch], prompts[:2 * batch], batch, res, device, fast=True,
              clip_precision=first_precision, resize_on=(first_resize or ["cpu"])[0])
@@ -407,16 +427,24 @@ def main() -> None:
             result[f"generation_only_resize_on_{resize_on}"] = generation_only(
                 fast, z[:n_gen], prompts[:n_gen], batch, res, device, threads, resize_on)
             save(f"generation_only_resize_on_{resize_on}")
-        result["fast"], first = [], None
+        result["fast"], first, text = [], None, {}
         for variant in args.variants.split(","):
             pool_name, clip_p, *rest = variant.split(":")
             resize_on = rest[0] if rest else "cpu"
+            with_text = rest[1:] == ["text"]
+            if with_text and clip_p not in text:  # once per protocol (kept under _reference/ by the evaluate stage)
+                sync(device)
+                t0 = time.perf_counter()
+                text[clip_p] = scorer(ctx, clip_p).text_features(prompts, batch)
+                sync(device)
+                result[f"text_features_{clip_p}_s"] = round(time.perf_counter() - t0, 2)
             if first is not None and time.time() - start > args.budget_s:
                 result.setdefault("skipped", []).append(f"fast run {variant}")
                 continue
             run = evaluate(ctx, fast, z, prompts, batch, res, device, clip_precision=clip_p, pool=pools[pool_name],
-                           fast=True, keep=first is None, resize_on=resize_on)
-            run["clip_precision"] = clip_p
+                           fast=True, keep=first is None, resize_on=resize_on,
+                           text=text[clip_p] if with_text else None)
+            run["clip_precision"], run["text_features_precomputed"] = clip_p, with_text
             if first is None:  # the Frechet distance of 2048-d statistics: a fixed cost per model, timed once
                 fid_t0 = time.perf_counter()
                 frechet_distance(*run["stats"], *base["stats"])

@@ -179,7 +179,8 @@ def device_preprocess(images: torch.Tensor, preprocess: Callable, resize: Option
 def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, preprocess: Callable,
                tokenizer: Callable, prefix: str = "", batch_size: int = 64,
                resize: Optional[int] = None, *, pool: Optional[Executor] = None,
-               precision: str = "fp32", resize_on: str = "cpu") -> tuple[float, torch.Tensor]:
+               precision: str = "fp32", resize_on: str = "cpu",
+               text: Optional[torch.Tensor] = None) -> tuple[float, torch.Tensor]:
     """(mean cosine, per-sample cosine (N,) on CPU) between L2-normalised image and caption embeddings.
 
     Images: (N, 3, H, W) float in [0, 1] or uint8, or a list of PIL images / (3, H, W) tensors. Each becomes a
@@ -188,6 +189,7 @@ def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, pr
     center crop + 256 Lanczos step first; `prefix=DMD2_PREFIX` adds its caption prefix. The images are prepared
     in `pool`'s threads when given, or on the model's device with `resize_on="device"` (image tensors only;
     `device_preprocess`, the same tensors); both towers run in `precision` (`fid.extractor_precision`).
+    `text`: the captions' `text_features`, (N, D) in caption order, computed beforehand; the text tower is not run.
     """
     check_resize_on(resize_on)
     n = len(images)
@@ -195,6 +197,8 @@ def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, pr
         raise ValueError(f"{n} images but {len(captions)} captions")
     if n == 0:
         raise ValueError("clip_score needs at least one image-caption pair")
+    if text is not None and len(text) != n:
+        raise ValueError(f"{n} captions but {len(text)} text features")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
@@ -213,34 +217,54 @@ def clip_score(images: ImagesLike, captions: Sequence[str], model: nn.Module, pr
             items = [_portable(images[i]) for i in range(start, stop)]
             pils = parallel_map(functools.partial(pil_stages, pil_preprocess=pil_part, resize=resize), items, pool)
             batch = torch.stack([tensor_part(p) for p in pils])
-        tokens = tokenize_captions(list(captions[start:stop]), tokenizer, prefix)
-        scores.append(_cosines(model, batch.to(device), tokens, precision).cpu())
+        txt = (text[start:stop].to(device) if text is not None
+               else _text(model, tokenize_captions(list(captions[start:stop]), tokenizer, prefix), precision))
+        scores.append(_cosines(model, batch.to(device), txt, precision).cpu())
     per_sample = torch.cat(scores)
     return float(per_sample.double().mean()), per_sample
 
 
-def _cosines(model: nn.Module, batch: torch.Tensor, tokens: torch.Tensor, precision: str) -> torch.Tensor:
-    """Per-sample cosine of preprocessed images (on the model's device) and their token ids, on the device. The
-    ids cross from pinned memory without waiting, so a GPU caller is not held until its queue drains."""
-    device = batch.device
+def text_features(captions: Sequence[str], model: nn.Module, tokenizer: Callable, prefix: str = "",
+                  batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
+    """L2-normalised caption embeddings (N, D), float32 on the model's device, `batch_size` captions a call of the
+    text tower: the text half of every cosine here. It depends only on the captions and the model, so a protocol
+    computes it once and every scored model reuses it (`ClipScorer.text`); in the same batches, the same values."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return torch.cat([_text(model, tokenize_captions(list(captions[i:i + batch_size]), tokenizer, prefix), precision)
+                      for i in range(0, len(captions), batch_size)])
+
+
+def _text(model: nn.Module, tokens: torch.Tensor, precision: str) -> torch.Tensor:
+    """Normalised text embeddings of token ids, on the model's device. The ids cross from pinned memory without
+    waiting, so a GPU caller is not held until its queue drains."""
+    device = next(model.parameters()).device
     if device.type == "cuda":
         tokens = tokens.pin_memory().to(device, non_blocking=True)
     else:
         tokens = tokens.to(device)
     with torch.no_grad(), extractor_precision(precision, device):
+        return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+def _cosines(model: nn.Module, batch: torch.Tensor, txt: torch.Tensor, precision: str) -> torch.Tensor:
+    """Per-sample cosine of preprocessed images (on the model's device) and normalised text embeddings, on the
+    device."""
+    with torch.no_grad(), extractor_precision(precision, batch.device):
         img = F.normalize(model.encode_image(batch).float(), dim=-1)
-        txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
     return (img * txt).sum(-1)
 
 
 def device_cosines(images: torch.Tensor, captions: Sequence[str], model: nn.Module, preprocess: Callable,
                    tokenizer: Callable, prefix: str = "", resize: Optional[int] = None,
-                   precision: str = "fp32") -> torch.Tensor:
+                   precision: str = "fp32", text: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`clip_score`'s per-sample cosines of uint8 (N, H, W, 3) images on the model's device with
-    `resize_on="device"`, in one batch, left on the device (nothing waits for the GPU)."""
+    `resize_on="device"`, in one batch, left on the device (nothing waits for the GPU); `text` as there."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise ValueError(f"device_cosines takes uint8 (N, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     batch = device_preprocess(images.permute(0, 3, 1, 2), preprocess, resize)
-    return _cosines(model, batch, tokenize_captions(list(captions), tokenizer, prefix), precision)
+    if text is None:
+        text = _text(model, tokenize_captions(list(captions), tokenizer, prefix), precision)
+    return _cosines(model, batch, text.to(batch.device), precision)

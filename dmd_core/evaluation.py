@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import repeat
 from typing import Callable, Iterator, Optional
@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .clip_score import clip_score, device_cosines
+from .clip_score import clip_score, device_cosines, text_features
 from .conditions import RawConditions
 from .fid import FeatureStats, check_resize_on, device_features, features, frechet_distance, parallel_map, to_uint8
 from .protocols import center_crop_box, center_crop_resize
@@ -103,7 +103,11 @@ def generate_images(sample: Callable[[torch.Tensor, RawConditions], torch.Tensor
 
 @dataclass
 class ClipScorer:
-    """An OpenCLIP model with its preprocess and tokenizer, and the protocol's prompt prefix and resize."""
+    """An OpenCLIP model with its preprocess and tokenizer, and the protocol's prompt prefix and resize.
+
+    `text`, when set (`with_text`), maps captions to their normalised text embeddings, computed once per protocol:
+    a batch whose captions are all there skips the text tower, with the same cosines when they were computed in
+    the same batches."""
 
     model: torch.nn.Module
     preprocess: Callable
@@ -112,17 +116,34 @@ class ClipScorer:
     resize: Optional[int] = None
     precision: str = "fp32"  # fid.EXTRACTOR_PRECISIONS; fp32 is the metric's definition
     resize_on: str = "cpu"  # fid.RESIZE_ON; "device": crop and resizes on the model's device, the same tensors
+    text: Optional[dict] = field(default=None, repr=False)  # caption -> (D,) text embedding on the model's device
+
+    def text_features(self, captions: list[str], batch_size: int) -> torch.Tensor:
+        """The captions' normalised text embeddings (N, D) on the model's device (`clip_score.text_features`)."""
+        return text_features(captions, self.model, self.tokenizer, self.prefix, batch_size, self.precision)
+
+    def with_text(self, captions: list[str], features: torch.Tensor) -> "ClipScorer":
+        """This scorer with `features` (N, D, from `text_features`) kept for `captions`."""
+        if len(captions) != len(features):
+            raise ValueError(f"{len(captions)} captions but {len(features)} text features")
+        device = next(self.model.parameters()).device
+        return replace(self, text=dict(zip(captions, features.to(device).unbind(0))))
+
+    def _known(self, captions: list[str]) -> Optional[torch.Tensor]:
+        if self.text is None or not all(c in self.text for c in captions):
+            return None
+        return torch.stack([self.text[c] for c in captions])
 
     def __call__(self, images: np.ndarray, captions: list[str], pool: Optional[Executor] = None) -> torch.Tensor:
         return clip_score(torch.from_numpy(images).permute(0, 3, 1, 2), captions, self.model, self.preprocess,
                           self.tokenizer, prefix=self.prefix, resize=self.resize, pool=pool,
-                          precision=self.precision, resize_on=self.resize_on)[1]
+                          precision=self.precision, resize_on=self.resize_on, text=self._known(captions))[1]
 
     def on_device(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Per-sample cosines of uint8 (N, R, R, 3) images on the model's device, left there (`device_cosines`:
         the values of `resize_on="device"`)."""
         return device_cosines(images, captions, self.model, self.preprocess, self.tokenizer, prefix=self.prefix,
-                              resize=self.resize, precision=self.precision)
+                              resize=self.resize, precision=self.precision, text=self._known(captions))
 
 
 class ImageScores:

@@ -252,6 +252,21 @@ def _reference(root: str, cfg, protocol, files: list[str], extractor, name: str,
     return (mu, sigma), path
 
 
+def _caption_features(root: str, cfg, captions: list[str], clip: ClipScorer, name: str) -> ClipScorer:
+    """`clip` with the captions' CLIP text embeddings, computed once per (captions, CLIP model, prefix, precision,
+    batch size) under the root: every model scored on the protocol, in every run, reuses them."""
+    e = cfg.evaluate
+    key = stable_hash([name, e.clip_model, e.clip_weights, e.clip_prefix, e.clip_precision, e.batch_size, captions])
+    cache = writer_store(root_store(root))
+    path = f"_reference/clip-text-{key}.safetensors"
+    if cache.exists(path):
+        features = bytes_to_tensors(cache.read_bytes(path))["features"]
+    else:
+        features = clip.text_features(captions, e.batch_size).cpu()
+        cache.write_bytes(path, tensors_to_bytes({"features": features}))
+    return clip.with_text(captions, features)
+
+
 class ProtocolInputs(NamedTuple):
     """What every generator is scored on under an image protocol."""
 
@@ -283,6 +298,8 @@ def protocol_inputs(root, cfg, teacher, protocol, device) -> ProtocolInputs:
     files = files if files is not None else list_reference_images(e.reference_images)
     inception, clip, name = _extractors(cfg, teacher, device)
     ref, reference = _reference(root, cfg, protocol, files, inception, name, device)
+    if clip is not None and protocol.text:
+        clip = _caption_features(root, cfg, raw, clip, name)
     z = torch.randn((n, *teacher.sample_shape), generator=torch.Generator().manual_seed(e.seed))
     return ProtocolInputs(n, raw, z, ref, inception, clip, name, reference)
 

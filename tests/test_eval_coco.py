@@ -53,6 +53,9 @@ def test_coco30k_protocol_through_the_flow(prefect_api, tmp_path):
     assert len(cache) == 1
     # the two teacher baselines (teacher 3-step, teacher at the generator's step), each scores + preview images
     assert len([k for k in listing if k.startswith("_reference/teacher-")]) == 4
+    # the captions' CLIP text features, once per protocol
+    text_cache = [k for k in listing if k.startswith("_reference/clip-text-")]
+    assert len(text_cache) == 1
     assert not any(r["cached"] for r in rows)
     assert out["evaluate"]["compare"] and store.exists("eval/compare.png") and store.exists("eval/trend.png")
 
@@ -71,14 +74,20 @@ def test_coco30k_protocol_through_the_flow(prefect_api, tmp_path):
         return wrapped
 
     eval_protocols.reference_stats = lambda *a, **k: calls.append(1) or original(*a, **k)
+    from dmd_core import evaluation
+
+    text_calls, text_original = [], evaluation.text_features
+    evaluation.text_features = lambda *a, **k: text_calls.append(1) or text_original(*a, **k)
     eval_protocols.Models.teacher_steps, eval_protocols.Models.teacher_generator = map(counted, samplers)
     try:
         out2 = dmd(preset="sd-tiny", root=root, run_name="coco2", overrides=overrides,
                    stages=["teacher", "pairs", "distill", "export", "evaluate"])
     finally:
         eval_protocols.reference_stats = original
+        evaluation.text_features = text_original
         eval_protocols.Models.teacher_steps, eval_protocols.Models.teacher_generator = samplers
     assert calls == [] and root_store(root).info(cache[0]) == before
+    assert text_calls == [] and text_cache[0] in root_store(root).ls("_reference")
     rows2 = run_store(root, "coco2").read_table(RESULTS).to_pylist()
     # The teacher baselines come from the root's cache: no teacher image generated, the values repeat exactly,
     # and the rows, the summary and its table say so.

@@ -179,6 +179,35 @@ def test_device_resizes_equal_the_pil_path(extractors):
         to_protocol_images(images, 24, resize_on="gpu")
 
 
+def test_text_features_computed_once_give_the_same_cosines_without_the_text_tower(extractors, pool):
+    """ClipScorer.with_text: the captions' embeddings computed beforehand in the scoring batches, then every batch
+    (numpy and device-resident paths) skips the text tower and gets the same cosines bit for bit."""
+    inception, clip = extractors
+    z = torch.randn(11, 3, 40, 40, generator=torch.Generator().manual_seed(8))
+    batches = list(generate_images(_sample, z, CAPTIONS, 3, 24))
+    _, cos = _scores(extractors, batches)
+    text = clip.text_features(CAPTIONS, batch_size=3)
+    assert text.shape == (11, clip.model.text_projection.shape[1])
+    assert torch.allclose(text.norm(dim=-1), torch.ones(11), atol=1e-6)
+    cached = clip.with_text(CAPTIONS, text)
+    calls = []
+    hook = cached.model.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        _, cos_cached = _scores((inception, cached), batches, pool=pool)
+        on_device = ClipScorer(clip.model, clip.preprocess, clip.tokenizer, clip.prefix, clip.resize,
+                               resize_on="device", text=cached.text)
+        _, cos_device = _scores((inception, on_device), [(torch.from_numpy(a), c) for a, c in batches],
+                                resize_on="device")
+        assert calls == []
+        cached(batches[0][0], ["a caption not computed"] * 3)  # an unknown caption: the tower runs
+        assert calls
+    finally:
+        hook.remove()
+    assert torch.equal(cos_cached, cos) and torch.equal(cos_device, cos)
+    with pytest.raises(ValueError, match="11 captions but 10 text features"):
+        clip.with_text(CAPTIONS, text[:10])
+
+
 def test_images_left_on_their_device_score_as_the_sequential_loop(extractors):
     """generate_images(on_device=True) hands uint8 (B, R, R, 3) tensors to ImageScores, which scores them where
     they are and adds batch i to the statistics after batch i + 1 is queued: the same statistics and cosines bit
