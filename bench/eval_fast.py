@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import os
 import sys
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -162,7 +164,7 @@ def deviations(ctx, images: np.ndarray, prompts: list[str], batch: int, device, 
     fp32 statistics, feature and CLIP cosine deviations) while time is left; threaded vs sequential bit for bit."""
     feats, cos, secs = {}, {}, {}
     chunks = range(0, len(images), batch)
-    for p in ("fp32", "bf16", "tf32", "fp32-strict"):
+    for p in ("fp32", "fp16", "tf32", "bf16", "fp32-strict"):
         if feats and time.time() > deadline:
             break
         precision = "fp32" if p == "fp32-strict" else p
@@ -313,8 +315,12 @@ def breakdown(ctx, sample, z, prompts, batch, res, device, iters: int = 5) -> di
                 fn()
         return run
 
+    encoders = getattr(teacher, "encoders", {})  # a copy of the text encoders in bf16, for their time alone
+    bf16_teacher = SimpleNamespace(encoders={k: copy.deepcopy(v).to(torch.bfloat16) for k, v in encoders.items()},
+                                   tokenizers=getattr(teacher, "tokenizers", {}))
     parts = {"sample": lambda: sample(zb, cb),
              "sample_caption_encoding": lambda: teacher.encode(cb),
+             "sample_caption_encoding_bf16_weights": lambda: teacher.family.encode(bf16_teacher, cb),
              "sample_generator": autocast(lambda: body(zb.to(device), cond)),
              "sample_decode": autocast(lambda: teacher.decode(x0)),
              "protocol_resize": lambda: to_protocol_images(images01, res, resize_on="device", on_device=True),

@@ -464,7 +464,7 @@ class EvaluateConfig(_Model):
         None, description="CUDA: students generated through dmd_core.inference's fast path (weights in the "
                           "autocast dtype, NHWC, fused QKV, compiled UNet and decoder) and batches of one shape; "
                           "None (auto) = from 2,000 samples, where its ~1 min of compilation pays off")
-    clip_precision: Literal["fp32", "tf32", "bf16"] = Field(
+    clip_precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
         "fp32", description="CLIP image/text towers' precision: fp32 is the metric's definition (DMD2's evaluator); "
                             "tf32 is ~4x faster on GPUs and moves the score by ~1e-5 (docs/benchmarks.md)")
     workers: int = Field(0, ge=0, description="threads for the per-image resizes (PIL); 0 = one per core")

@@ -38,7 +38,7 @@ MODES = ("clean", "legacy_tensorflow")
 RESIZE_ON = ("cpu", "device")
 # The precision a feature extractor runs in (Inception, CLIP). "fp32" leaves torch's flags as they are: by default
 # fp32 matrix multiplies and cuDNN convolutions allowed TF32, as clean-fid and DMD2's evaluator run.
-EXTRACTOR_PRECISIONS = ("fp32", "tf32", "bf16")
+EXTRACTOR_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # cleanfid/features.py feature_extractor(): path = "./" on Windows else "/tmp", then InceptionV3W joins the name.
 CLEANFID_INCEPTION_PATH = os.path.join("/tmp", INCEPTION_FILE)
@@ -87,13 +87,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def extractor_precision(precision: str, device: torch.device | str) -> Iterator[None]:
     """The region a feature extractor runs in: "fp32" as torch's flags are (the metric's definition), "tf32"
     (fp32 weights; TF32 matrix multiplies and convolutions: process-wide flags, restored on exit, so fp32 work of
-    other threads meanwhile uses TF32 too) or "bf16" (autocast, local to the thread)."""
+    other threads meanwhile uses TF32 too), "bf16" or "fp16" (autocast, local to the thread: matrix multiplies in
+    half precision with fp32 accumulation, normalisations and the residual stream of an fp32 input in fp32; fp16
+    keeps TF32's 10-bit mantissa where bf16 has 7)."""
     if precision not in EXTRACTOR_PRECISIONS:
         raise ValueError(f"extractor precision must be one of {EXTRACTOR_PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         yield
-    elif precision == "bf16":
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+    elif precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        with torch.autocast(torch.device(device).type, dtype=dtype):
             yield
     else:
         flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

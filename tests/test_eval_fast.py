@@ -100,7 +100,7 @@ def test_extractor_precisions(extractors):
     inception, clip = extractors
     arr = to_protocol_images(_float_images(), 24)
     with pytest.raises(ValueError, match="extractor precision"):
-        features(arr, inception, "clean", precision="fp16")
+        features(arr, inception, "clean", precision="fp8")
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     with extractor_precision("tf32", "cpu"):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
