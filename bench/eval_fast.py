@@ -50,7 +50,7 @@ from dmd_core.clip_score import device_preprocess, pil_stages, split_preprocess 
 from dmd_core.fid import (FeatureStats, device_features, extractor_precision, features, frechet_distance,  # noqa: E402
                           parallel_map, preprocess, to_uint8)
 from dmd_core.generator import Generator  # noqa: E402
-from dmd_core.inference import fast_generation  # noqa: E402
+from dmd_core.inference import fast_generation, half_text_encoders  # noqa: E402
 
 N_COCO = 30_000
 
@@ -355,9 +355,10 @@ def main() -> None:
     p.add_argument("--n-fast", type=int, default=2048)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--variants", default="threads:tf32:device,threads:tf32:resident",
-                   help="fast runs, each POOL:CLIP_PRECISION[:RESIZE_ON[:text]] (pool: threads or processes; "
-                        "resize_on: cpu, the default, device, or resident: device resizes, images scored on the "
-                        "GPU; text: the captions' CLIP text features computed once beforehand, timed apart)")
+                   help="fast runs, each POOL:CLIP_PRECISION[:RESIZE_ON[:text][:enc16]] (pool: threads or "
+                        "processes; resize_on: cpu, the default, device, or resident: device resizes, images scored "
+                        "on the GPU; text: the captions' CLIP text features computed once beforehand, timed apart; "
+                        "enc16: the student's captions encoded by a bf16 copy of the text encoder)")
     p.add_argument("--skip", default="", help="sections to leave out: cpu_stages, extractor_precisions, breakdown")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the fast path")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
@@ -437,7 +438,9 @@ def main() -> None:
         for variant in args.variants.split(","):
             pool_name, clip_p, *rest = variant.split(":")
             resize_on = rest[0] if rest else "cpu"
-            with_text = rest[1:] == ["text"]
+            with_text, enc16 = "text" in rest[1:], "enc16" in rest[1:]
+            if enc16 and "fast_enc16" not in ctx:
+                ctx["fast_enc16"] = sampler(half_text_encoders(teacher), ctx["fast_body"], device)
             if with_text and clip_p not in text:  # once per protocol (kept under _reference/ by the evaluate stage)
                 sync(device)
                 t0 = time.perf_counter()
@@ -447,10 +450,12 @@ def main() -> None:
             if first is not None and time.time() - start > args.budget_s:
                 result.setdefault("skipped", []).append(f"fast run {variant}")
                 continue
-            run = evaluate(ctx, fast, z, prompts, batch, res, device, clip_precision=clip_p, pool=pools[pool_name],
+            run = evaluate(ctx, ctx["fast_enc16"] if enc16 else fast, z, prompts, batch, res, device,
+                           clip_precision=clip_p, pool=pools[pool_name],
                            fast=True, keep=first is None, resize_on=resize_on,
                            text=text[clip_p] if with_text else None)
             run["clip_precision"], run["text_features_precomputed"] = clip_p, with_text
+            run["caption_encoding"] = "bf16 weights" if enc16 else "fp32"
             if first is None:  # the Frechet distance of 2048-d statistics: a fixed cost per model, timed once
                 fid_t0 = time.perf_counter()
                 frechet_distance(*run["stats"], *base["stats"])

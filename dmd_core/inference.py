@@ -1,6 +1,8 @@
 """Fast one-step generation on CUDA: half precision, channels_last, fused QKV projections, torch.compile."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -73,6 +75,16 @@ def fast_teacher_decoder(teacher, dtype: torch.dtype = torch.bfloat16, mode: str
     for part in (getattr(vae, "post_quant_conv", None), decoder):
         if part is not None:
             part.register_forward_pre_hook(_cast_input(dtype))
+
+
+def half_text_encoders(teacher, dtype: torch.dtype = torch.bfloat16):
+    """A view of `teacher` whose text encoders are copies in `dtype`, everything else shared: the fast path's
+    caption encoding, as a stock pipeline loaded in half precision encodes (`teacher` itself keeps its encoders'
+    precision). A teacher without text encoders is returned as it is."""
+    encoders = getattr(teacher, "encoders", None)
+    if not encoders:
+        return teacher
+    return dataclasses.replace(teacher, encoders={k: copy.deepcopy(v).to(dtype) for k, v in encoders.items()})
 
 
 class InAutocast(nn.Module):
