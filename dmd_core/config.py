@@ -466,7 +466,8 @@ class EvaluateConfig(_Model):
                           "None (auto) = from 2,000 samples, where its ~1 min of compilation pays off")
     clip_precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
         "fp32", description="CLIP image/text towers' precision: fp32 is the metric's definition (DMD2's evaluator); "
-                            "tf32 is ~4x faster on GPUs and moves the score by ~1e-5 (docs/benchmarks.md)")
+                            "tf32 is ~4x faster on GPUs and moves the score by ~1e-5 (docs/benchmarks.md); fp16 "
+                            "autocast keeps tf32's mantissa at half-precision speed; bf16 moves it by ~1e-4")
     workers: int = Field(0, ge=0, description="threads for the per-image resizes (PIL); 0 = one per core")
     world_size: int = Field(1, ge=1, description="data-parallel evaluation: torchrun ranks on this host (one GPU "
                                                  "each) sharing the samples; the results equal one process's")
