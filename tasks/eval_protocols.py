@@ -236,20 +236,30 @@ def _extractors(cfg, teacher, device):
     return inception, scorer, name
 
 
+def _cached(root: str, path: str, compute: Callable[[], dict]) -> dict[str, torch.Tensor]:
+    """The tensors kept at `path` under the root, or `compute()`'s, written there first."""
+    cache = writer_store(root_store(root))
+    if cache.exists(path):
+        return bytes_to_tensors(cache.read_bytes(path))
+    tensors = compute()
+    cache.write_bytes(path, tensors_to_bytes(tensors))
+    return tensors
+
+
 def _reference(root: str, cfg, protocol, files: list[str], extractor, name: str, device):
     """Reference (mu, sigma) and its path, computed once per (protocol, resolution, mode, extractor, images) under
     the root."""
     e = cfg.evaluate
     key = stable_hash([protocol.name, protocol.resolution, e.fid_mode, name, e.reference_images, files])
-    cache = writer_store(root_store(root))
     path = f"_reference/{protocol.name}-{key}.safetensors"
-    if cache.exists(path):
-        stats = bytes_to_tensors(cache.read_bytes(path))
-        return (stats["mu"].numpy(), stats["sigma"].numpy()), path
-    batches = iter_reference_images(e.reference_images, files, protocol.resolution, e.batch_size)
-    mu, sigma = reference_stats(batches, extractor, e.fid_mode, device)
-    cache.write_bytes(path, tensors_to_bytes({"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}))
-    return (mu, sigma), path
+
+    def compute() -> dict[str, torch.Tensor]:
+        batches = iter_reference_images(e.reference_images, files, protocol.resolution, e.batch_size)
+        mu, sigma = reference_stats(batches, extractor, e.fid_mode, device)
+        return {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)}
+
+    stats = _cached(root, path, compute)
+    return (stats["mu"].numpy(), stats["sigma"].numpy()), path
 
 
 def _caption_features(root: str, cfg, captions: list[str], clip: ClipScorer, name: str) -> ClipScorer:
@@ -257,14 +267,9 @@ def _caption_features(root: str, cfg, captions: list[str], clip: ClipScorer, nam
     batch size) under the root: every model scored on the protocol, in every run, reuses them."""
     e = cfg.evaluate
     key = stable_hash([name, e.clip_model, e.clip_weights, e.clip_prefix, e.clip_precision, e.batch_size, captions])
-    cache = writer_store(root_store(root))
     path = f"_reference/clip-text-{key}.safetensors"
-    if cache.exists(path):
-        features = bytes_to_tensors(cache.read_bytes(path))["features"]
-    else:
-        features = clip.text_features(captions, e.batch_size).cpu()
-        cache.write_bytes(path, tensors_to_bytes({"features": features}))
-    return clip.with_text(captions, features)
+    features = _cached(root, path, lambda: {"features": clip.text_features(captions, e.batch_size).cpu()})
+    return clip.with_text(captions, features["features"])
 
 
 class ProtocolInputs(NamedTuple):
