@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import json
 import os
 import sys
 import time
 from functools import partial
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -315,12 +313,10 @@ def breakdown(ctx, sample, z, prompts, batch, res, device, iters: int = 5) -> di
                 fn()
         return run
 
-    encoders = getattr(teacher, "encoders", {})  # a copy of the text encoders in bf16, for their time alone
-    bf16_teacher = SimpleNamespace(encoders={k: copy.deepcopy(v).to(torch.bfloat16) for k, v in encoders.items()},
-                                   tokenizers=getattr(teacher, "tokenizers", {}))
+    bf16_teacher = half_text_encoders(teacher)  # its text encoders copied in bf16, for their time alone
     parts = {"sample": lambda: sample(zb, cb),
              "sample_caption_encoding": lambda: teacher.encode(cb),
-             "sample_caption_encoding_bf16_weights": lambda: teacher.family.encode(bf16_teacher, cb),
+             "sample_caption_encoding_bf16_weights": lambda: bf16_teacher.encode(cb),
              "sample_generator": autocast(lambda: body(zb.to(device), cond)),
              "sample_decode": autocast(lambda: teacher.decode(x0)),
              "protocol_resize": lambda: to_protocol_images(images01, res, resize_on="device", on_device=True),
