@@ -16,7 +16,7 @@ from dmd_core.denoisers import with_guidance
 from dmd_core.eval_parallel import gather_scores, rank_slice
 from dmd_core.evaluation import (ClipScorer, ImageScores, generate_images, image_pool, reference_stats,
                                  slice_raw)
-from dmd_core.inference import fast_generation
+from dmd_core.inference import fast_generation, half_text_encoders
 from dmd_core.fid import frechet_distance
 from dmd_core.generator import Generator
 from dmd_core.guidance import student_at, student_denoiser
@@ -114,12 +114,14 @@ class Models:
         self.n_gen = len(cfg.distill.generator_timesteps)
         self.precision = accel.resolve_precision(cfg.evaluate.precision, device)
         self.fast = fast  # students through dmd_core.inference's fast path (the teacher's decoder made fast too)
+        self._half_teacher = None  # the fast path's caption encoders, copied in half precision once
 
     def _renoise(self) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(1)
 
-    def _sampler(self, body: Callable) -> Callable:
-        return generating(self.teacher, body, self.precision, self.device, self.images, self.cfg.distill.guidance)
+    def _sampler(self, body: Callable, teacher=None) -> Callable:
+        return generating(teacher or self.teacher, body, self.precision, self.device, self.images,
+                          self.cfg.distill.guidance)
 
     def teacher_steps(self) -> Callable:
         T, c = self.teacher, self.cfg
@@ -136,9 +138,13 @@ class Models:
 
     def student(self, step: int) -> Callable:
         G, g = student(self.store, self.cfg, self.teacher, step), self._renoise()
-        if self.fast:
-            G = fast_generation(G, self.teacher, accel.AUTOCAST_DTYPES[self.precision])
-        return self._sampler(lambda z, cond: G(z, cond, generator=g))
+        if not self.fast:
+            return self._sampler(lambda z, cond: G(z, cond, generator=g))
+        dtype = accel.AUTOCAST_DTYPES[self.precision]
+        G = fast_generation(G, self.teacher, dtype)
+        if self._half_teacher is None:  # captions encoded in the generation's precision too, as a stock pipeline
+            self._half_teacher = half_text_encoders(self.teacher, dtype)
+        return self._sampler(lambda z, cond: G(z, cond, generator=g), self._half_teacher)
 
 
 # ---- classifier protocols: FD and accuracy in a small classifier's features ------------------------------------------------

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from storage.layout import RESULTS, root_store, run_store
@@ -126,14 +127,21 @@ def test_coco30k_protocol_through_the_flow(prefect_api, tmp_path):
     cfg = store.read_json("config.json")
     cfg["evaluate"].update(precision="bf16", batch_size=3)
     store.write_json("config.json", cfg)
-    made = []
+    made, halves = [], []
     fast_path, fast_generation = eval_protocols.fast_path, eval_protocols.fast_generation
+    half_text_encoders = eval_protocols.half_text_encoders
     eval_protocols.fast_path = evaluate.fast_path = lambda *a: True  # the stage then loads its own teacher copy
     eval_protocols.fast_generation = lambda G, *a: made.append(G) or partial(inference.fast_generation, mode="none")(G, *a)
+    eval_protocols.half_text_encoders = lambda *a: halves.append(half_text_encoders(*a)) or halves[-1]
     try:
         run_evaluate(root, "coco")
     finally:
         eval_protocols.fast_path, eval_protocols.fast_generation, evaluate.fast_path = fast_path, fast_generation, fast_path
+        eval_protocols.half_text_encoders = half_text_encoders
+    # the student's captions through bf16 copies of the text encoders; the teacher's own stay in fp32
+    assert len(halves) == 1 and halves[0].encoders
+    for name, encoder in halves[0].encoders.items():
+        assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}, name
     fast_rows = [r for r in store.read_table(RESULTS).to_pylist() if r["precision"] == "bf16"]
     assert len(made) == 1 and {(r["model"], r["metric"]) for r in fast_rows} >= {("student", "fid"), ("student", "clip")}
     assert all(np.isfinite(r["value"]) and r["n_samples"] == 4 for r in fast_rows)
