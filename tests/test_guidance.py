@@ -169,6 +169,7 @@ def _train_at(commit: str | None, tmp_path: Path) -> tuple[dict, str]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()["metrics"]
 
 
+@pytest.mark.slow
 def test_training_is_bit_identical_to_the_trainer_before_the_core_redesign(tmp_path):
     """The trainer of integer DDPM timesteps (before NoiseProcess, Backbone and families) and the current one, on
     the default path (guidance 1.5, TTUR, GAN, two-step G): identical losses and weights after four steps; the

@@ -230,6 +230,7 @@ for name, module in (("G", trainer.G.denoiser), ("fake", trainer.mu_fake), ("ema
 """
 
 
+@pytest.mark.slow
 def test_lora_resume_in_fresh_process_is_exact(tmp_path):
     from safetensors.torch import load_file
 

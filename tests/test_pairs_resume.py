@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from storage import read_manifest, verify_manifest
 from storage.layout import PAIRS_MANIFEST, run_store
 
@@ -13,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 N, SHARD = 320, 16
 
 
+@pytest.mark.slow
 def test_killed_pairs_stage_resumes_to_exactly_n_samples(prefect_api, tmp_path):
     root = str(tmp_path)
     args = [sys.executable, "-m", "flows.cli", "run", "--preset", "digits-tiny", "--root", root, "--run-name", "k",

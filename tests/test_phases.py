@@ -121,6 +121,7 @@ def deterministic():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_resume_before_and_after_the_boundary_is_bit_identical(tmp_path, deterministic):
     from safetensors.torch import load_file
 

@@ -72,6 +72,7 @@ def deterministic():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["file", "s3"])
 def test_stream_resume_in_fresh_process_is_bit_identical(store_factory, backend, tmp_path, deterministic):
     from safetensors.torch import load_file

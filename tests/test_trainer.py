@@ -39,6 +39,7 @@ def deterministic():
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_is_exact(tmp_path, deterministic):
     from safetensors.torch import load_file
 
