@@ -13,7 +13,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from dmd_core.config import (PROJECT_DIR, ConfigError, DataConfig, DistillConfig, EvaluateConfig, ExportConfig,
-                             PairsConfig, TeacherConfig, _Model, stable_hash)
+                             PairsConfig, TeacherConfig, stable_hash)
+from dmd_core.config.base import _Model
 from dmd_core.protocols import get_protocol
 
 CONFIG_DIR = PROJECT_DIR / "configs"
