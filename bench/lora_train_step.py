@@ -173,12 +173,12 @@ class NaivePeftStep(sdxl_train_step.EagerStep):
 
 
 def sdxl_project(teacher, batch: int, device: str, rank: int, compile: str, gan: bool,
-                 channels_last: Optional[bool] = None):
+                 channels_last: Optional[bool] = None, compile_scope: str = "auto"):
     """DMDTrainer with LoRA students: DMD2 (no regression), one G and one fake-score update a step."""
     cfg = DistillConfig(batch_size=batch, regression="none", guidance=sdxl_train_step.GUIDANCE, lr=sdxl_train_step.LR,
                         grad_clip=sdxl_train_step.CLIP, bf16=True, gradient_checkpointing=True,
                         generator_timesteps=[sdxl_train_step.T_STAR], compile=compile, lora_rank=rank,
-                        gan={"enabled": gan}, channels_last=channels_last)
+                        gan={"enabled": gan}, channels_last=channels_last, compile_scope=compile_scope)
     real = RandomPairs(batch, teacher.sample_shape, PROMPTS) if gan else None
     trainer = DMDTrainer(cfg, teacher, conditions=Prompts(PROMPTS), real=real, device=device)
     return trainer.train_step
@@ -208,7 +208,8 @@ def part_sdxl(args, device: str, out: dict) -> None:
     cases = {"naive_peft": dict(fp32_adapters=False), "naive_peft fp32": dict(fp32_adapters=True),
              "project": dict(compile="none", gan=False), "project nchw": dict(compile="none", gan=False,
                                                                                channels_last=False),
-             "project gan": dict(compile="none", gan=True), "project compile": dict(compile=args.compile, gan=False)}
+             "project gan": dict(compile="none", gan=True),
+             "project compile": dict(compile=args.compile, gan=False, compile_scope=args.compile_scope)}
     names = args.sdxl_cases.split(",")
     if args.compile != "none" and "project compile" not in names:
         names.append("project compile")
@@ -318,6 +319,7 @@ def main() -> None:
     p.add_argument("--sdxl-cases", default="naive_peft,project,project gan",
                    help="of naive_peft, naive_peft fp32, project, project nchw, project gan")
     p.add_argument("--compile", default="default", help="distill.compile of the compiled SDXL case")
+    p.add_argument("--compile-scope", default="auto", help="distill.compile_scope of the compiled SDXL case")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "lora_train_step.json"))
@@ -332,7 +334,8 @@ def main() -> None:
         args.sd15_batches = [int(b) for b in args.sd15_batches.split(",")]
         args.flux_batches = [int(b) for b in args.flux_batches.split(",")]
     RESULT.update(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu", torch=torch.__version__,
-                  date=datetime.date.today().isoformat(), rank=args.rank, iters=args.iters, warmup=args.warmup)
+                  date=datetime.date.today().isoformat(), rank=args.rank, iters=args.iters, warmup=args.warmup,
+                  compile_scope=args.compile_scope)
     parts = {"sd15": part_sd15, "sdxl": part_sdxl, "flux": part_flux}
     for name in args.parts.split(","):
         RESULT[name] = {}

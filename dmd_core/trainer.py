@@ -163,7 +163,8 @@ class DMDTrainer:
         and at any step) and the real score; once."""
         if mode == "none" or self.compile_mode != "none":
             return
-        scope = accel.resolve_compile_scope(self.cfg.compile_scope, self.cfg.gradient_checkpointing)
+        scope = accel.resolve_compile_scope(self.cfg.compile_scope, self.cfg.gradient_checkpointing,
+                                            lora=bool(self.cfg.lora_rank))
         for module in self.students.nets:  # each network once (a LoRA base once for all its adapters)
             accel.compile_in_place(module, mode, scope=scope)
         if not self.students.shares_teacher:

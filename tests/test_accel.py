@@ -1,8 +1,10 @@
 """Speed settings (dmd_core.accel, dmd_core.inference): same numbers as the plain path, same checkpoints."""
 import copy
+from functools import partial
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from dmd_core import accel
 from dmd_core.inference import OneStep, fast_modules
@@ -94,17 +96,19 @@ def test_fast_pipeline_leaves_a_cpu_pipeline_alone():
         pipe.unet.conv_in.weight.shape[1] == 1
 
 
-def test_regional_compile_under_gradient_checkpointing_gives_the_plain_gradients():
-    """scope=blocks compiles each transformer and resnet block; checkpointed forward and backward are unchanged."""
+@pytest.mark.parametrize("scope", ["blocks", "attention"])
+def test_regional_compile_under_gradient_checkpointing_gives_the_plain_gradients(scope):
+    """scope=blocks compiles each transformer and resnet block, scope=attention the transformer blocks only;
+    checkpointed forward and backward are unchanged."""
     from dmd_core.tiny import tiny_sd_components
 
     plain = tiny_sd_components()["unet"]
     plain.enable_gradient_checkpointing()
     regional = copy.deepcopy(plain)
     keys = list(regional.state_dict())
-    accel.compile_in_place(regional, "default", backend="aot_eager", scope="blocks")
-    blocks = [m for m in regional.modules() if type(m).__name__ in accel.REGIONS]
-    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    accel.compile_in_place(regional, "default", backend="aot_eager", scope=scope)
+    compiled = {type(m).__name__ for m in regional.modules() if m._compiled_call_impl is not None}
+    assert compiled == ({"BasicTransformerBlock", "ResnetBlock2D"} if scope == "blocks" else {"BasicTransformerBlock"})
     assert regional._compiled_call_impl is None  # the UNet itself is not one graph
     assert list(regional.state_dict()) == keys
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
@@ -118,10 +122,65 @@ def test_regional_compile_under_gradient_checkpointing_gives_the_plain_gradients
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outs[0][1], outs[1][1]))
 
 
+def test_attention_scope_without_transformer_blocks_compiles_the_resnets():
+    from tests.helpers import tiny_unet
+
+    unet = tiny_unet()
+    accel.compile_in_place(unet, "default", backend="aot_eager", scope="attention")
+    assert {type(m).__name__ for m in unet.modules() if m._compiled_call_impl is not None} == {"ResnetBlock2D"}
+
+
+def test_compiled_transformer_blocks_follow_the_active_lora_adapter():
+    """Regional compilation of a LoRA base (scope=attention): each adapter state (two adapters, adapters off) gives
+    the eager outputs and adapter gradients of that state, in any order of calls."""
+    from dmd_core.adapters import AdapterDenoiser, AdapterSwitch, RealScore, inject, target_names
+    from dmd_core.backbones import UNET_LORA_TARGETS
+    from dmd_core.tiny import tiny_sd_components
+
+    eager = tiny_sd_components()["unet"]
+    inject(eager, ["g", "f"], 4, 4.0, target_names(eager, list(UNET_LORA_TARGETS)), seed=0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in eager.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.1)  # B = 0 at injection: every adapter would equal the base
+    regional = copy.deepcopy(eager)
+    accel.compile_in_place(regional, "default", backend="aot_eager", scope="attention")
+    assert {type(m).__name__ for m in regional.modules() if m._compiled_call_impl is not None} == {
+        "BasicTransformerBlock"}
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    ehs = torch.randn(2, 7, eager.config.cross_attention_dim)
+    results = []
+    for unet in (eager, regional):
+        switch = AdapterSwitch(unet)
+        unet.enable_gradient_checkpointing(partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                                                   context_fn=switch.checkpoint_context))
+        roles = {"g": AdapterDenoiser(unet, switch, "g"), "f": AdapterDenoiser(unet, switch, "f"),
+                 None: RealScore(unet, switch)}
+        out = {}
+        for name in ("g", None, "f", "g"):
+            role = roles[name]
+            role.zero_grad(set_to_none=True)
+            y = role(x, t, encoder_hidden_states=ehs).sample
+            if name is not None:
+                y.square().mean().backward()
+            out[name] = (y.detach(), [p.grad.clone() for p in role.parameters()] if name else [])
+        results.append(out)
+    assert not torch.allclose(results[0]["g"][0], results[0]["f"][0], atol=1e-3)  # the states differ
+    for name in ("g", "f", None):
+        torch.testing.assert_close(results[1][name][0], results[0][name][0], atol=1e-5, rtol=1e-4)
+        for a, b in zip(results[1][name][1], results[0][name][1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_compile_scope_auto_follows_gradient_checkpointing():
     assert accel.resolve_compile_scope("auto", True) == "blocks"
     assert accel.resolve_compile_scope("auto", False) == "model"
     assert accel.resolve_compile_scope("model", True) == "model"
+    assert accel.resolve_compile_scope("attention", True) == "attention"
+    assert accel.resolve_compile_scope("auto", True, lora=True) == "attention"
+    assert accel.resolve_compile_scope("auto", False, lora=True) == "model"
+    assert accel.resolve_compile_scope("blocks", True, lora=True) == "blocks"
     with pytest.raises(ValueError, match="compile_scope"):
         accel.resolve_compile_scope("layers", False)
 

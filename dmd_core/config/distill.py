@@ -132,10 +132,11 @@ class DistillConfig(_Model):
     compile: Literal["auto", "none", "default", "reduce-overhead", "max-autotune"] = Field(
         "auto", description="torch.compile mode of the three networks; auto: on CUDA, default once timed "
                         "eager steps show the steps left repay the compile time; none on CPU")
-    compile_scope: Literal["auto", "model", "blocks"] = Field(
+    compile_scope: Literal["auto", "model", "blocks", "attention"] = Field(
         "auto", description="what compile covers in G and the fake score: model (one graph each), blocks (each "
-                            "transformer and resnet block; regional compilation); auto = blocks with "
-                            "gradient_checkpointing, else model")
+                            "transformer and resnet block; regional compilation), attention (each transformer "
+                            "block only: far fewer variants to compile); auto = blocks with "
+                            "gradient_checkpointing (attention for LoRA students), else model")
     channels_last: Optional[bool] = Field(None, description="NHWC activations and weights; default: on CUDA only, "
                                                             "and off for LoRA students")
     world_size: int = Field(1, ge=1, description="training processes (one GPU each) in all nodes; batch_size "
