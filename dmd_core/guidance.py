@@ -36,6 +36,22 @@ def guided_denoiser(denoiser: NetDenoiser, embedding_dim: int) -> NetDenoiser:
     return NetDenoiser(net, denoiser.process, denoiser.prediction_type).requires_grad_(True).train()
 
 
+def guided_roles(d, teacher: nn.Module, fake_init: Optional[nn.Module], device: torch.device) -> tuple:
+    """(teacher, generator_init, fake_init) of a student for every w in distill.guidance_range: G(z, c, w) against
+    the real score's CFG at each sample's own w."""
+    if not isinstance(teacher, NetDenoiser):
+        raise TypeError("distill.guidance_range needs a network teacher, or `generator_init` taking w")
+    if d.lora_rank and fake_init is None:
+        # One guided base for every role: without w it is the teacher (the real score); the adapters of G and the
+        # fake score also adapt its zero guidance projection (a LoRA target), so each learns its own.
+        base = guided_denoiser(teacher, d.guidance_embedding_dim).to(device).eval()
+        return base.requires_grad_(False), None, None
+    generator = guided_denoiser(teacher, d.guidance_embedding_dim)
+    # The fake score models G's distribution at each w, so it takes w too (no CFG): p_fake(x | c, w).
+    fake = fake_init if fake_init is not None else guided_denoiser(teacher, d.guidance_embedding_dim)
+    return teacher, generator, fake
+
+
 def student_cond(denoiser: nn.Module, cond: Cond, w: torch.Tensor) -> Cond:
     """The guided student's condition: `cond` plus w (B,), as its backbone passes it (text UNets: `timestep_cond` =
     embedding(w - 1), StableDiffusionPipeline's; `GuidedUNet2D`: `guidance_scale` = w)."""

@@ -29,6 +29,23 @@ class Stream(Protocol):
         ...
 
 
+def check_streams(cfg, pairs, real, lpips_model) -> None:
+    """The streams a distill config needs: pairs for a regression, real images for the GAN; refused in one line
+    naming the field."""
+    if cfg.regression != "none" and pairs is None:
+        raise ValueError("distill.regression needs a pair stream; set distill.regression=none for DMD2 without it")
+    if cfg.regression == "lpips" and lpips_model is None:
+        raise ValueError("distill.regression=lpips needs an LPIPS model")
+    if cfg.gan_used and real is None:
+        raise ValueError("distill.gan.enabled needs a stream of real images")
+    reg_batch = getattr(pairs, "batch_size", None)
+    if cfg.regression != "none" and cfg.reg_batch_size and reg_batch and reg_batch != cfg.reg_batch_size:
+        raise ValueError(f"distill.reg_batch_size={cfg.reg_batch_size} but the pair stream yields batches of "
+                         f"{reg_batch}")
+    if cfg.concat_regression and len(cfg.generator_timesteps) > 1:
+        raise ValueError("distill.concat_regression needs a one-step generator (one generator timestep)")
+
+
 class TensorStream:
     """Endless shuffled mini-batches over equal-length tensors (or lists, e.g. prompts); epoch e uses permutation
     seed + e."""

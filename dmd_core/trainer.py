@@ -17,11 +17,12 @@ from .denoisers import PREDICTION_TYPES, CFGDenoiser, Cond, NetDenoiser, cond_ca
 from .gan import BottleneckFeatures, GANHead
 from .generator import Generator
 from .draws import Collective, Draws
-from .guidance import guided_denoiser, student_cond
+from .guidance import guided_roles, student_cond
 from .losses import (approximate_r1_penalty, denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss,
                      lpips_regression, mse_regression, pseudo_huber_regression, r1_penalty)
 from .processes import NoiseProcess, shift_sigmas
-from .streams import Stream
+from .optim import clip_and_step, guidance_groups
+from .streams import Stream, check_streams
 from .trainer_state import checkpoint_files, load_checkpoint_files
 from .teachers import Teacher
 
@@ -84,24 +85,13 @@ class DMDTrainer:
                              f"is trained with its weighting; got {self.prediction_type!r}")
         self.process, self.sample_shape = process, tuple(sample_shape)
         self.conditions = conditions if conditions is not None else (ClassLabels(num_classes) if num_classes else None)
-        self._check_streams(cfg, pairs, real, lpips_model)
+        check_streams(cfg, pairs, real, lpips_model)
         self.pairs, self.real, self.lpips_model = pairs, real, lpips_model
 
         if isinstance(teacher, nn.Module):
             teacher = teacher.to(self.device).eval().requires_grad_(False)
-        # guidance_range: G(z, c, w) for every w in the range, against the real score's CFG at a per-sample w.
         if cfg.guidance_range is not None and generator_init is None:
-            if not isinstance(teacher, NetDenoiser):
-                raise TypeError("distill.guidance_range needs a network teacher, or `generator_init` taking w")
-            if cfg.lora_rank and fake_init is None:
-                # One guided base for every role: without w it is the teacher (the real score); the adapters of G
-                # and the fake score also adapt its zero guidance projection (a LoRA target), so each learns its own.
-                teacher = guided_denoiser(teacher, cfg.guidance_embedding_dim).to(self.device).eval()
-                teacher.requires_grad_(False)
-            else:
-                generator_init = guided_denoiser(teacher, cfg.guidance_embedding_dim)
-                # The fake score models G's distribution at each w, so it takes w too (no CFG): p_fake(x | c, w).
-                fake_init = fake_init if fake_init is not None else guided_denoiser(teacher, cfg.guidance_embedding_dim)
+            teacher, generator_init, fake_init = guided_roles(cfg, teacher, fake_init, self.device)
         self.students = self._students(cfg, teacher, generator_init, fake_init)
         teacher = self.students.real
         self.mu_real = with_guidance(teacher, real_w, null_cond)
@@ -132,8 +122,8 @@ class DMDTrainer:
         adam = dict(betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         g_params = list(self.G.parameters())
         if cfg.guidance_range is not None and cfg.guidance_lr_scale != 1.0:
-            g_params, fake_params = (self._guidance_groups(self.G.denoiser, g_params),
-                                     self._guidance_groups(self.mu_fake, fake_params))
+            g_params, fake_params = (guidance_groups(self.G.denoiser, g_params, cfg.guidance_lr_scale),
+                                     guidance_groups(self.mu_fake, fake_params, cfg.guidance_lr_scale))
         self.opt_G = accel.adamw(g_params, self.device, lr=cfg.lr, **adam)
         # A fully frozen fake score (the real-score-only ablation, DMD Fig. 3a) has no optimizer.
         self.opt_fake = accel.adamw(fake_params, self.device, lr=cfg.lr_fake or cfg.lr, **adam) if fake_params else None
@@ -186,27 +176,6 @@ class DMDTrainer:
     def agree(self, flag: bool) -> bool:
         """A decision every process takes the same way: rank 0's (one process: its own)."""
         return self.collective.agree(flag)
-
-    def _guidance_groups(self, module: nn.Module, params: list) -> list[dict]:
-        """Two parameter groups: the guidance projection (lr x guidance_lr_scale) and everything else."""
-        ids = {id(p) for n, p in module.named_parameters() if "guidance" in n or "cond_proj" in n}
-        return [{"params": [p for p in params if id(p) not in ids]},
-                {"params": [p for p in params if id(p) in ids], "lr_scale": self.cfg.guidance_lr_scale}]
-
-    @staticmethod
-    def _check_streams(cfg: DistillConfig, pairs, real, lpips_model) -> None:
-        if cfg.regression != "none" and pairs is None:
-            raise ValueError("distill.regression needs a pair stream; set distill.regression=none for DMD2 without it")
-        if cfg.regression == "lpips" and lpips_model is None:
-            raise ValueError("distill.regression=lpips needs an LPIPS model")
-        if cfg.gan_used and real is None:
-            raise ValueError("distill.gan.enabled needs a stream of real images")
-        reg_batch = getattr(pairs, "batch_size", None)
-        if cfg.regression != "none" and cfg.reg_batch_size and reg_batch and reg_batch != cfg.reg_batch_size:
-            raise ValueError(f"distill.reg_batch_size={cfg.reg_batch_size} but the pair stream yields batches of "
-                             f"{reg_batch}")
-        if cfg.concat_regression and len(cfg.generator_timesteps) > 1:
-            raise ValueError("distill.concat_regression needs a one-step generator (one generator timestep)")
 
     # ---- sampling helpers -------------------------------------------------------------------
     def _randn(self, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -314,28 +283,7 @@ class DMDTrainer:
 
     # ---- one iteration ----------------------------------------------------------------------
     def _clip_and_step(self, loss: torch.Tensor, opt: torch.optim.Optimizer, lr: float) -> Optional[float]:
-        """Backward, clip the optimizer's parameters' gradients (norm 10), step; returns the grad norm, or None if
-        anything was non-finite. (The optimizer's parameters, not the module's: a sharded module shows its
-        unsharded parameters between forward and backward.)
-
-        The loss and the norm are checked together after backward: one host synchronisation per update.
-        """
-        if not self.collective.all_finite(loss):  # skipped on every process (DDP needs every rank's backward)
-            return None
-        loss.backward()
-        params = [p for group in opt.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the norm over all ranks' shards
-            norm = norm.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, norm)
-        if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
-            return None
-        for group in opt.param_groups:
-            scaled = lr * group.get("lr_scale", 1.0)
-            group["lr"] = scaled * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else scaled
-        opt.step()
-        return float(norm)
+        return clip_and_step(loss, opt, lr, self.cfg.grad_clip, self.cfg.warmup_steps, self.step, self.collective)
 
     def _generator_update(self, z: torch.Tensor, cond: Cond, metrics: dict,
                           w: Optional[torch.Tensor] = None) -> Optional[tuple]:
