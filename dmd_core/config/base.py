@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_serializer
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -27,6 +27,19 @@ class ConfigError(ValueError):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # (field, value, keys): while `field` equals `value`, `keys` are left out of the dump, so a section dumps (and
+    # hashes) exactly as before those keys existed and earlier runs keep their cached stages.
+    omit_when: ClassVar[tuple[tuple[str, Any, tuple[str, ...]], ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_keys(self, handler):
+        data = handler(self)
+        if isinstance(data, dict):
+            for field, value, keys in self.omit_when:
+                if getattr(self, field) == value:
+                    for key in keys:
+                        data.pop(key, None)
+        return data
 
 
 def resolve_path(path: str) -> str:

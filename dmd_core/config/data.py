@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import GuidanceScales, _Model
 
@@ -31,13 +31,7 @@ class DataConfig(_Model):
     caption_column: Optional[str] = Field(None, description="column of a .parquet/.csv caption file")
     real: Optional[RealDataConfig] = Field(None, description="real images for the GAN (the `real` stage)")
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_real(self, handler):
-        """Without real images the section dumps (and hashes) exactly as before the field existed."""
-        data = handler(self)
-        if self.real is None and isinstance(data, dict):
-            data.pop("real", None)
-        return data
+    omit_when = (("real", None, ("real",)),)
 
 
 class TeacherConfig(_Model):
@@ -116,13 +110,7 @@ class PairsConfig(_Model):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast of the teacher's solver; auto = bf16 on CUDA, fp32 on CPU (kept in the manifest)")
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_guidance_scales(self, handler):
-        """Without guidance_scales the section dumps (and hashes) exactly as before the field existed."""
-        data = handler(self)
-        if self.guidance_scales is None and isinstance(data, dict):
-            data.pop("guidance_scales", None)
-        return data
+    omit_when = (("guidance_scales", None, ("guidance_scales",)),)
 
     def scale_of(self, index: int) -> float:
         """The CFG scale at which pair `index` is made."""

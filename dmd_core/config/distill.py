@@ -21,14 +21,7 @@ class GANConfig(_Model):
                                                 "(APT, Lin et al. 2025, Eq. 5), forwards only")
     r1_sigma: float = Field(0.01, gt=0, description="the approximate penalty's perturbation scale")
 
-    @model_serializer(mode="wrap")
-    def _omit_r1_off(self, handler):
-        """Without R1 the section dumps (and hashes) exactly as before these fields existed."""
-        data = handler(self)
-        if self.r1_weight == 0 and isinstance(data, dict):
-            for key in ("r1_weight", "r1", "r1_sigma"):
-                data.pop(key, None)
-        return data
+    omit_when = (("r1_weight", 0, ("r1_weight", "r1", "r1_sigma")),)
 
 
 class _Overrides(_Model):
@@ -181,23 +174,11 @@ class DistillConfig(_Model):
             raise ValueError("must be [w_min, w_max] with 0 < w_min < w_max, e.g. [1, 3]")
         return v
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_guidance_range(self, handler):
-        """Without a guidance range the section dumps (and hashes) exactly as before these fields existed."""
-        data = handler(self)
-        if self.guidance_range is None and isinstance(data, dict):
-            for key in ("guidance_range", "guidance_law", "guidance_embedding_dim", "guidance_lr_scale",
-                        "regression_guidance"):
-                data.pop(key, None)
-        if isinstance(data, dict):  # at their defaults, guided runs made before these fields hash as before
-            if self.guidance_lr_scale == 1.0:
-                data.pop("guidance_lr_scale", None)
-        # at their defaults these hash as before they existed
-        for key, default in (("phases", None), ("on_new_pairs", "restart"), ("dm_time_shift", 1.0), ("lora_rank", 0),
-                             ("lora_alpha", None), ("lora_targets", None)):
-            if isinstance(data, dict) and getattr(self, key) == default:
-                data.pop(key, None)
-        return data
+    omit_when = (("guidance_range", None, ("guidance_range", "guidance_law", "guidance_embedding_dim",
+                                           "guidance_lr_scale", "regression_guidance")),
+                 *((key, default, (key,)) for key, default in (
+                     ("guidance_lr_scale", 1.0), ("phases", None), ("on_new_pairs", "restart"), ("dm_time_shift", 1.0),
+                     ("lora_rank", 0), ("lora_alpha", None), ("lora_targets", None))))
 
     @field_validator("generator_timesteps")
     @classmethod

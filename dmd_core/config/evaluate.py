@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_serializer
+from pydantic import Field, field_validator
 
 from .base import GuidanceScales, _Model
 
@@ -66,19 +66,6 @@ class EvaluateConfig(_Model):
                 raise ValueError(f"unknown evaluation protocol {v!r}; use one of {', '.join(sorted(PROTOCOLS))}")
         return v
 
-    @model_serializer(mode="wrap")
-    def _omit_unset_fields(self, handler):
-        """Without a sweep and at precision auto the section dumps (and hashes) exactly as before those fields
-        existed, so earlier runs keep their cached results."""
-        data = handler(self)
-        if isinstance(data, dict):
-            if self.guidance_sweep is None:
-                data.pop("guidance_sweep", None)
-            if self.precision == "auto":
-                data.pop("precision", None)
-            if self.world_size == 1:
-                data.pop("world_size", None)
-            for field, default in (("fast", None), ("clip_precision", "fp32"), ("workers", 0)):
-                if getattr(self, field) == default:
-                    data.pop(field, None)
-        return data
+    omit_when = tuple((key, default, (key,)) for key, default in (
+        ("guidance_sweep", None), ("precision", "auto"), ("world_size", 1), ("fast", None), ("clip_precision", "fp32"),
+        ("workers", 0)))
