@@ -1,10 +1,8 @@
 """Speed settings (dmd_core.accel, dmd_core.inference): same numbers as the plain path, same checkpoints."""
 import copy
-from functools import partial
 
 import pytest
 import torch
-import torch.utils.checkpoint
 
 from dmd_core import accel
 from dmd_core.inference import OneStep, fast_modules
@@ -134,7 +132,7 @@ def test_compiled_transformer_blocks_follow_the_active_lora_adapter():
     """Regional compilation of a LoRA base (scope=attention): each adapter state (two adapters, adapters off) gives
     the eager outputs and adapter gradients of that state, in any order of calls."""
     from dmd_core.adapters import AdapterDenoiser, AdapterSwitch, RealScore, inject, target_names
-    from dmd_core.backbones import UNET_LORA_TARGETS
+    from dmd_core.backbones import UNET_LORA_TARGETS, backbone_for
     from dmd_core.tiny import tiny_sd_components
 
     eager = tiny_sd_components()["unet"]
@@ -153,8 +151,7 @@ def test_compiled_transformer_blocks_follow_the_active_lora_adapter():
     results = []
     for unet in (eager, regional):
         switch = AdapterSwitch(unet)
-        unet.enable_gradient_checkpointing(partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
-                                                   context_fn=switch.checkpoint_context))
+        backbone_for(unet).checkpointing(unet, switch.checkpoint_context)  # as the trainer checkpoints a LoRA base
         roles = {"g": AdapterDenoiser(unet, switch, "g"), "f": AdapterDenoiser(unet, switch, "f"),
                  None: RealScore(unet, switch)}
         out = {}
